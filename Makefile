@@ -1,0 +1,39 @@
+# One entry point for set-up, the main job and the tests.
+#   make run    set up everything, then train + evaluate on the embedded default
+#   make test   set up everything, then run the whole test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup system-deps run test bench clean
+
+setup: system-deps $(STAMP)
+
+# Debian package with the Fashion-MNIST IDX files (needs root; skipped otherwise).
+system-deps:
+	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "note: not root; install the Debian package dataset-fashion-mnist yourself" >&2; \
+	  fi; \
+	fi
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/atl train --dataset fashion-mnist --output runs/main
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) tools/bench_loss.py
+
+clean:
+	rm -rf $(VENV) runs
