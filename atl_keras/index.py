@@ -54,7 +54,7 @@ class ScannConfig:
 def scann_config_for(gallery_size: int, k: int = 10) -> ScannConfig:
     """The default index for a gallery of `gallery_size` items.
 
-    Tree with about sqrt(N) leaves, searching ~10% of them (at least 8), asymmetric
+    Tree with about sqrt(N) leaves, searching ~15% of them (at least 16), asymmetric
     hashing with 2 dims per block and anisotropic threshold 0.2, then exact
     re-ranking of the best max(100, 10 k) candidates. Below `BRUTE_FORCE_BELOW` items it
     scores everything exactly.
@@ -68,7 +68,7 @@ def scann_config_for(gallery_size: int, k: int = 10) -> ScannConfig:
     num_leaves = int(round(math.sqrt(gallery_size)))
     return ScannConfig(
         num_leaves=num_leaves,
-        num_leaves_to_search=min(num_leaves, max(8, int(math.ceil(0.1 * num_leaves)))),
+        num_leaves_to_search=min(num_leaves, max(16, int(math.ceil(0.15 * num_leaves)))),
         training_sample_size=min(gallery_size, 100_000),
         reorder_k=min(gallery_size, max(100, 10 * k)),
         default_k=k,
