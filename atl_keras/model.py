@@ -1,0 +1,289 @@
+"""`ATLModel`: pixels -> backbone -> global pooling -> projection -> L2-normalised embedding.
+
+    model = ATLModel("small_cnn", input_shape=(28, 28, 1), embedding_dim=64)
+    model.compile(keras.optimizers.Adam(1e-3), loss=atl.AdaptiveTripletLoss())
+    model.fit(pk_dataset(images, labels, text_embeddings, p=8, k=4), steps_per_epoch=100)
+    vectors = model.embed(images)                  # np.ndarray [N, 64], unit norm, float32
+    model.save("atl.keras"); keras.models.load_model("atl.keras")
+
+Batches for ``fit``/``evaluate`` are ``(images [B, H, W, C] float32 in [0, 255],
+{"label": int64 [B], "text_embedding": float32 [B, T]})`` (or just the label tensor for
+losses that ignore text). The whole target structure goes to the compiled loss as
+``loss(y_true, y_pred)``; see `ATLModel.compute_loss`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from atl_keras.backbones import build_backbone
+
+__all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS"]
+
+POOLINGS = ("avg", "max", "gem")
+
+
+@keras.saving.register_keras_serializable(package="atl_keras")
+class GeneralizedMeanPooling(layers.Layer):
+    """GeM pooling (Radenović et al. 2018): ``(mean_hw clamp(x, eps)^p)^(1/p)``.
+
+    ``[B, H, W, C] -> [B, C]``. ``p = 1`` is average pooling, ``p -> inf`` max pooling;
+    ``p`` is learned when ``trainable_p``. Computed in float32 (``x^p`` overflows float16).
+    """
+
+    def __init__(self, p: float = 3.0, trainable_p: bool = True, epsilon: float = 1e-6, **kwargs: Any):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if p <= 0:
+            raise ValueError(f"GeM exponent p must be > 0, got {p}.")
+        self.initial_p = float(p)
+        self.trainable_p = bool(trainable_p)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        self.p = self.add_weight(
+            name="p",
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_p),
+            trainable=self.trainable_p,
+        )
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        p = ops.maximum(ops.cast(self.p, "float32"), 1e-3)
+        pooled = ops.mean(ops.power(ops.maximum(x, self.epsilon), p), axis=(1, 2))
+        return ops.power(pooled, 1.0 / p)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "p": self.initial_p,
+            "trainable_p": self.trainable_p,
+            "epsilon": self.epsilon,
+        }
+
+
+@keras.saving.register_keras_serializable(package="atl_keras")
+class L2Normalization(layers.Layer):
+    """``x / ||x||_2`` along the last axis, always in float32. ``[B, D] -> [B, D]`` unit rows.
+
+    Rows are first divided by their max-abs value (a constant for the gradient: the result
+    is scale invariant), so tiny features (e.g. an untrained ImageNet architecture in
+    inference mode gives ~1e-10) still come out with unit norm. A zero row stays zero with a
+    finite gradient (``epsilon`` bounds the squared norm from below).
+    """
+
+    def __init__(self, epsilon: float = 1e-12, **kwargs: Any):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        scale = ops.stop_gradient(ops.max(ops.abs(x), axis=-1, keepdims=True))
+        x = x * ops.where(scale > 1e-30, 1.0 / ops.maximum(scale, 1e-30), 1.0)
+        squared_norm = ops.sum(ops.square(x), axis=-1, keepdims=True)
+        return x * ops.rsqrt(ops.maximum(squared_norm, self.epsilon))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.pop("dtype", None)
+        return {**config, "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="atl_keras")
+class ATLModel(keras.Model):
+    """Embedding model: ``[B, H, W, C]`` pixels in [0, 255] -> ``[B, embedding_dim]`` float32, unit L2 norm.
+
+    Args:
+        backbone: name for `atl_keras.backbones.build_backbone` (``"small_cnn"``,
+            ``"resnet50"``, ``"efficientnetv2-s"``, ...).
+        input_shape: ``(H, W, C)`` of the images, C in {1, 3}.
+        embedding_dim: size D of the output embedding.
+        pooling: ``"avg"``, ``"max"`` or ``"gem"`` (generalized mean, learned exponent).
+        weights: backbone initialisation: ``None``, ``"imagenet"`` (from Keras' local cache only)
+            or a local weights file. Only used when the model is created; a saved ``.keras``
+            model carries its trained weights, so `from_config` builds with ``weights=None``.
+        dropout: dropout rate before the projection (0 disables it).
+
+    The model is built in ``__init__``, so weights exist before ``fit``/``save``. Under a
+    ``mixed_float16`` policy the backbone and projection run in float16 and the output is
+    normalised and returned in float32.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        input_shape: Sequence[int] = (28, 28, 1),
+        embedding_dim: int = 128,
+        pooling: str = "avg",
+        weights: str | os.PathLike | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(backbone, str):
+            raise ValueError(
+                f"backbone must be a backbone name (str), got {type(backbone).__name__}; see "
+                "atl_keras.backbones.available_backbones()."
+            )
+        if pooling not in POOLINGS:
+            raise ValueError(f"Unknown pooling {pooling!r}; expected one of {POOLINGS}.")
+        if not isinstance(embedding_dim, int) or embedding_dim <= 0:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        self.backbone_name = backbone
+        self.image_shape = tuple(int(d) for d in input_shape)
+        self.embedding_dim = embedding_dim
+        self.pooling = pooling
+        self.initial_weights = os.fspath(weights) if weights is not None else None
+        self.dropout_rate = float(dropout)
+
+        self.backbone = build_backbone(backbone, self.image_shape, weights=weights)
+        if pooling == "avg":
+            self.pool = layers.GlobalAveragePooling2D(name="avg_pool")
+        elif pooling == "max":
+            self.pool = layers.GlobalMaxPooling2D(name="max_pool")
+        else:
+            self.pool = GeneralizedMeanPooling(name="gem_pool")
+        self.dropout = layers.Dropout(self.dropout_rate, name="dropout") if self.dropout_rate else None
+        self.projection = layers.Dense(embedding_dim, name="projection")
+        self.l2_normalize = L2Normalization(name="l2_normalize")
+        self.build((None, *self.image_shape))
+
+    def build(self, input_shape):
+        features = self.backbone.output_shape
+        if len(features) == 4:
+            self.pool.build(features)
+            features = self.pool.compute_output_shape(features)
+        self.projection.build(features)
+        self.l2_normalize.build((None, self.embedding_dim))
+        self.built = True
+
+    def call(self, images, training: bool | None = None):
+        """``images [B, H, W, C]`` (any real dtype, pixels in [0, 255]) -> ``[B, D]`` float32."""
+        x = self.backbone(ops.cast(images, "float32"), training=training)
+        if len(x.shape) == 4:
+            x = self.pool(x)
+        if self.dropout is not None:
+            x = self.dropout(x, training=training)
+        x = self.projection(x)
+        return self.l2_normalize(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.embedding_dim)
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Total loss = ``self.loss(y, y_pred[, sample_weight])`` + regularisation losses.
+
+        Overrides `keras.Model.compute_loss` because Keras' ``CompileLoss`` maps targets onto
+        outputs one to one and cannot hand a dict target (``{"label", "text_embedding"}``) to
+        a single-output loss. As in Keras, `train_step`/`test_step` record the returned value
+        in the ``"loss"`` tracker (progress bar, History, ``evaluate``).
+
+        Args:
+            y: the batch target, passed unchanged to the loss (dict or label tensor ``[B]``).
+            y_pred: embeddings ``[B, D]``.
+        Returns:
+            Scalar float32 loss.
+        """
+        del x, training
+        if self.loss is None:
+            raise ValueError(
+                "ATLModel has no loss: call model.compile(optimizer, "
+                "loss=atl_keras.AdaptiveTripletLoss(...)) (or TripletLoss) before fit/evaluate."
+            )
+        if y is None:
+            raise ValueError(
+                "ATLModel.fit/evaluate needs targets: batches must be (images, "
+                '{"label": [B], "text_embedding": [B, T]}) or (images, labels [B]); got images only.'
+            )
+        loss_fn = keras.losses.get(self.loss) if isinstance(self.loss, str) else self.loss
+        if sample_weight is None:
+            value = loss_fn(y, y_pred)
+        else:
+            value = loss_fn(y, y_pred, sample_weight)
+        total = ops.cast(value, "float32")
+        for extra in self.losses:
+            total = total + ops.cast(self._aggregate_additional_loss(extra), "float32")
+        return total
+
+    # ----------------------------------------------------------------- inference
+    def embed(self, images: np.ndarray | tf.Tensor | tf.data.Dataset, batch_size: int = 256) -> np.ndarray:
+        """Embeddings of ``images`` as a float32 numpy array ``[N, D]`` (unit rows).
+
+        ``images`` is an array ``[N, H, W, C]`` (pixels in [0, 255]) or a *finite*
+        ``tf.data.Dataset`` of image batches or of ``(images, y)`` / ``(images, y, w)`` batches.
+        ``batch_size`` only applies to arrays.
+        """
+        if isinstance(images, tf.data.Dataset):
+            spec = images.element_spec
+            if isinstance(spec, (tuple, list)):
+                images = images.map(lambda *batch: batch[0])
+            elif isinstance(spec, dict):
+                raise ValueError(
+                    "embed() takes a dataset of image batches or of (images, y) tuples, "
+                    f"got a dataset of dicts with keys {sorted(spec)}."
+                )
+            if images.cardinality() == tf.data.INFINITE_CARDINALITY:
+                raise ValueError(
+                    "embed() got an infinite dataset (e.g. pk_dataset); pass a finite dataset "
+                    "or an array of images."
+                )
+            chunks = [np.asarray(self.predict_on_batch(batch), np.float32) for batch in images]
+            if not chunks:
+                return np.zeros((0, self.embedding_dim), np.float32)
+            return np.concatenate(chunks, axis=0)
+        images = np.asarray(images)
+        if images.ndim == len(self.image_shape):  # a single image
+            raise ValueError(
+                f"embed() expects a batch [N, {', '.join(map(str, self.image_shape))}], got one "
+                f"image of shape {images.shape}; use images[None]."
+            )
+        if images.shape[1:] != self.image_shape:
+            raise ValueError(
+                f"embed() expects images of shape [N, {', '.join(map(str, self.image_shape))}], got "
+                f"{images.shape}."
+            )
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        out = np.empty((len(images), self.embedding_dim), np.float32)
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            out[start : start + len(batch)] = self.predict_on_batch(batch)
+        return out
+
+    # ------------------------------------------------------------- serialisation
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            backbone=self.backbone_name,
+            input_shape=list(self.image_shape),
+            embedding_dim=self.embedding_dim,
+            pooling=self.pooling,
+            weights=self.initial_weights,
+            dropout=self.dropout_rate,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ATLModel":
+        config = dict(config)
+        # The initial weights were only an initialisation; saved models carry trained weights
+        # (and a weights path / ImageNet cache may not exist where the model is loaded).
+        config["weights"] = None
+        return cls(**config)
