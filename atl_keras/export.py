@@ -8,7 +8,11 @@ model and its index can never drift apart. Signatures:
 - `retrieve`:        `images` tf.string [B], `k` int32 [] -> `ids` tf.string [B, k],
                      `scores` float32 [B, k] (dot product = cosine), `indices` int32 [B, k]
                      (ScaNN: the server needs ScaNN's ops; `import scann` before loading)
-- `retrieve_exact`:  same, pure TensorFlow brute-force top-k (loads in stock TF Serving)
+- `retrieve_exact`:  same, pure TensorFlow brute-force top-k
+
+Stock TF Serving loads every function of a SavedModel, so an export holding ScaNN's
+custom ops does not load there at all. `include_scann=False` writes the portable
+variant (no `retrieve`, no ScaNN ops) that stock TF Serving serves via `retrieve_exact`.
 
 Assets: `assets/gallery_ids.txt` (one id per line) and `assets/manifest.json`.
 Writes go to a hidden temporary directory that is renamed to the version number only
@@ -41,6 +45,7 @@ from atl_keras.index import (
 MANIFEST_NAME = "manifest.json"
 IDS_NAME = "gallery_ids.txt"
 SIGNATURES = ("serving_default", "embed_pixels", "retrieve", "retrieve_exact")
+PORTABLE_SIGNATURES = ("serving_default", "embed_pixels", "retrieve_exact")
 
 
 class ExportError(ValueError):
@@ -92,7 +97,7 @@ class RetrievalModule(tf.Module):
         model: keras.Model,
         gallery_embeddings: np.ndarray,
         gallery_ids: Sequence[str],
-        scann_state: tf.Module,
+        scann_state: tf.Module | None,
         image_shape: tuple[int, int, int],
     ) -> None:
         super().__init__(name="atl_retrieval")
@@ -145,8 +150,10 @@ class RetrievalModule(tf.Module):
 
         self.serving_default = serving_default
         self.embed_pixels = embed_pixels
-        self.retrieve = retrieve
         self.retrieve_exact = retrieve_exact
+        self.signature_names = SIGNATURES if scann_state is not None else PORTABLE_SIGNATURES
+        if scann_state is not None:
+            self.retrieve = retrieve
 
     def _decode(self, images: tf.Tensor) -> tf.Tensor:
         """Encoded images [B] -> float32 pixels [B, H, W, C] in [0, 255]."""
@@ -182,7 +189,7 @@ class RetrievalModule(tf.Module):
         }
 
     def signatures(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in SIGNATURES}
+        return {name: getattr(self, name) for name in self.signature_names}
 
 
 def _embed(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -233,6 +240,7 @@ def export_model(
     batch_size: int = 256,
     extra_manifest: dict[str, Any] | None = None,
     seed: int = 0,
+    include_scann: bool = True,
 ) -> ExportResult:
     """Export `model` with a ScaNN index over `gallery_images [N, H, W, C]`.
 
@@ -247,6 +255,8 @@ def export_model(
         min_recall: refuse the export (nothing written) when ScaNN's recall@k is lower.
             Pass 0 to accept any recall.
         force: replace an existing version directory.
+        include_scann: False writes the portable variant for stock TF Serving (no
+            `retrieve` signature, no ScaNN ops, no recall check).
 
     Returns:
         `ExportResult(path, version, manifest)`.
@@ -270,9 +280,50 @@ def export_model(
     gallery = _embed(model, np.asarray(gallery_images, dtype=np.float32), batch_size)
     if not np.all(np.isfinite(gallery)):
         raise ExportError("The model produced NaN/Inf gallery embeddings; check the model.")
+    index_manifest: dict[str, Any] = {"index": "exact (retrieve_exact only)"}
+    scann_state = None
+    if include_scann:
+        index_manifest, scann_state = _build_checked_index(
+            model, gallery, query_images, k, min_recall, scann_config, batch_size, seed
+        )
+
+    module = RetrievalModule(model, gallery, gallery_ids, scann_state, image_shape)
+    import atl_keras  # the package version, imported late to avoid a cycle
+
+    manifest = {
+        "name": os.path.basename(os.path.normpath(export_base)),
+        "version": version,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "package_version": atl_keras.__version__,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "model_sha256": model_fingerprint(model),
+        "model_class": type(model).__name__,
+        "embedding_dim": int(gallery.shape[1]),
+        "image_shape": list(image_shape),
+        "gallery_size": int(len(gallery)),
+        "score": "dot_product (cosine similarity of unit vectors; higher is closer)",
+        **index_manifest,
+        "signatures": list(module.signature_names),
+        **(extra_manifest or {}),
+    }
+    _write_version(module, manifest, gallery_ids, export_base, version, force)
+    return ExportResult(path=final_path, version=version, manifest=manifest)
+
+
+def _build_checked_index(
+    model: keras.Model,
+    gallery: np.ndarray,
+    query_images: np.ndarray | None,
+    k: int,
+    min_recall: float,
+    scann_config: ScannConfig | None,
+    batch_size: int,
+    seed: int,
+) -> tuple[dict[str, Any], tf.Module]:
+    """Build the ScaNN index and refuse it if its recall@k is below `min_recall`."""
     config = scann_config or scann_config_for(len(gallery), k)
     searcher = build_scann_searcher(gallery, config)
-
     if query_images is not None:
         queries = _embed(model, np.asarray(query_images, dtype=np.float32), batch_size)
         query_source = "held-out query images"
@@ -291,32 +342,25 @@ def export_model(
             "was written."
         )
 
-    module = RetrievalModule(
-        model, gallery, gallery_ids, searcher.serialize_to_module(), image_shape
-    )
-    import atl_keras  # the package version, imported late to avoid a cycle
-
     manifest = {
-        "name": os.path.basename(os.path.normpath(export_base)),
-        "version": version,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "package_version": atl_keras.__version__,
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-        "model_sha256": model_fingerprint(model),
-        "model_class": type(model).__name__,
-        "embedding_dim": int(gallery.shape[1]),
-        "image_shape": list(image_shape),
-        "gallery_size": int(len(gallery)),
-        "score": "dot_product (cosine similarity of unit vectors; higher is closer)",
+        "index": "scann",
         "scann_config": config.to_dict(),
         f"scann_recall_at_{recall_k}": recall,
         "scann_recall_queries": {"source": query_source, "count": int(len(queries))},
         "min_recall": min_recall,
-        "signatures": list(SIGNATURES),
-        **(extra_manifest or {}),
     }
+    return manifest, searcher.serialize_to_module()
 
+
+def _write_version(
+    module: RetrievalModule,
+    manifest: dict[str, Any],
+    gallery_ids: list[str],
+    export_base: str,
+    version: int,
+    force: bool,
+) -> None:
+    """Save into a hidden temporary directory, then rename it to `export_base/version`."""
     os.makedirs(export_base, exist_ok=True)
     tmp_path = os.path.join(export_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:
@@ -327,11 +371,10 @@ def export_model(
             f.write("\n".join(gallery_ids) + "\n")
         with open(os.path.join(assets, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
-        _publish(tmp_path, final_path, force)
+        _publish(tmp_path, os.path.join(export_base, str(version)), force)
     finally:
         if os.path.exists(tmp_path):
             shutil.rmtree(tmp_path, ignore_errors=True)
-    return ExportResult(path=final_path, version=version, manifest=manifest)
 
 
 def _publish(tmp_path: str, final_path: str, force: bool) -> None:

@@ -198,3 +198,44 @@ def test_export_killed_midway_leaves_no_version_directory(tmp_path):
     leftovers = os.listdir(base)
     assert leftovers and all(name.startswith(".tmp-") for name in leftovers)
     assert next_version(str(base)) == 1
+
+
+STOCK_LOADER = """
+import sys, os
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import tensorflow as tf  # no `import scann`: a stock TF Serving process has no ScaNN ops
+assert "scann" not in sys.modules
+with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+    meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], sys.argv[1])
+    print("SIGNATURES", sorted(meta.signature_def))
+"""
+
+
+def test_portable_export_loads_without_scann_ops_like_stock_tf_serving(tmp_path):
+    """Stock TF Serving loads the whole graph: only the portable variant loads there."""
+    model = tiny_model()
+    gallery = images(40)
+    full = export_model(model, gallery, list(range(40)), str(tmp_path / "full"))
+    portable = export_model(
+        model, gallery, list(range(40)), str(tmp_path / "portable"), include_scann=False
+    )
+    assert portable.manifest["signatures"] == ["serving_default", "embed_pixels", "retrieve_exact"]
+    assert portable.manifest["index"].startswith("exact")
+
+    ok = subprocess.run(
+        [sys.executable, "-c", STOCK_LOADER, portable.path], capture_output=True, text=True, timeout=300
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "retrieve_exact" in ok.stdout and "'retrieve'" not in ok.stdout
+    refused = subprocess.run(
+        [sys.executable, "-c", STOCK_LOADER, full.path], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode != 0 and "Scann" in refused.stderr
+
+    loaded = load_export(portable.path)
+    queries = images(3, seed=9)
+    out = loaded.signatures["retrieve_exact"](images=tf.constant(png_bytes(queries)), k=tf.constant(4))
+    expected = load_export(full.path).signatures["retrieve_exact"](
+        images=tf.constant(png_bytes(queries)), k=tf.constant(4)
+    )
+    np.testing.assert_array_equal(out["indices"].numpy(), expected["indices"].numpy())

@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--min-recall", type=float, default=0.95)
     p.add_argument("--force", action="store_true", help="replace an existing version")
+    p.add_argument(
+        "--portable-output-base",
+        default=None,
+        help="also write the same version without ScaNN ops (for stock TF Serving), "
+        "e.g. saved_models/NAME-portable",
+    )
     p.add_argument("--data-dir", default=os.environ.get("ATL_FASHION_MNIST_DIR"))
     return p
 
@@ -80,11 +86,26 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             extra_manifest={"source_model": os.path.abspath(args.model), "gallery": args.gallery},
         )
+        portable = None
+        if args.portable_output_base:
+            portable = export_model(
+                model,
+                images,
+                ids,
+                args.portable_output_base,
+                result.version,
+                k=args.k,
+                force=args.force,
+                include_scann=False,
+                extra_manifest={"source_model": os.path.abspath(args.model), "gallery": args.gallery},
+            )
     except (ExportError, ValueError, FileNotFoundError) as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2
     recall_key = next(key for key in result.manifest if key.startswith("scann_recall_at_"))
     print(f"Exported version {result.version} to {result.path}")
+    if portable is not None:
+        print(f"Portable (stock TF Serving, retrieve_exact) version to {portable.path}")
     print(json.dumps({key: result.manifest[key] for key in (
         "gallery_size", "embedding_dim", recall_key, "scann_config")}, indent=2))
     return 0
