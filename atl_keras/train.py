@@ -189,6 +189,7 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
         steps_per_epoch=config.steps_per_epoch,
         callbacks=callbacks,
         verbose=verbose,
+        shuffle=False,  # the P x K sampler already randomises batches
     )
 
     test_images, test_labels = test_set.images, test_set.labels

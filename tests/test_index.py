@@ -64,3 +64,27 @@ def test_brute_force_searcher_is_exact_and_recall_is_one():
     expected = np.sort(queries @ gallery.T, axis=1)[:, ::-1][:, :10]
     np.testing.assert_allclose(np.asarray(scores), expected, atol=1e-5)
     assert scann_recall(searcher, queries, gallery, k=10) == 1.0
+
+
+def test_recall_counts_ties_within_epsilon_but_not_worse_items():
+    """Items tied with the k-th neighbour are interchangeable; worse ones are misses."""
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=16)
+    base /= np.linalg.norm(base)
+    far = rng.normal(size=(200, 16))
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    gallery = np.concatenate([np.repeat(base[None], 30, axis=0), far]).astype(np.float32)
+    query = base[None].astype(np.float32)
+
+    class FixedSearcher:
+        def __init__(self, rows):
+            self.rows = np.asarray(rows)[None]
+
+        def search_batched(self, queries, final_num_neighbors):
+            return self.rows, None
+
+    tied = FixedSearcher(np.arange(20, 30))  # 10 of the 30 exact duplicates: all correct
+    assert scann_recall(tied, query, gallery, k=10) == 1.0
+    half = FixedSearcher(list(range(5)) + list(range(30, 35)))  # 5 duplicates + 5 far items
+    assert scann_recall(half, query, gallery, k=10) == 0.5
+    assert scann_recall(half, query, gallery, k=10, epsilon=0.0) == 0.5

@@ -1,4 +1,5 @@
-"""Dataset readers and tf.data pipelines: Fashion-MNIST, P x K batch sampling.
+"""Dataset readers and tf.data pipelines: Fashion-MNIST, catalogs (CSV/JSONL, DeepFashion
+In-shop, the synthetic shop), image decoding, P x K batch sampling.
 
 Names are imported lazily (PEP 562), so ``import atl_keras.data.<reader>`` does not pull in
 TensorFlow unless a tf.data pipeline is used.
@@ -16,6 +17,18 @@ _EXPORTS = {
     "pk_dataset": "atl_keras.data.sampler",
     "pk_index_dataset": "atl_keras.data.sampler",
     "steps_per_epoch": "atl_keras.data.sampler",
+    "Catalog": "atl_keras.data.catalog",
+    "assign_splits": "atl_keras.data.catalog",
+    "check_disjoint_splits": "atl_keras.data.catalog",
+    "read_catalog": "atl_keras.data.catalog",
+    "read_deepfashion_inshop": "atl_keras.data.deepfashion",
+    "inshop_query_gallery": "atl_keras.data.deepfashion",
+    "ImageDecodeError": "atl_keras.data.images",
+    "decode_images": "atl_keras.data.images",
+    "find_invalid_images": "atl_keras.data.images",
+    "image_dataset": "atl_keras.data.images",
+    "make_synthetic_shop": "atl_keras.data.synthetic_shop",
+    "contact_sheet": "atl_keras.data.synthetic_shop",
 }
 
 __all__ = sorted(_EXPORTS)
