@@ -33,7 +33,7 @@ text-encoders: $(STAMP)
 	$(PY) tools/build_text_encoder.py --output $(USE_M3)
 
 run: setup
-	$(VENV)/bin/atl train --dataset fashion-mnist --output runs/main
+	$(PY) tools/main_job.py --output runs/main --export-base saved_models/fashion
 
 test: setup
 	$(PY) -m pytest -q tests

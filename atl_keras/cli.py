@@ -1,7 +1,9 @@
-"""`atl` command line: a thin layer over `atl_keras.train` that parses flags and prints.
+"""`atl` command line: a thin layer over the library that parses flags and prints.
 
-    atl train --dataset fashion-mnist --loss atl --output runs/main
-    atl evaluate --model runs/main/model.keras
+    atl train --dataset synthetic-shop --loss atl --output runs/main
+    atl train --config run.yaml --epochs 5          # flags override the YAML file
+    atl evaluate --model runs/main/model.keras --dataset synthetic-shop
+    atl inspect-margins --dataset synthetic-shop --output runs/margins
 """
 
 from __future__ import annotations
@@ -11,82 +13,152 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-def _train_defaults():
-    from atl_keras.train import TrainConfig
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+DATASET_HELP = (
+    "fashion-mnist | synthetic-shop | deepfashion-inshop:ROOT | catalog:PATH.csv|.jsonl"
+)
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", help=DATASET_HELP)
+    p.add_argument(
+        "--data-dir",
+        help="Fashion-MNIST IDX directory (default: $ATL_FASHION_MNIST_DIR, then the "
+        "Debian package dataset-fashion-mnist)",
+    )
+    p.add_argument("--image-size", type=int, help="square image size for decoded files")
+    p.add_argument("--synthetic-items", type=int, help="items of the synthetic shop")
+    p.add_argument(
+        "--unseen-classes",
+        type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+        help="comma-separated classes/categories held out of training (unseen-class test)",
+    )
+    p.add_argument("--strict", action="store_true", default=argparse.SUPPRESS,
+                   help="stop at a corrupt or missing image instead of skipping it")
+    p.add_argument("--seed", type=int)
 
 
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
-    d = _train_defaults()
-    p = subparsers.add_parser("train", help="train an embedding model and evaluate it")
-    p.add_argument("--dataset", default=d["dataset"], help="fashion-mnist")
-    p.add_argument(
-        "--data-dir",
-        default=os.environ.get("ATL_FASHION_MNIST_DIR"),
-        help="directory with the dataset files (default: $ATL_FASHION_MNIST_DIR, "
-        "then the Debian package dataset-fashion-mnist)",
+    p = subparsers.add_parser(
+        "train",
+        help="train an embedding model and evaluate it",
+        argument_default=argparse.SUPPRESS,
+        description="Flags override --config (YAML with TrainConfig field names), which "
+        "overrides the defaults.",
     )
-    p.add_argument("--output", dest="output_dir", default=d["output_dir"])
-    p.add_argument("--loss", default=d["loss"], choices=["atl", "triplet"])
-    p.add_argument("--mining", default=d["mining"], choices=["batch_all", "batch_hard", "semi_hard"])
-    p.add_argument("--distance", default=d["distance"], choices=["squared_l2", "l2", "cosine"])
-    p.add_argument("--margin", type=float, default=d["margin"], help="triplet loss margin")
-    p.add_argument("--min-margin", type=float, default=d["min_margin"])
-    p.add_argument("--max-margin", type=float, default=d["max_margin"])
-    p.add_argument("--semantic-threshold", type=float, default=d["semantic_threshold"])
-    p.add_argument(
-        "--text-encoder",
-        default=d["text_encoder"],
-        help="use-m3 (built-in, offline), hashing, a local TF-Hub SavedModel dir or a URL",
-    )
-    p.add_argument("--text-cache-dir", default=d["text_cache_dir"])
-    p.add_argument("--backbone", default=d["backbone"])
-    p.add_argument("--embedding-dim", type=int, default=d["embedding_dim"])
-    p.add_argument("--p", type=int, default=d["p"], help="labels per batch")
-    p.add_argument("--k", type=int, default=d["k"], help="samples per label per batch")
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--steps-per-epoch", type=int, default=d["steps_per_epoch"])
-    p.add_argument("--learning-rate", type=float, default=d["learning_rate"])
-    p.add_argument("--validation-size", type=int, default=d["validation_size"])
-    p.add_argument("--test-size", type=int, default=d["test_size"])
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--config", dest="config_file", help="YAML file of TrainConfig fields")
+    _add_data_arguments(p)
+    p.add_argument("--output", dest="output_dir")
+    p.add_argument("--loss", choices=["atl", "triplet"])
+    p.add_argument("--mining", choices=["batch_all", "batch_hard", "semi_hard"])
+    p.add_argument("--distance", choices=["squared_l2", "l2", "cosine"])
+    p.add_argument("--margin", type=float, help="triplet loss margin")
+    p.add_argument("--min-margin", type=float, help="ATL margin of identical descriptions")
+    p.add_argument("--max-margin", type=float, help="ATL margin of opposite descriptions")
+    p.add_argument("--semantic-threshold", type=float,
+                   help="negatives whose description distance is below this are not negatives")
+    p.add_argument("--text-encoder",
+                   help="use-m3 (built-in, offline), hashing, a local TF-Hub SavedModel dir or a URL")
+    p.add_argument("--text-cache-dir")
+    p.add_argument("--backbone")
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--p", type=int, help="labels (items) per batch")
+    p.add_argument("--k", type=int, help="images per label per batch")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--validation-size", type=int)
+    p.add_argument("--test-size", type=int, help="evaluate on the first N test queries")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("evaluate", help="retrieval metrics of a saved .keras model")
+    p = subparsers.add_parser(
+        "evaluate", help="retrieval metrics of a saved .keras model",
+        argument_default=argparse.SUPPRESS,
+    )
     p.add_argument("--model", required=True, help="path to model.keras")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--data-dir", default=os.environ.get("ATL_FASHION_MNIST_DIR"))
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N samples")
-    p.add_argument("--distance", default="squared_l2", choices=["squared_l2", "l2", "cosine"])
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_data_arguments(p)
+    p.add_argument("--split", default="test", choices=["test", "validation"])
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N queries")
+    p.add_argument("--distance", choices=["squared_l2", "l2", "cosine"])
+    p.add_argument("--json", action="store_true", default=False, help="print JSON")
+
+
+def _add_inspect_margins_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect-margins",
+        help="distribution of description distances and the margins they give (PNG + text)",
+        argument_default=argparse.SUPPRESS,
+    )
+    _add_data_arguments(p)
+    p.add_argument("--text-encoder")
+    p.add_argument("--text-cache-dir")
+    p.add_argument("--min-margin", type=float)
+    p.add_argument("--max-margin", type=float)
+    p.add_argument("--semantic-threshold", type=float)
+    p.add_argument("--distance", choices=["squared_l2", "l2", "cosine"])
+    p.add_argument("--output", dest="output_dir", default="runs/margins")
+    p.add_argument("--examples", type=int, default=5, help="items whose nearest descriptions are listed")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="atl", description="Adaptive triplet loss: train, evaluate, export, serve."
+        prog="atl", description="Adaptive triplet loss: train, evaluate, inspect margins."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)
     _add_evaluate_parser(subparsers)
+    _add_inspect_margins_parser(subparsers)
     return parser
+
+
+def _train_config(values: dict[str, Any]):
+    """TrainConfig from defaults < YAML config file < explicit flags."""
+    from atl_keras.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged: dict[str, Any] = {}
+    config_file = values.pop("config_file", None)
+    if config_file:
+        import yaml
+
+        if not os.path.exists(config_file):
+            raise FileNotFoundError(f"No config file at {config_file!r}.")
+        with open(config_file, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file} must hold a mapping of TrainConfig fields.")
+        unknown = sorted(set(loaded) - fields)
+        if unknown:
+            raise ValueError(
+                f"{config_file}: unknown keys {unknown}; valid keys: {sorted(fields)}."
+            )
+        merged.update(loaded)
+    if "data_dir" not in values and os.environ.get("ATL_FASHION_MNIST_DIR"):
+        values["data_dir"] = os.environ["ATL_FASHION_MNIST_DIR"]
+    merged.update({k: v for k, v in values.items() if k in fields})
+    for key in ("ks", "unseen_classes"):
+        if key in merged and isinstance(merged[key], list):
+            merged[key] = tuple(merged[key])
+    return TrainConfig(**merged)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from atl_keras.metrics import format_metrics_table
-    from atl_keras.train import TrainConfig, run_training
+    from atl_keras.train import run_training
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    values = vars(args)
+    quiet = values.pop("quiet", False)
+    config = _train_config(values)
     print(f"atl train: {config.loss} loss ({config.mining}) on {config.dataset}, "
-          f"text encoder {config.text_encoder}, output {config.output_dir}")
-    result = run_training(config, verbose=0 if args.quiet else "auto")
-    print(f"\nTest retrieval (leave-one-out on the {config.dataset} test split), "
+          f"text encoder {config.text_encoder}, output {config.output_dir}", flush=True)
+    result = run_training(config, verbose=0 if quiet else "auto")
+    protocol = result.data.test.protocol if result.data else "test"
+    print(f"\nTest retrieval ({protocol}, items unseen in training) on {config.dataset}, "
           f"trained in {result.seconds:.0f} s:")
     print(format_metrics_table(result.test_metrics))
     print(f"\nModel: {result.model_path}\nMetrics: {os.path.join(result.output_dir, 'metrics.json')}"
@@ -98,24 +170,42 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from atl_keras.metrics import format_metrics_table
     from atl_keras.train import evaluate_saved_model
 
-    metrics = evaluate_saved_model(
-        args.model,
-        dataset=args.dataset,
-        split=args.split,
-        data_dir=args.data_dir,
-        distance=args.distance,
-        limit=args.limit,
+    values = vars(args)
+    model_path, split, limit, as_json = (
+        values.pop("model"), values.pop("split"), values.pop("limit"), values.pop("json")
     )
-    print(json.dumps(metrics, indent=2) if args.json else format_metrics_table(metrics))
+    config = _train_config(values)
+    metrics, protocol = evaluate_saved_model(model_path, config, split=split, limit=limit)
+    if as_json:
+        print(json.dumps({"protocol": protocol, **metrics}, indent=2))
+    else:
+        print(f"{config.dataset} {split} ({protocol}):")
+        print(format_metrics_table(metrics))
+    return 0
+
+
+def _cmd_inspect_margins(args: argparse.Namespace) -> int:
+    from atl_keras.margins import inspect_margins
+
+    values = vars(args)
+    output_dir, examples = values.pop("output_dir"), values.pop("examples")
+    config = _train_config(values)
+    report = inspect_margins(config, output_dir=output_dir, examples=examples)
+    print(report.text)
+    print(f"\nPlot: {report.plot_path}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": _cmd_train, "evaluate": _cmd_evaluate}
+    commands = {
+        "train": _cmd_train,
+        "evaluate": _cmd_evaluate,
+        "inspect-margins": _cmd_inspect_margins,
+    }
     try:
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as error:
         print(f"atl {args.command}: error: {error}", file=sys.stderr)
         return 2
 

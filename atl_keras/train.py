@@ -2,7 +2,8 @@
 
 Everything the CLI does is one call here, so a user can run it from Python:
 
-    result = atl.train.run_training(atl.train.TrainConfig(epochs=1, output_dir="runs/try"))
+    from atl_keras.train import TrainConfig, run_training
+    result = run_training(TrainConfig(dataset="synthetic-shop", epochs=1, output_dir="runs/try"))
     print(result.test_metrics["recall_at_1"])
 """
 
@@ -13,29 +14,35 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 
-from atl_keras.data.fashion_mnist import load_fashion_mnist
+from atl_keras.data.datasets import DATASET_SPECS, EvalSet, RetrievalData, load_retrieval_data
 from atl_keras.data.sampler import pk_dataset
 from atl_keras.losses import AdaptiveTripletLoss, TripletLoss
 from atl_keras.metrics import RetrievalEvaluation, retrieval_metrics
 from atl_keras.model import ATLModel
 from atl_keras.text import embed_descriptions, load_text_encoder
 
-DATASETS = ("fashion-mnist",)
 LOSSES = ("atl", "triplet")
+#: Labels x samples per batch when not given: Fashion-MNIST has only 10 labels (classes).
+DEFAULT_PK = {"fashion-mnist": (10, 12)}
+DEFAULT_PK_CATALOG = (16, 4)
 
 
 @dataclass
 class TrainConfig:
     """Every knob of a training run; the defaults train a useful model in minutes on CPU."""
 
-    dataset: str = "fashion-mnist"
+    dataset: str = "synthetic-shop"
     data_dir: str | None = None
+    image_size: int | None = None
+    synthetic_items: int = 300
+    unseen_classes: tuple[str, ...] = ()
+    strict: bool = False
     output_dir: str = "runs/main"
     loss: str = "atl"
     mining: str = "batch_hard"
@@ -48,8 +55,8 @@ class TrainConfig:
     text_cache_dir: str = "saved_models/text_encoders/cache"
     backbone: str = "small_cnn"
     embedding_dim: int = 64
-    p: int = 10
-    k: int = 12
+    p: int | None = None
+    k: int | None = None
     epochs: int = 3
     steps_per_epoch: int = 150
     learning_rate: float = 1e-3
@@ -59,18 +66,23 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
+        name = self.dataset.partition(":")[0]
+        if name not in {spec.partition(":")[0] for spec in DATASET_SPECS}:
             raise ValueError(
-                f"Unknown dataset {self.dataset!r}; available: {', '.join(DATASETS)}."
+                f"Unknown dataset {self.dataset!r}; available: {', '.join(DATASET_SPECS)}."
             )
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        default_p, default_k = DEFAULT_PK.get(self.dataset, DEFAULT_PK_CATALOG)
+        self.p = default_p if self.p is None else self.p
+        self.k = default_k if self.k is None else self.k
         for name in ("p", "k", "epochs", "steps_per_epoch", "embedding_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.k < 2:
             raise ValueError("k must be >= 2: each label needs a positive pair in the batch.")
         self.ks = tuple(int(k) for k in self.ks)
+        self.unseen_classes = tuple(self.unseen_classes)
 
 
 @dataclass
@@ -83,7 +95,7 @@ class TrainResult:
     output_dir: str
     model_path: str
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
+    data: RetrievalData | None = None
 
 
 def build_loss(config: TrainConfig) -> keras.losses.Loss:
@@ -99,17 +111,44 @@ def build_loss(config: TrainConfig) -> keras.losses.Loss:
     )
 
 
-def _split_validation(
-    num_samples: int, validation_size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random disjoint (train, validation) index arrays."""
-    if validation_size >= num_samples:
-        raise ValueError(
-            f"validation_size={validation_size} leaves no training data "
-            f"({num_samples} samples)."
-        )
-    order = np.random.default_rng(seed).permutation(num_samples)
-    return np.sort(order[validation_size:]), np.sort(order[:validation_size])
+def load_data(config: TrainConfig) -> RetrievalData:
+    """The train rows and evaluation sets named by `config.dataset`."""
+    return load_retrieval_data(
+        config.dataset,
+        data_dir=config.data_dir,
+        image_size=config.image_size,
+        validation_size=config.validation_size,
+        synthetic_items=config.synthetic_items,
+        unseen_classes=config.unseen_classes,
+        strict=config.strict,
+        seed=config.seed,
+    )
+
+
+def evaluate_embeddings(
+    model: keras.Model,
+    evaluation: EvalSet,
+    ks: tuple[int, ...] = (1, 10, 20),
+    distance: str = "squared_l2",
+    limit: int | None = None,
+) -> dict[str, float]:
+    """Retrieval metrics of `model` on an evaluation set (query/gallery or leave-one-out)."""
+    queries, query_labels = evaluation.query_images, evaluation.query_labels
+    if limit is not None:
+        queries, query_labels = queries[:limit], query_labels[:limit]
+    gallery = gallery_labels = None
+    if evaluation.gallery_images is not None:
+        gallery = _embed(model, evaluation.gallery_images)
+        gallery_labels = evaluation.gallery_labels
+    return retrieval_metrics(
+        _embed(model, queries), query_labels, gallery, gallery_labels, ks=ks, distance=distance
+    )
+
+
+def _embed(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    if hasattr(model, "embed"):
+        return model.embed(images)
+    return np.asarray(model.predict(images, verbose=0))
 
 
 def save_model_atomically(model: keras.Model, path: str) -> None:
@@ -145,39 +184,34 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
     """
     start = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
-    train_set = load_fashion_mnist("train", data_dir=config.data_dir)
-    test_set = load_fashion_mnist("test", data_dir=config.data_dir)
-
-    train_idx, val_idx = _split_validation(
-        len(train_set.labels), config.validation_size, config.seed
-    )
+    data = load_data(config)
     encoder = load_text_encoder(config.text_encoder)
-    class_text = embed_descriptions(
-        train_set.descriptions, encoder, cache_dir=config.text_cache_dir
-    )
-    sample_text = class_text[train_set.labels[train_idx]]
+    item_text = embed_descriptions(data.descriptions, encoder, cache_dir=config.text_cache_dir)
 
     dataset = pk_dataset(
-        train_set.images[train_idx],
-        train_set.labels[train_idx],
-        text_embeddings=sample_text,
+        data.train_images,
+        data.train_labels,
+        text_embeddings=item_text[data.train_labels],
         p=config.p,
         k=config.k,
         seed=config.seed,
     )
     model = ATLModel(
         backbone=config.backbone,
-        input_shape=train_set.images.shape[1:],
+        input_shape=data.image_shape,
         embedding_dim=config.embedding_dim,
     )
     model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate), loss=build_loss(config)
     )
     os.makedirs(config.output_dir, exist_ok=True)
+    val = data.validation
     callbacks = [
         RetrievalEvaluation(
-            train_set.images[val_idx],
-            train_set.labels[val_idx],
+            val.query_images,
+            val.query_labels,
+            val.gallery_images,
+            val.gallery_labels,
             ks=config.ks,
             distance=config.distance,
         ),
@@ -191,19 +225,20 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
         verbose=verbose,
         shuffle=False,  # the P x K sampler already randomises batches
     )
-
-    test_images, test_labels = test_set.images, test_set.labels
-    if config.test_size is not None:
-        test_images, test_labels = test_images[: config.test_size], test_labels[: config.test_size]
-    test_metrics = retrieval_metrics(
-        model.embed(test_images), test_labels, ks=config.ks, distance=config.distance
+    test_metrics = evaluate_embeddings(
+        model, data.test, ks=config.ks, distance=config.distance, limit=config.test_size
     )
 
     model_path = os.path.join(config.output_dir, "model.keras")
     save_model_atomically(model, model_path)
     seconds = time.perf_counter() - start
     write_json_atomically(
-        {"test": test_metrics, "history": history.history, "seconds": seconds},
+        {
+            "test": test_metrics,
+            "test_protocol": data.test.protocol,
+            "history": history.history,
+            "seconds": seconds,
+        },
         os.path.join(config.output_dir, "metrics.json"),
     )
     write_json_atomically(
@@ -216,27 +251,23 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
         output_dir=config.output_dir,
         model_path=model_path,
         seconds=seconds,
+        data=data,
     )
 
 
 def evaluate_saved_model(
     model_path: str,
-    dataset: str = "fashion-mnist",
+    config: TrainConfig,
     split: str = "test",
-    data_dir: str | None = None,
-    ks: tuple[int, ...] = (1, 10, 20),
-    distance: str = "squared_l2",
     limit: int | None = None,
-) -> dict[str, float]:
-    """Leave-one-out retrieval metrics of a saved `.keras` model on a dataset split."""
-    if dataset not in DATASETS:
-        raise ValueError(f"Unknown dataset {dataset!r}; available: {', '.join(DATASETS)}.")
+) -> tuple[dict[str, float], str]:
+    """Retrieval metrics of a saved `.keras` model on `config.dataset`'s test or
+    validation set; returns (metrics, protocol)."""
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"No model at {model_path!r}; train one with `atl train`.")
     model = keras.models.load_model(model_path)
-    data = load_fashion_mnist(split, data_dir=data_dir)
-    images, labels = data.images, data.labels
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    embeddings = model.embed(images)
-    return retrieval_metrics(embeddings, labels, ks=ks, distance=distance)
+    evaluation = getattr(load_data(config), split)
+    metrics = evaluate_embeddings(model, evaluation, config.ks, config.distance, limit)
+    return metrics, evaluation.protocol

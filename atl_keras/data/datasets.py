@@ -1,0 +1,210 @@
+"""Dataset specs -> training rows + evaluation protocols, for every reader.
+
+    data = load_retrieval_data("synthetic-shop")          # or "fashion-mnist",
+    data.train_images, data.train_labels, data.descriptions   # "catalog:shop.csv",
+    data.test.query_images, data.test.gallery_images          # "deepfashion-inshop:/data/inshop"
+
+Protocols (`EvalSet.protocol`):
+- `street->catalog` (synthetic shop, catalogs with street and catalog rows): query = street
+  photos of the evaluation items, gallery = catalog shots of the same items. Items never
+  seen in training (train / val / test are disjoint by item).
+- `query->gallery` (DeepFashion In-shop's official split).
+- `leave-one-out` (Fashion-MNIST, single-domain catalogs): every image queries the rest.
+  On Fashion-MNIST the "items" are the 10 classes; `fashion_mnist_unseen_classes` holds
+  classes out of training (unseen-class protocol).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from atl_keras.data.catalog import Catalog, assign_splits, read_catalog
+from atl_keras.data.deepfashion import read_deepfashion_inshop
+from atl_keras.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from atl_keras.data.synthetic_shop import make_synthetic_shop
+
+DATASET_SPECS = (
+    "fashion-mnist",
+    "synthetic-shop",
+    "deepfashion-inshop:ROOT",
+    "catalog:PATH",
+)
+
+
+@dataclass
+class EvalSet:
+    """Retrieval evaluation rows: a query set and a gallery (None = leave-one-out)."""
+
+    query_images: np.ndarray
+    query_labels: np.ndarray
+    gallery_images: np.ndarray | None
+    gallery_labels: np.ndarray | None
+    protocol: str
+    gallery_ids: list[str] = field(default_factory=list)
+
+    @property
+    def index_images(self) -> np.ndarray:
+        """The images an exported index holds: the gallery, or the queries for leave-one-out."""
+        return self.query_images if self.gallery_images is None else self.gallery_images
+
+    def __post_init__(self) -> None:
+        if len(self.query_images) == 0:
+            raise ValueError(f"The {self.protocol} evaluation set has no query images.")
+
+
+@dataclass
+class RetrievalData:
+    """What training and evaluation need, independent of the reader.
+
+    `train_images` uint8 [N, H, W, C], `train_labels` int64 [N] indexing `descriptions`
+    (one text per item/label, None when missing).
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    descriptions: list[str | None]
+    validation: EvalSet
+    test: EvalSet
+    item_ids: list[str] = field(default_factory=list)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(x) for x in self.train_images.shape[1:])
+
+
+def _row_ids(rows: Catalog) -> list[str]:
+    """One id per image row: `<item id>#<n>` (n counts the item's images from 1)."""
+    counts: dict[str, int] = {}
+    ids = []
+    for item in rows.row_item_ids:
+        counts[item] = counts.get(item, 0) + 1
+        ids.append(f"{item}#{counts[item]}")
+    return ids
+
+
+def _eval_set(catalog: Catalog, split: str | Sequence[str] | None) -> EvalSet:
+    """Cross-domain sets when the split has two domains, else leave-one-out."""
+    rows = catalog if split is None else catalog.split(split)
+    domains = set(rows.domains.tolist())
+    for query_domain, gallery_domain in (("street", "catalog"), ("query", "gallery")):
+        if {query_domain, gallery_domain} <= domains:
+            query, gallery = rows.query_gallery(query_domain, gallery_domain, split=None)
+            return EvalSet(
+                query.images, query.labels, gallery.images, gallery.labels,
+                f"{query_domain}->{gallery_domain}", _row_ids(gallery),
+            )
+    return EvalSet(rows.images, rows.labels, None, None, "leave-one-out", _row_ids(rows))
+
+
+def _with_validation_split(catalog: Catalog, fraction: float, seed: int) -> Catalog:
+    """Carve validation items out of the training items when the catalog has none."""
+    if "val" in set(catalog.splits.tolist()):
+        return catalog
+    train_items = sorted({catalog.item_ids[i] for i in catalog.split("train").labels})
+    val_share = assign_splits(train_items, fractions=(1 - fraction, fraction), seed=seed,
+                              names=("train", "val"))
+    splits = catalog.splits.copy()
+    for row, (label, split) in enumerate(zip(catalog.labels, catalog.splits)):
+        if split == "train" and val_share[catalog.item_ids[label]] == "val":
+            splits[row] = "val"
+    catalog.splits = splits
+    return catalog
+
+
+def _from_catalog(name: str, catalog: Catalog, test_split: str | None, seed: int) -> RetrievalData:
+    catalog = _with_validation_split(catalog, 0.1, seed)
+    train = catalog.split("train")
+    return RetrievalData(
+        name=name,
+        train_images=train.images,
+        train_labels=train.labels,
+        descriptions=list(catalog.descriptions),
+        validation=_eval_set(catalog, "val"),
+        test=_eval_set(catalog, test_split),
+        item_ids=list(catalog.item_ids),
+    )
+
+
+def _fashion_mnist(
+    data_dir: str | None, validation_size: int, seed: int, unseen_classes: Sequence[str]
+) -> RetrievalData:
+    train = load_fashion_mnist("train", data_dir=data_dir)
+    test = load_fashion_mnist("test", data_dir=data_dir)
+    unknown = [c for c in unseen_classes if c not in CLASS_NAMES]
+    if unknown:
+        raise ValueError(f"Unknown Fashion-MNIST classes {unknown}; choose from {list(CLASS_NAMES)}.")
+    unseen = np.isin(np.arange(len(CLASS_NAMES)), [CLASS_NAMES.index(c) for c in unseen_classes])
+    seen_rows = np.flatnonzero(~unseen[train.labels])
+    if validation_size >= len(seen_rows):
+        raise ValueError(f"validation_size={validation_size} leaves no training data.")
+    order = np.random.default_rng(seed).permutation(seen_rows)
+    val_rows, train_rows = np.sort(order[:validation_size]), np.sort(order[validation_size:])
+    test_rows = np.flatnonzero(unseen[test.labels]) if unseen.any() else np.arange(len(test.labels))
+    ids = [f"{CLASS_NAMES[int(label)]}/test-{i:05d}" for i, label in enumerate(test.labels)]
+    return RetrievalData(
+        name="fashion-mnist",
+        train_images=train.images[train_rows],
+        train_labels=train.labels[train_rows],
+        descriptions=list(train.descriptions),
+        validation=EvalSet(
+            train.images[val_rows], train.labels[val_rows], None, None, "leave-one-out",
+            [f"{CLASS_NAMES[int(train.labels[i])]}/train-{i:05d}" for i in val_rows],
+        ),
+        test=EvalSet(
+            test.images[test_rows], test.labels[test_rows], None, None, "leave-one-out",
+            [ids[i] for i in test_rows],
+        ),
+        item_ids=list(CLASS_NAMES),
+    )
+
+
+def load_retrieval_data(
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    validation_size: int = 2000,
+    synthetic_items: int = 300,
+    unseen_classes: Sequence[str] = (),
+    strict: bool = False,
+    seed: int = 0,
+) -> RetrievalData:
+    """Load the dataset named by `spec` (see `DATASET_SPECS`) as train / val / test sets.
+
+    Args:
+        spec: `fashion-mnist`, `synthetic-shop`, `deepfashion-inshop:ROOT` or `catalog:PATH`
+            (CSV or JSONL with image, item_id, description[, domain, split]).
+        data_dir: Fashion-MNIST IDX directory (default: the Debian package's).
+        image_size: square size for decoded files (default 64; synthetic shop 32).
+        validation_size: Fashion-MNIST validation images held out of training.
+        synthetic_items: number of items of the synthetic shop.
+        unseen_classes: Fashion-MNIST / synthetic-shop classes (categories) kept out of
+            training and used as the test set.
+        strict: stop at the first corrupt or missing image instead of skipping it.
+    """
+    name, _, argument = spec.partition(":")
+    if name == "fashion-mnist":
+        return _fashion_mnist(data_dir, validation_size, seed, unseen_classes)
+    if name == "synthetic-shop":
+        catalog = make_synthetic_shop(
+            num_items=synthetic_items,
+            image_size=image_size or 32,
+            seed=seed,
+            unseen_categories=tuple(unseen_classes),
+        )
+        return _from_catalog("synthetic-shop", catalog, "test", seed)
+    if name == "deepfashion-inshop":
+        if not argument:
+            raise ValueError("Give the dataset root: deepfashion-inshop:/path/to/In-shop.")
+        catalog = read_deepfashion_inshop(argument).with_images(image_size or 64, strict=strict)
+        return _from_catalog("deepfashion-inshop", catalog, ["query", "gallery"], seed)
+    if name == "catalog":
+        if not argument:
+            raise ValueError("Give the catalog file: catalog:/path/to/catalog.csv (or .jsonl).")
+        catalog = read_catalog(argument).with_images(image_size or 64, strict=strict)
+        return _from_catalog(f"catalog:{argument}", catalog, "test", seed)
+    raise ValueError(f"Unknown dataset {spec!r}; available: {', '.join(DATASET_SPECS)}.")

@@ -1,0 +1,843 @@
+"""Triplet losses with in-batch mining: the baseline and the adaptive triplet loss (ATL).
+
+Everything here is a pure function of tensors written with `keras.ops` (so it
+runs on the TensorFlow, JAX and PyTorch backends), plus two thin
+`keras.losses.Loss` subclasses that hold the configuration.
+
+Definitions (``B`` = batch size, ``d`` = the chosen distance):
+
+- A valid triplet ``(a, p, n)`` has ``a != p``, ``label[a] == label[p]`` and
+  ``label[a] != label[n]``. With ATL's ``semantic_threshold`` tau, an ``n`` whose
+  text distance ``d(g_a, g_n) < tau`` is *not* a negative of ``a``.
+- ``x_apn = d_ap - d_an + m_an``; the loss of a triplet is ``hinge(x) = max(0, x)``
+  or, with ``soft_margin=True``, ``softplus(x)``.
+- Triplet baseline: ``m_an = margin``. ATL:
+  ``m_an = min_margin + (max_margin - min_margin) * d(g_a, g_n) / d_max`` where
+  ``g`` are L2-normalised text embeddings (constants) and ``d_max`` is
+  `atl_keras.distances.max_distance`. ``min_margin == max_margin == m`` gives
+  exactly the baseline with ``margin=m``.
+
+Mining (``c_an = m_an - d_an``, so ``x_apn = d_ap + c_an``):
+
+- ``"batch_all"``: mean of the hinge over the *violating* triplets (``x > 0``);
+  with ``soft_margin`` the mean of softplus over all valid triplets.
+- ``"batch_hard"``: per anchor with a positive and a negative,
+  ``hinge(max_p d_ap + max_n c_an)`` (hardest positive, hardest negative *under
+  its own margin*), mean over such anchors. With a constant margin this is
+  tfa's ``triplet_hard_loss``; tfa's ``soft=True`` variant is ours with
+  ``soft_margin=True, margin=0``.
+- ``"semi_hard"``: per positive pair ``(a, p)``, the negative maximising
+  ``c_an`` among those with ``d_an > d_ap`` (constant margin: the closest
+  negative farther than the positive), or, if there is none, the negative
+  minimising ``c_an`` (constant margin: the farthest negative, as tfa). Mean
+  over all positive pairs whose anchor has a negative (zero losses included),
+  which is tfa's ``triplet_semihard_loss`` for a constant margin.
+
+Cost (no mode builds ``[B, B, B]`` unless noted):
+
+- ``batch_hard``: ``O(B^2)``, masked row maxima of the ``[B, B]`` matrices.
+- ``batch_all`` and ``semi_hard`` have two exact algorithms, chosen at run time
+  on the TensorFlow backend: when every anchor has at most
+  ``_COMPACT_MAX_POSITIVES`` (16) positives, as in P x K batches, each anchor's
+  positives are gathered into ``Q`` slots and the work is ``O(B^2 Q)`` on
+  ``[B, Q, B]`` tensors with no sort. Otherwise (and always on JAX / PyTorch)
+  one row-wise sort per anchor, a row-wise ``searchsorted`` and suffix
+  sums / a suffix max give ``O(B^2 log B)`` time and ``O(B^2)`` memory.
+- ``batch_all`` with ``soft_margin=True`` on the sort path: softplus has no
+  prefix-sum shortcut, so it materialises ``[B, B, B]`` float32 values
+  (B=256: 64 MiB, B=1024: 4 GiB plus as much again for the gradient). With few
+  positives per anchor it is ``[B, Q, B]`` like the rest.
+
+A batch without a valid triplet (B=1, one label only, singletons only) gives a
+loss of exactly 0.0 with finite (zero) gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from atl_keras.distances import (
+    compute_dtype,
+    l2_normalize,
+    max_distance,
+    pairwise_distances,
+    validate_distance,
+)
+
+MINING_MODES: tuple[str, ...] = ("batch_all", "batch_hard", "semi_hard")
+
+__all__ = [
+    "MINING_MODES",
+    "AdaptiveTripletLoss",
+    "TripletLoss",
+    "adaptive_margins",
+    "adaptive_triplet_loss",
+    "margin_triplet_loss",
+    "triplet_loss",
+    "triplet_statistics",
+]
+
+
+# --------------------------------------------------------------------------
+# Argument validation (plain Python, shared by functions and classes).
+# --------------------------------------------------------------------------
+
+
+def _validate_mining(mining: str) -> str:
+    if not isinstance(mining, str) or mining not in MINING_MODES:
+        raise ValueError(
+            f"Unknown mining {mining!r}. Valid mining modes are: "
+            f"{', '.join(repr(m) for m in MINING_MODES)}."
+        )
+    return mining
+
+
+def _validate_margin(value: float, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0; got {value!r}.") from None
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0; got {value}. Use a non-negative margin.")
+    return value
+
+
+def _validate_adaptive(
+    min_margin: float, max_margin: float, distance: str, semantic_threshold: float | None
+) -> tuple[float, float, float | None]:
+    min_margin = _validate_margin(min_margin, "min_margin")
+    max_margin = _validate_margin(max_margin, "max_margin")
+    if min_margin > max_margin:
+        raise ValueError(
+            f"min_margin ({min_margin}) must be <= max_margin ({max_margin}); "
+            "swap them, or set them equal for the plain triplet loss."
+        )
+    if semantic_threshold is not None:
+        d_max = max_distance(distance)
+        try:
+            semantic_threshold = float(semantic_threshold)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"semantic_threshold must be None or a number; got {semantic_threshold!r}."
+            ) from None
+        if not 0.0 <= semantic_threshold <= d_max:
+            raise ValueError(
+                f"semantic_threshold={semantic_threshold} is outside [0, {d_max}], the "
+                f"range of the {distance!r} distance between unit text embeddings. "
+                "Pass None to disable semantic masking."
+            )
+    return min_margin, max_margin, semantic_threshold
+
+
+def _validate_soft_margin(soft_margin: bool) -> bool:
+    if not isinstance(soft_margin, bool):
+        raise ValueError(f"soft_margin must be True or False; got {soft_margin!r}.")
+    return soft_margin
+
+
+# --------------------------------------------------------------------------
+# Small tensor helpers.
+# --------------------------------------------------------------------------
+
+
+def _prepare_labels(labels: Any, batch_size: int | None) -> Any:
+    """Labels ``[B]`` or ``[B, 1]`` -> ``[B]``, dtype untouched."""
+    labels = ops.convert_to_tensor(labels)
+    if len(labels.shape) == 2 and labels.shape[1] == 1:
+        labels = ops.reshape(labels, (-1,))
+    if len(labels.shape) != 1:
+        raise ValueError(
+            f"labels must have shape [batch] or [batch, 1]; got {tuple(labels.shape)}."
+        )
+    if batch_size is not None and labels.shape[0] is not None and labels.shape[0] != batch_size:
+        raise ValueError(
+            f"labels has {labels.shape[0]} entries but embeddings has {batch_size} rows; "
+            "pass one label per embedding."
+        )
+    return labels
+
+
+def _prepare_embeddings(embeddings: Any, name: str = "embeddings") -> Any:
+    embeddings = ops.convert_to_tensor(embeddings)
+    if len(embeddings.shape) != 2:
+        raise ValueError(
+            f"{name} must have shape [batch, dim]; got {tuple(embeddings.shape)}."
+        )
+    return ops.cast(embeddings, compute_dtype(embeddings))
+
+
+def _pair_masks(labels: Any) -> tuple[Any, Any]:
+    """``[B]`` labels -> (positive mask, negative mask), both ``[B, B]`` bool."""
+    same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0))
+    index = ops.arange(ops.shape(labels)[0])
+    diagonal = ops.equal(ops.expand_dims(index, 1), ops.expand_dims(index, 0))
+    positive = ops.logical_and(same, ops.logical_not(diagonal))
+    return positive, ops.logical_not(same)
+
+
+def _masked_max(x: Any, mask: Any, axis: int = 1) -> tuple[Any, Any]:
+    """Row max of ``x`` over ``mask``; returns (max, any) with max=0 where empty.
+
+    Masked-out entries are replaced by a finite constant below every value, so
+    no infinities enter the graph (their gradients would turn into NaN).
+    """
+    floor = ops.stop_gradient(ops.min(x)) - 1.0
+    best = ops.max(ops.where(mask, x, floor), axis=axis)
+    present = ops.any(mask, axis=axis)
+    return ops.where(present, best, ops.zeros_like(best)), present
+
+
+def _masked_min(x: Any, mask: Any, axis: int = 1) -> tuple[Any, Any]:
+    best, present = _masked_max(-x, mask, axis=axis)
+    return -best, present
+
+
+def _reverse_cummax(x: Any) -> Any:
+    """Suffix maximum along axis 1 of a non-negative ``[R, K]`` tensor.
+
+    ``out[:, j] = max(x[:, j:])``, by log2(K) doubling steps (each a shift
+    and an elementwise max): ``O(R K log K)`` work in ~log2(K) ops, far
+    cheaper than a generic associative scan (keras.ops has no ``cummax``).
+    The shift pads with 0, hence the non-negativity requirement.
+    """
+    width = x.shape[1]
+    if width is not None:  # static width: unrolled
+        shift = 1
+        while shift < width:
+            x = ops.maximum(x, ops.pad(x[:, shift:], [[0, 0], [0, shift]]))
+            shift *= 2
+        return x
+    width = ops.shape(x)[1]  # dynamic width (TF graph with unknown batch size)
+
+    def body(shift: Any, y: Any) -> tuple[Any, Any]:
+        shifted = ops.concatenate([y[:, shift:], ops.zeros_like(y[:, :shift])], axis=1)
+        return shift * 2, ops.maximum(y, shifted)
+
+    return ops.while_loop(lambda shift, y: shift < width, body, (1, x))[1]
+
+
+def _reverse_cumsum(x: Any) -> Any:
+    """``[R, K]`` -> ``[R, K + 1]`` with ``out[:, j] = sum(x[:, j:])`` (``out[:, K] = 0``).
+
+    Summing from the end keeps small suffix sums exact-ish (no ``total - prefix``).
+    """
+    suffix = ops.flip(ops.cumsum(ops.flip(x, axis=1), axis=1), axis=1)
+    return ops.pad(suffix, [[0, 0], [0, 1]])
+
+
+def _searchsorted_right(sorted_rows: Any, values: Any) -> Any:
+    """Row-wise ``searchsorted(..., side="right")``: ``[R, K]``, ``[R, Q]`` -> int ``[R, Q]``.
+
+    ``out[r, q]`` is the number of entries of row ``r`` that are ``<= values[r, q]``,
+    i.e. the first position holding a value strictly greater.
+    `keras.ops.searchsorted` is 1-D only: on TensorFlow this calls the batched
+    ``tf.searchsorted`` (the only TensorFlow op in the loss math; the other
+    backend-specific code is `_scale_for_distribution`); other backends map
+    the keras op over rows.
+    """
+    sorted_rows = ops.stop_gradient(sorted_rows)
+    values = ops.stop_gradient(values)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.searchsorted(sorted_rows, values, side="right", out_type=tf.int32)
+    return ops.vectorized_map(
+        lambda row: ops.searchsorted(row[0], row[1], side="right"), (sorted_rows, values)
+    )
+
+
+def _safe_mean(total: Any, count: Any) -> Any:
+    """``total / count``, or 0 when ``count == 0`` (with zero gradients)."""
+    return ops.where(count > 0, total / ops.maximum(count, 1.0), ops.zeros_like(total))
+
+
+def _hinge(x: Any, soft_margin: bool) -> Any:
+    return ops.softplus(x) if soft_margin else ops.relu(x)
+
+
+# --------------------------------------------------------------------------
+# Mining strategies on a distance matrix and a margin matrix.
+# --------------------------------------------------------------------------
+
+
+# Anchors with at most this many positives use the "few positives" path on the
+# TensorFlow backend (P x K batches: K - 1 positives), above it the sort path.
+_COMPACT_MAX_POSITIVES = 16
+
+
+def _use_compact_path(positive: Any) -> tuple[bool, Any]:
+    """(whether a runtime choice is possible, predicate "few positives per anchor").
+
+    The few-positives path gathers each anchor's positives into ``Q`` slots
+    (``Q`` = the largest positive count in the batch, a runtime value) and works
+    on ``[B, Q, B]`` tensors: ``O(B^2 Q)``, no sort. It needs a dynamic
+    ``top_k`` size, so it is only used on the TensorFlow backend; elsewhere the
+    sort path (``O(B^2 log B)``) always runs.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return False, None
+    most = ops.max(ops.sum(ops.cast(positive, "int32"), axis=1))
+    return True, ops.less_equal(most, _COMPACT_MAX_POSITIVES)
+
+
+def _positive_slots(dist: Any, positive: Any) -> tuple[Any, Any]:
+    """Each anchor's positive distances in ``Q`` slots: (``[B, Q]`` d_ap, ``[B, Q]`` valid)."""
+    posf = ops.cast(positive, dist.dtype)
+    slots = ops.maximum(ops.max(ops.cast(ops.sum(posf, axis=1), "int32")), 1)
+    flags, index = ops.top_k(posf, slots)
+    return ops.take_along_axis(dist, index, axis=1), flags > 0
+
+
+def _compact_triplets(dist: Any, margins: Any, positive: Any, negative: Any) -> tuple[Any, Any, Any]:
+    """``[B, Q, B]`` triplet values ``x = d_ap + c_an``, validity and slot validity."""
+    d_ap, slot_valid = _positive_slots(dist, positive)
+    c = margins - dist
+    x = ops.expand_dims(d_ap, 2) + ops.expand_dims(c, 1)
+    valid = ops.logical_and(ops.expand_dims(slot_valid, 2), ops.expand_dims(negative, 1))
+    return x, valid, slot_valid
+
+
+def _batch_all_compact(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+    x, valid, _ = _compact_triplets(dist, margins, positive, negative)
+    zeros = ops.zeros_like(x)
+    if soft_margin:
+        total = ops.sum(ops.where(valid, ops.softplus(x), zeros))
+        count = ops.sum(ops.cast(valid, x.dtype))
+    else:
+        active = ops.logical_and(valid, x > 0)
+        total = ops.sum(ops.where(active, x, zeros))
+        count = ops.sum(ops.cast(active, x.dtype))
+    return _safe_mean(total, count)
+
+
+def _semi_hard_compact(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+    d_ap, slot_valid = _positive_slots(dist, positive)
+    c = margins - dist
+    farther = ops.logical_and(
+        ops.expand_dims(negative, 1),
+        ops.expand_dims(ops.stop_gradient(dist), 1) > ops.expand_dims(ops.stop_gradient(d_ap), 2),
+    )  # [B, Q, B]
+    floor = ops.stop_gradient(ops.min(c)) - 1.0
+    c3 = ops.expand_dims(c, 1)
+    farther_best = ops.max(ops.where(farther, c3, ops.zeros_like(c3) + floor), axis=2)
+    fallback, has_negative = _masked_min(c, negative)
+    chosen = ops.where(ops.any(farther, axis=2), farther_best, ops.expand_dims(fallback, 1))
+    valid = ops.logical_and(slot_valid, ops.expand_dims(has_negative, 1))
+    losses = _hinge(d_ap + chosen, soft_margin)
+    losses = ops.where(valid, losses, ops.zeros_like(losses))
+    return _safe_mean(ops.sum(losses), ops.sum(ops.cast(valid, dist.dtype)))
+
+
+def _batch_all_hinge_sums(
+    dist: Any, margins: Any, positive: Any, negative: Any
+) -> tuple[Any, Any, Any]:
+    """Sums over violating triplets without materialising ``[B, B, B]``.
+
+    For anchor ``a`` and positive ``p`` the violating negatives are those with
+    ``c_an > -d_ap`` (``c = m - d``), and ``sum_n max(0, d_ap + c_an)`` equals
+    ``k * d_ap + (sum of those c_an)``. Sorting each anchor's ``c`` once gives
+    both as a suffix count / suffix sum read at ``searchsorted(-d_ap)``:
+    ``O(B^2 log B)`` time, ``O(B^2)`` memory.
+
+    Returns:
+        (sum of hinges, number of violating triplets, sum of their margins),
+        float scalars.
+    """
+    c = margins - dist
+    # Non-negatives get a key <= -d_ap for every p, so they are never counted.
+    floor = -ops.stop_gradient(ops.max(dist)) - 1.0
+    keys = ops.where(negative, c, ops.zeros_like(c) + floor)
+    order = ops.argsort(ops.stop_gradient(keys), axis=1)  # ascending
+
+    def sort(values: Any) -> Any:
+        return ops.take_along_axis(values, order, axis=1)
+
+    zeros = ops.zeros_like(c)
+    sorted_keys = sort(keys)
+    c_suffix = _reverse_cumsum(sort(ops.where(negative, c, zeros)))
+    m_suffix = _reverse_cumsum(sort(ops.where(negative, margins, zeros)))
+    first = _searchsorted_right(sorted_keys, -dist)  # [B, B]: first c > -d_ap
+    count = ops.cast(ops.shape(dist)[1] - first, dist.dtype)
+    c_sum = ops.take_along_axis(c_suffix, first, axis=1)
+    m_sum = ops.take_along_axis(m_suffix, first, axis=1)
+    hinge_sum = ops.sum(ops.where(positive, count * dist + c_sum, zeros))
+    active = ops.sum(ops.where(positive, count, zeros))
+    margin_sum = ops.sum(ops.where(positive, m_sum, zeros))
+    return hinge_sum, active, margin_sum
+
+
+def _batch_all_sorted(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+    if not soft_margin:
+        hinge_sum, active, _ = _batch_all_hinge_sums(dist, margins, positive, negative)
+        return _safe_mean(hinge_sum, active)
+    # softplus: every valid triplet contributes; [B, B, B] is unavoidable.
+    x = ops.expand_dims(dist, 2) + ops.expand_dims(margins - dist, 1)  # [a, p, n]
+    valid = ops.logical_and(ops.expand_dims(positive, 2), ops.expand_dims(negative, 1))
+    total = ops.sum(ops.where(valid, ops.softplus(x), ops.zeros_like(x)))
+    count = ops.sum(ops.cast(valid, dist.dtype))
+    return _safe_mean(total, count)
+
+
+def _batch_all(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+    can_choose, few = _use_compact_path(positive)
+    args = (dist, margins, positive, negative, soft_margin)
+    if not can_choose:
+        return _batch_all_sorted(*args)
+    return ops.cond(few, lambda: _batch_all_compact(*args), lambda: _batch_all_sorted(*args))
+
+
+def _batch_hard(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+    hardest_positive, has_positive = _masked_max(dist, positive)
+    hardest_negative, has_negative = _masked_max(margins - dist, negative)
+    valid = ops.logical_and(has_positive, has_negative)
+    losses = _hinge(hardest_positive + hardest_negative, soft_margin)
+    losses = ops.where(valid, losses, ops.zeros_like(losses))
+    return _safe_mean(ops.sum(losses), ops.sum(ops.cast(valid, dist.dtype)))
+
+
+def _semi_hard_sorted(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+    """Semi-hard mining in ``O(B^2 log B)``: one sort per anchor by distance.
+
+    With each anchor's distances sorted ascending, the negatives farther than
+    ``p`` occupy the suffix starting at ``searchsorted(d_ap, side="right")``
+    (a negative tied with ``d_ap`` is not farther), so a suffix max of ``c``
+    over negatives, read there, is the semi-hard choice.
+    """
+    c = margins - dist
+    zeros = ops.zeros_like(c)
+    order = ops.argsort(ops.stop_gradient(dist), axis=1)  # ascending
+
+    def sort(values: Any) -> Any:
+        return ops.take_along_axis(values, order, axis=1)
+
+    # Shift c so negatives are >= 1 and non-negatives 0 (suffix max pads with 0).
+    floor = ops.stop_gradient(ops.min(c)) - 1.0
+    lifted = sort(ops.where(negative, c - floor, zeros))
+    best_suffix = ops.pad(_reverse_cummax(lifted), [[0, 0], [0, 1]])
+    count_suffix = _reverse_cumsum(sort(ops.cast(negative, dist.dtype)))
+    first = _searchsorted_right(sort(dist), dist)  # [B, B]: first d > d_ap
+    farther_best = ops.take_along_axis(best_suffix, first, axis=1) + floor
+    farther_count = ops.take_along_axis(count_suffix, first, axis=1)
+    fallback, has_negative = _masked_min(c, negative)  # farthest under its margin
+    chosen = ops.where(farther_count > 0, farther_best, ops.expand_dims(fallback, 1))
+
+    valid = ops.logical_and(positive, ops.expand_dims(has_negative, 1))
+    losses = _hinge(dist + chosen, soft_margin)
+    losses = ops.where(valid, losses, zeros)
+    return _safe_mean(ops.sum(losses), ops.sum(ops.cast(valid, dist.dtype)))
+
+
+def _semi_hard(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+    can_choose, few = _use_compact_path(positive)
+    args = (dist, margins, positive, negative, soft_margin)
+    if not can_choose:
+        return _semi_hard_sorted(*args)
+    return ops.cond(few, lambda: _semi_hard_compact(*args), lambda: _semi_hard_sorted(*args))
+
+
+_MINERS = {"batch_all": _batch_all, "batch_hard": _batch_hard, "semi_hard": _semi_hard}
+
+
+def margin_triplet_loss(
+    labels: Any,
+    distances: Any,
+    margins: Any,
+    mining: str = "batch_all",
+    soft_margin: bool = False,
+    negative_mask: Any | None = None,
+) -> Any:
+    """The one triplet-loss core: a distance matrix, a per-pair margin matrix, a miner.
+
+    Both `triplet_loss` and `adaptive_triplet_loss` are this function with a
+    constant or an adaptive margin matrix. Use it directly for custom
+    distances or margins.
+
+    Args:
+        labels: ``[B]`` or ``[B, 1]`` integer class ids (never cast to float).
+        distances: ``[B, B]`` float, ``distances[a, j] = d(f_a, f_j)``.
+        margins: ``[B, B]`` float, ``margins[a, n] = m_an`` (only read where
+            ``n`` is a negative of ``a``).
+        mining: ``"batch_all"``, ``"batch_hard"`` or ``"semi_hard"``.
+        soft_margin: softplus instead of the hinge.
+        negative_mask: optional ``[B, B]`` bool; a pair is a negative only if
+            labels differ *and* this is True (ATL's semantic masking).
+
+    Returns:
+        Float scalar (float32 unless ``distances`` is float64).
+    """
+    mining = _validate_mining(mining)
+    soft_margin = _validate_soft_margin(soft_margin)
+    distances = ops.convert_to_tensor(distances)
+    distances = ops.cast(distances, compute_dtype(distances))
+    margins = ops.cast(ops.convert_to_tensor(margins), distances.dtype)
+    labels = _prepare_labels(labels, distances.shape[0])
+    positive, negative = _pair_masks(labels)
+    if negative_mask is not None:
+        negative = ops.logical_and(negative, ops.cast(negative_mask, "bool"))
+    return _MINERS[mining](distances, margins, positive, negative, soft_margin)
+
+
+# --------------------------------------------------------------------------
+# The two losses as functions.
+# --------------------------------------------------------------------------
+
+
+def adaptive_margins(
+    text_embeddings: Any,
+    min_margin: float = 0.1,
+    max_margin: float = 0.5,
+    distance: str = "squared_l2",
+) -> tuple[Any, Any]:
+    """ATL margins from text embeddings (treated as constants).
+
+    Args:
+        text_embeddings: ``[B, T]`` float; L2-normalised here.
+
+    Returns:
+        ``(margins, text_distances)``, both ``[B, B]`` float32, with
+        ``margins = min_margin + (max_margin - min_margin) * text_distances / d_max``.
+    """
+    distance = validate_distance(distance)
+    text = ops.stop_gradient(_prepare_embeddings(text_embeddings, "text_embeddings"))
+    text_distances = pairwise_distances(l2_normalize(text), distance=distance)
+    scale = (float(max_margin) - float(min_margin)) / max_distance(distance)
+    margins = float(min_margin) + scale * text_distances
+    return margins, text_distances
+
+
+def triplet_loss(
+    labels: Any,
+    embeddings: Any,
+    margin: float = 0.2,
+    mining: str = "batch_all",
+    distance: str = "squared_l2",
+    soft_margin: bool = False,
+) -> Any:
+    """Triplet loss with a constant margin and in-batch mining.
+
+    Args:
+        labels: ``[B]`` or ``[B, 1]`` integer class (item) ids.
+        embeddings: ``[B, D]`` float, normally L2-normalised (not normalised
+            here; ``"cosine"`` normalises by definition). Half precision is
+            computed in float32.
+        margin: ``m >= 0``.
+        mining: ``"batch_all"`` | ``"batch_hard"`` | ``"semi_hard"``.
+        distance: ``"squared_l2"`` | ``"l2"`` | ``"cosine"``.
+        soft_margin: ``softplus(x)`` instead of ``max(0, x)``.
+
+    Returns:
+        Float32 scalar; 0.0 when the batch has no valid triplet.
+
+    Example:
+        >>> loss = triplet_loss([0, 0, 1, 1], keras.ops.eye(4), mining="batch_hard")
+    """
+    margin = _validate_margin(margin, "margin")
+    distance = validate_distance(distance)
+    embeddings = _prepare_embeddings(embeddings)
+    labels = _prepare_labels(labels, embeddings.shape[0])
+    dist = pairwise_distances(embeddings, distance=distance)
+    margins = ops.zeros_like(dist) + margin
+    return margin_triplet_loss(labels, dist, margins, mining=mining, soft_margin=soft_margin)
+
+
+def adaptive_triplet_loss(
+    labels: Any,
+    embeddings: Any,
+    text_embeddings: Any,
+    min_margin: float = 0.1,
+    max_margin: float = 0.5,
+    mining: str = "batch_all",
+    distance: str = "squared_l2",
+    semantic_threshold: float | None = None,
+    soft_margin: bool = False,
+) -> Any:
+    """Weakly supervised adaptive triplet loss (Zhao et al., arXiv 1909.12939).
+
+    The margin between anchor ``a`` and negative ``n`` grows with the distance
+    of their (L2-normalised, constant) text embeddings:
+    ``m_an = min_margin + (max_margin - min_margin) * d(g_a, g_n) / d_max``.
+
+    Args:
+        labels: ``[B]`` or ``[B, 1]`` integer item ids.
+        embeddings: ``[B, D]`` float image embeddings (see `triplet_loss`).
+        text_embeddings: ``[B, T]`` float description embeddings; no gradient
+            flows into them.
+        min_margin, max_margin: ``0 <= min_margin <= max_margin``; equal values
+            give exactly `triplet_loss` with that margin.
+        mining, distance, soft_margin: as in `triplet_loss`; ``distance`` is
+            used for both image and text distances.
+        semantic_threshold: optional tau in ``[0, d_max]``: a pair with
+            ``d(g_a, g_n) < tau`` is not a negative (same implicit semantic class).
+
+    Returns:
+        Float32 scalar; 0.0 when the batch has no valid triplet.
+    """
+    distance = validate_distance(distance)
+    min_margin, max_margin, semantic_threshold = _validate_adaptive(
+        min_margin, max_margin, distance, semantic_threshold
+    )
+    embeddings = _prepare_embeddings(embeddings)
+    labels = _prepare_labels(labels, embeddings.shape[0])
+    dist = pairwise_distances(embeddings, distance=distance)
+    margins, text_distances = adaptive_margins(text_embeddings, min_margin, max_margin, distance)
+    negative_mask = None
+    if semantic_threshold is not None:
+        negative_mask = ops.greater_equal(text_distances, semantic_threshold)
+    return margin_triplet_loss(
+        labels,
+        dist,
+        ops.cast(margins, dist.dtype),
+        mining=mining,
+        soft_margin=soft_margin,
+        negative_mask=negative_mask,
+    )
+
+
+def triplet_statistics(
+    labels: Any,
+    embeddings: Any,
+    text_embeddings: Any | None = None,
+    margin: float = 0.2,
+    min_margin: float = 0.1,
+    max_margin: float = 0.5,
+    distance: str = "squared_l2",
+    semantic_threshold: float | None = None,
+) -> dict[str, Any]:
+    """Cheap batch statistics for monitoring (no ``[B, B, B]`` tensors, no gradient).
+
+    Uses the constant ``margin`` when ``text_embeddings`` is None, else the ATL
+    margins from ``min_margin``/``max_margin``/``semantic_threshold``.
+
+    Returns:
+        Dict of float32 scalars: ``num_valid_triplets``, ``num_active_triplets``
+        (hinge > 0), ``fraction_active`` (active / valid, 0 if none),
+        ``mean_active_margin`` (mean ``m_an`` over active triplets, 0 if none),
+        ``mean_positive_distance``, ``mean_negative_distance``.
+    """
+    distance = validate_distance(distance)
+    embeddings = ops.stop_gradient(_prepare_embeddings(embeddings))
+    labels = _prepare_labels(labels, embeddings.shape[0])
+    dist = pairwise_distances(embeddings, distance=distance)
+    positive, negative = _pair_masks(labels)
+    if text_embeddings is None:
+        margin = _validate_margin(margin, "margin")
+        margins = ops.zeros_like(dist) + margin
+    else:
+        min_margin, max_margin, semantic_threshold = _validate_adaptive(
+            min_margin, max_margin, distance, semantic_threshold
+        )
+        margins, text_distances = adaptive_margins(text_embeddings, min_margin, max_margin, distance)
+        margins = ops.cast(margins, dist.dtype)
+        if semantic_threshold is not None:
+            negative = ops.logical_and(negative, ops.greater_equal(text_distances, semantic_threshold))
+    _, active, margin_sum = _batch_all_hinge_sums(dist, margins, positive, negative)
+    posf = ops.cast(positive, dist.dtype)
+    negf = ops.cast(negative, dist.dtype)
+    valid = ops.sum(ops.sum(posf, axis=1) * ops.sum(negf, axis=1))
+    return {
+        "num_valid_triplets": valid,
+        "num_active_triplets": active,
+        "fraction_active": _safe_mean(active, valid),
+        "mean_active_margin": _safe_mean(margin_sum, active),
+        "mean_positive_distance": _safe_mean(ops.sum(dist * posf), ops.sum(posf)),
+        "mean_negative_distance": _safe_mean(ops.sum(dist * negf), ops.sum(negf)),
+    }
+
+
+# --------------------------------------------------------------------------
+# keras.losses.Loss wrappers.
+# --------------------------------------------------------------------------
+
+_TARGET_HELP = (
+    "y_true must be a dict {'label': int [batch], 'text_embedding': float [batch, T]}"
+)
+
+
+def _split_targets(y_true: Any, need_text: bool, loss_name: str) -> tuple[Any, Any | None]:
+    """``y_true`` -> (labels, text embeddings or None)."""
+    if isinstance(y_true, dict):
+        if "label" not in y_true:
+            raise ValueError(
+                f"{loss_name}: y_true dict has keys {sorted(y_true)} but no 'label'. "
+                f"{_TARGET_HELP}."
+            )
+        text = y_true.get("text_embedding")
+        if need_text and text is None:
+            raise ValueError(
+                f"{loss_name} needs text embeddings: y_true has no 'text_embedding'. "
+                f"{_TARGET_HELP}."
+            )
+        return y_true["label"], text
+    if need_text:
+        raise ValueError(
+            f"{loss_name} needs text embeddings but y_true is a single tensor "
+            f"(labels only). {_TARGET_HELP}. Use TripletLoss for labels alone."
+        )
+    return y_true, None
+
+
+def _scale_for_distribution(loss: Any) -> Any:
+    """Divide by the replica count under tf.distribute, like Keras' own losses.
+
+    Keras sums gradients over replicas, so built-in losses with a mean
+    reduction return ``loss / num_replicas`` per replica; Keras' loss tracker
+    undoes this for display. The pure functions above return the unscaled mean.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return loss
+    import tensorflow as tf  # only for the strategy lookup
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return loss * (1.0 / replicas) if replicas > 1 else loss
+
+
+class _TripletLossBase(keras.losses.Loss):
+    """Shared ``__call__``: labels keep their integer dtype; output is float32."""
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        """Loss of a batch.
+
+        Args:
+            y_true: labels ``[B]``/``[B, 1]`` (TripletLoss only) or a dict
+                ``{"label": [B], "text_embedding": [B, T]}``. Labels are not cast
+                to float (item ids may exceed 2**24).
+            y_pred: ``[B, D]`` embeddings (any float dtype; math in float32).
+            sample_weight: not supported (must be None): the loss is a mean
+                over mined triplets, not over samples.
+
+        Returns:
+            Float32 scalar.
+        """
+        if sample_weight is not None:
+            raise ValueError(
+                f"{type(self).__name__} does not support sample_weight (it averages over "
+                "mined triplets, not samples). Remove sample_weight/class_weight from fit()."
+            )
+        with keras.name_scope(self.name):
+            loss = ops.cast(self.call(y_true, y_pred), self.dtype)
+            if self.reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
+                loss = _scale_for_distribution(loss)
+            return loss
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "reduction": self.reduction, "dtype": self.dtype}
+
+
+@keras.saving.register_keras_serializable(package="atl_keras")
+class TripletLoss(_TripletLossBase):
+    """Triplet loss with a constant margin; see `triplet_loss`.
+
+    Args:
+        margin: ``m >= 0``.
+        mining: ``"batch_all"`` | ``"batch_hard"`` | ``"semi_hard"``.
+        distance: ``"squared_l2"`` | ``"l2"`` | ``"cosine"``.
+        soft_margin: softplus instead of the hinge.
+
+    ``y_true`` is the labels ``[B]`` (or ``[B, 1]``) or a dict with a
+    ``"label"`` entry; ``y_pred`` is ``[B, D]`` embeddings.
+
+    Example:
+        >>> model.compile(optimizer="adam", loss=TripletLoss(mining="semi_hard"))
+        >>> model.fit(images, item_ids, batch_size=64)
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        mining: str = "batch_all",
+        distance: str = "squared_l2",
+        soft_margin: bool = False,
+        name: str = "triplet_loss",
+        reduction: str | None = "sum_over_batch_size",
+        dtype: Any = "float32",
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.margin = _validate_margin(margin, "margin")
+        self.mining = _validate_mining(mining)
+        self.distance = validate_distance(distance)
+        self.soft_margin = _validate_soft_margin(soft_margin)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        labels, _ = _split_targets(y_true, need_text=False, loss_name=type(self).__name__)
+        return triplet_loss(
+            labels,
+            y_pred,
+            margin=self.margin,
+            mining=self.mining,
+            distance=self.distance,
+            soft_margin=self.soft_margin,
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "mining": self.mining,
+            "distance": self.distance,
+            "soft_margin": self.soft_margin,
+        }
+
+
+@keras.saving.register_keras_serializable(package="atl_keras")
+class AdaptiveTripletLoss(_TripletLossBase):
+    """Weakly supervised adaptive triplet loss; see `adaptive_triplet_loss`.
+
+    Args:
+        min_margin, max_margin: ``0 <= min_margin <= max_margin``.
+        mining: ``"batch_all"`` | ``"batch_hard"`` | ``"semi_hard"``.
+        distance: ``"squared_l2"`` | ``"l2"`` | ``"cosine"`` (image and text).
+        semantic_threshold: None or tau in ``[0, max_distance(distance)]``.
+        soft_margin: softplus instead of the hinge.
+
+    ``y_true`` must be ``{"label": int [B], "text_embedding": float [B, T]}``;
+    ``y_pred`` is ``[B, D]`` embeddings.
+    """
+
+    def __init__(
+        self,
+        min_margin: float = 0.1,
+        max_margin: float = 0.5,
+        mining: str = "batch_all",
+        distance: str = "squared_l2",
+        semantic_threshold: float | None = None,
+        soft_margin: bool = False,
+        name: str = "adaptive_triplet_loss",
+        reduction: str | None = "sum_over_batch_size",
+        dtype: Any = "float32",
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.mining = _validate_mining(mining)
+        self.distance = validate_distance(distance)
+        self.min_margin, self.max_margin, self.semantic_threshold = _validate_adaptive(
+            min_margin, max_margin, self.distance, semantic_threshold
+        )
+        self.soft_margin = _validate_soft_margin(soft_margin)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        labels, text = _split_targets(y_true, need_text=True, loss_name=type(self).__name__)
+        return adaptive_triplet_loss(
+            labels,
+            y_pred,
+            text,
+            min_margin=self.min_margin,
+            max_margin=self.max_margin,
+            mining=self.mining,
+            distance=self.distance,
+            semantic_threshold=self.semantic_threshold,
+            soft_margin=self.soft_margin,
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "min_margin": self.min_margin,
+            "max_margin": self.max_margin,
+            "mining": self.mining,
+            "distance": self.distance,
+            "semantic_threshold": self.semantic_threshold,
+            "soft_margin": self.soft_margin,
+        }
+

@@ -1,0 +1,462 @@
+"""Executable specification of atl_keras.distances and atl_keras.losses.
+
+The fast keras.ops code is checked against `reference_triplets` (float64 loops
+over every triplet, and op-by-op transcriptions of TensorFlow Addons).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import reference_triplets as ref  # noqa: E402
+import atl_keras.losses as losses_module  # noqa: E402
+from atl_keras.distances import max_distance, pairwise_distances  # noqa: E402
+from atl_keras.losses import (  # noqa: E402
+    MINING_MODES,
+    AdaptiveTripletLoss,
+    TripletLoss,
+    adaptive_triplet_loss,
+    margin_triplet_loss,
+    triplet_loss,
+    triplet_statistics,
+)
+
+DISTANCE_KINDS = ("squared_l2", "l2", "cosine")
+TOL = 1e-5
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_batch(kind: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels [B] int64, unit embeddings [B, 6] float32, text [B, 5] float32)."""
+    rng = np.random.default_rng(seed)
+    if kind == "pk":  # 4 items x 3 images
+        labels = np.repeat(rng.choice(1000, 4, replace=False), 3)
+    elif kind == "random":
+        labels = rng.integers(0, 4, size=11)
+    elif kind == "singletons":  # some labels appear once
+        labels = np.array([0, 0, 1, 2, 3, 3, 3, 4, 5])
+    elif kind == "no_positive":
+        labels = np.arange(7)
+    elif kind == "one_label":
+        labels = np.zeros(6, dtype=np.int64)
+    elif kind == "b1":
+        labels = np.array([3])
+    elif kind == "duplicates":  # exact duplicates within and across labels
+        labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    else:
+        raise ValueError(kind)
+    b = len(labels)
+    emb = unit(rng.normal(size=(b, 6)))
+    if kind == "duplicates":
+        emb[1] = emb[0]  # positive pair at distance 0
+        emb[3] = emb[2]  # negative tied with a positive of anchor 0 (d_an == d_ap)
+        emb[6] = emb[5]
+    text = rng.normal(size=(b, 5)).astype(np.float32)
+    return labels.astype(np.int64), emb, text
+
+
+# (batch kind, seed) pairs every reference comparison runs on; batches without
+# any valid triplet (no_positive, one_label, b1) have their own test below.
+REFERENCE_BATCHES = (("pk", 0), ("random", 0), ("singletons", 0), ("duplicates", 0))
+
+
+# ---------------------------------------------------------------------------
+# distances
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_pairwise_distances_match_loops(kind):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5)).astype(np.float32)
+    x[4] = x[2]
+    y = rng.normal(size=(3, 5)).astype(np.float32)
+    got = keras.ops.convert_to_numpy(pairwise_distances(x, distance=kind))
+    np.testing.assert_allclose(got, ref.distance_matrix(x, kind), atol=TOL)
+    assert np.all(np.diag(got) == 0.0)
+    assert got[4, 2] == 0.0 and got[2, 4] == 0.0  # duplicates are exactly 0
+    got_xy = keras.ops.convert_to_numpy(pairwise_distances(x, y, distance=kind))
+    np.testing.assert_allclose(got_xy, ref.distance_matrix(x, kind, y), atol=TOL)
+
+
+def test_max_distance_and_unknown_distance():
+    assert (max_distance("squared_l2"), max_distance("l2"), max_distance("cosine")) == (4, 2, 2)
+    with pytest.raises(ValueError, match="'squared_l2', 'l2', 'cosine'"):
+        pairwise_distances(np.ones((2, 2), np.float32), distance="manhattan")
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_distance_gradient_finite_at_duplicates(kind):
+    x = tf.constant([[0.6, 0.8], [0.6, 0.8], [1.0, 0.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        d = tf.reduce_sum(pairwise_distances(x, distance=kind))
+    grad = tape.gradient(d, x).numpy()
+    assert np.all(np.isfinite(grad))
+
+
+# ---------------------------------------------------------------------------
+# losses vs the loop reference
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["compact", "sorted"])
+def path(request, monkeypatch):
+    """Run a test on both algorithms: few positives per anchor ([B, Q, B], no
+    sort) and the O(B^2 log B) sort/searchsorted/suffix-max path."""
+    mining = request.node.callspec.params.get("mining")
+    if request.param == "sorted" and mining == "batch_hard":
+        pytest.skip("batch_hard has a single algorithm")
+    limit = 10**9 if request.param == "compact" else -1
+    monkeypatch.setattr(losses_module, "_COMPACT_MAX_POSITIVES", limit)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "mining,kind,soft", list(itertools.product(MINING_MODES, DISTANCE_KINDS, (False, True)))
+)
+def test_triplet_loss_matches_reference(mining, kind, soft, path):
+    for batch_kind, seed in REFERENCE_BATCHES:
+        labels, emb, _ = make_batch(batch_kind, seed)
+        got = float(triplet_loss(labels, emb, 0.3, mining, kind, soft))
+        want = ref.reference_loss(labels, emb, mining, kind, soft, margin=0.3)
+        assert abs(got - want) < TOL, (batch_kind, seed, got, want)
+
+
+@pytest.mark.parametrize(
+    "mining,kind,soft", list(itertools.product(MINING_MODES, DISTANCE_KINDS, (False, True)))
+)
+def test_adaptive_loss_matches_reference(mining, kind, soft, path):
+    tau = 0.3 * max_distance(kind)  # masks a fair share of the negatives
+    for i, (batch_kind, seed) in enumerate(REFERENCE_BATCHES):
+        threshold = tau if i % 2 else None
+        labels, emb, text = make_batch(batch_kind, seed)
+        got = float(
+            adaptive_triplet_loss(labels, emb, text, 0.05, 0.6, mining, kind, threshold, soft)
+        )
+        want = ref.reference_loss(
+            labels, emb, mining, kind, soft, text=text, min_margin=0.05,
+            max_margin=0.6, semantic_threshold=threshold,
+        )
+        assert abs(got - want) < TOL, (batch_kind, seed, threshold, got, want)
+
+
+def test_semantic_threshold_changes_the_loss():
+    """The masking test above must be able to fail: tau really removes negatives."""
+    labels, emb, text = make_batch("random", 3)
+    plain = float(adaptive_triplet_loss(labels, emb, text, mining="batch_hard"))
+    masked = float(adaptive_triplet_loss(labels, emb, text, mining="batch_hard",
+                                         semantic_threshold=1.8))
+    assert abs(plain - masked) > 1e-3
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_loss_classes_match_functions(kind):
+    labels, emb, text = make_batch("pk", 2)
+    for mining in MINING_MODES:
+        got = float(TripletLoss(0.25, mining, kind)(labels, emb))
+        assert got == pytest.approx(ref.reference_loss(labels, emb, mining, kind, margin=0.25),
+                                    abs=TOL)
+        y = {"label": labels, "text_embedding": text}
+        got = float(AdaptiveTripletLoss(0.1, 0.4, mining, kind)(y, emb))
+        want = ref.reference_loss(labels, emb, mining, kind, text=text, min_margin=0.1,
+                                  max_margin=0.4)
+        assert got == pytest.approx(want, abs=TOL)
+
+
+@pytest.mark.parametrize(
+    "mining,kind,soft", list(itertools.product(MINING_MODES, DISTANCE_KINDS, (False, True)))
+)
+def test_equal_margins_give_exactly_the_triplet_loss(mining, kind, soft):
+    for batch_kind in ("random", "duplicates"):
+        labels, emb, text = make_batch(batch_kind, 4)
+        base = float(triplet_loss(labels, emb, 0.35, mining, kind, soft))
+        atl = float(adaptive_triplet_loss(labels, emb, text, 0.35, 0.35, mining, kind,
+                                          soft_margin=soft))
+        assert atl == base
+
+
+def test_large_margin_range_differs_from_triplet():
+    labels, emb, text = make_batch("pk", 5)
+    assert float(adaptive_triplet_loss(labels, emb, text, 0.0, 2.0)) != pytest.approx(
+        float(triplet_loss(labels, emb, 0.2)), abs=1e-3)
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow Addons semantics
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_semi_hard_equals_tfa_triplet_semihard_loss(kind):
+    for seed in range(3):
+        labels, emb, _ = make_batch("pk", seed)  # every anchor has both
+        for margin in (0.1, 1.0):
+            got = float(triplet_loss(labels, emb, margin, "semi_hard", kind))
+            assert got == pytest.approx(ref.tfa_semihard_loss(labels, emb, margin, kind), abs=TOL)
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_batch_hard_equals_tfa_triplet_hard_loss(kind):
+    for seed in range(3):
+        labels, emb, _ = make_batch("pk", seed)
+        got = float(triplet_loss(labels, emb, 0.5, "batch_hard", kind))
+        assert got == pytest.approx(ref.tfa_hard_loss(labels, emb, 0.5, False, kind), abs=TOL)
+        # tfa's soft variant ignores the margin: ours with soft_margin and margin 0.
+        got = float(triplet_loss(labels, emb, 0.0, "batch_hard", kind, soft_margin=True))
+        assert got == pytest.approx(ref.tfa_hard_loss(labels, emb, 0.5, True, kind), abs=TOL)
+
+
+# ---------------------------------------------------------------------------
+# Numerics: degenerate batches, duplicates, gradients, mixed precision.
+# ---------------------------------------------------------------------------
+
+
+def _loss_and_grad(fn, emb):
+    x = tf.constant(emb)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = fn(x)
+    return float(value), tape.gradient(value, x).numpy()
+
+
+@pytest.mark.parametrize("batch_kind", ["no_positive", "one_label", "b1"])
+def test_no_valid_triplet_gives_zero_loss_and_zero_gradient(batch_kind):
+    labels, emb, text = make_batch(batch_kind, 0)
+    cases = itertools.product(MINING_MODES, (False, True))
+    for i, (mining, soft) in enumerate(cases):
+        kind = DISTANCE_KINDS[i % len(DISTANCE_KINDS)]
+        for fn in (
+            lambda x: triplet_loss(labels, x, 0.2, mining, kind, soft),
+            lambda x: adaptive_triplet_loss(labels, x, text, 0.1, 0.5, mining, kind,
+                                            soft_margin=soft),
+        ):
+            value, grad = _loss_and_grad(fn, emb)
+            assert value == 0.0
+            assert np.all(grad == 0.0)
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_gradients_finite_at_duplicated_embeddings(kind):
+    labels, emb, text = make_batch("duplicates", 0)
+    emb[:] = emb[0]  # every embedding identical: all distances 0
+    for mining, soft in itertools.product(MINING_MODES, (False, True)):
+        for fn in (
+            lambda x: triplet_loss(labels, x, 0.2, mining, kind, soft),
+            lambda x: adaptive_triplet_loss(labels, x, text, 0.1, 0.5, mining, kind,
+                                            soft_margin=soft),
+        ):
+            value, grad = _loss_and_grad(fn, emb)
+            assert np.isfinite(value) and value > 0.0
+            assert np.all(np.isfinite(grad)), (mining, soft)
+
+
+@pytest.mark.parametrize(
+    "mining,kind,soft",
+    [(m, k, s) for m in MINING_MODES for k in ("squared_l2", "l2") for s in (False, True)],
+)
+def test_gradient_matches_finite_differences_of_reference(mining, kind, soft, path):
+    labels, emb, text = make_batch("pk", 7)
+    emb = emb[:8].astype(np.float64)
+    labels = labels[:8]
+    kwargs = dict(text=text[:8], min_margin=0.1, max_margin=0.9)
+    _, grad = _loss_and_grad(
+        lambda x: adaptive_triplet_loss(labels, x, text[:8], 0.1, 0.9, mining, kind,
+                                        soft_margin=soft),
+        emb.astype(np.float32),
+    )
+    eps = 1e-5
+    numeric = np.zeros_like(emb)
+    for i, j in itertools.product(range(emb.shape[0]), range(emb.shape[1])):
+        plus, minus = emb.copy(), emb.copy()
+        plus[i, j] += eps
+        minus[i, j] -= eps
+        numeric[i, j] = (ref.reference_loss(labels, plus, mining, kind, soft, **kwargs)
+                         - ref.reference_loss(labels, minus, mining, kind, soft, **kwargs)) / (2 * eps)
+    assert np.abs(numeric).max() > 1e-3  # the check is not vacuous
+    np.testing.assert_allclose(grad, numeric, atol=2e-3)
+
+
+@pytest.fixture
+def mixed_float16():
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def test_mixed_precision_computes_in_float32(mixed_float16):
+    labels, emb, text = make_batch("pk", 1)
+    emb16 = tf.constant(emb, tf.float16)
+    emb32 = tf.cast(emb16, tf.float32)
+    y = {"label": labels, "text_embedding": tf.constant(text, tf.float16)}
+    for mining in MINING_MODES:
+        for loss in (TripletLoss(mining=mining), AdaptiveTripletLoss(mining=mining)):
+            out = loss(y, emb16)
+            assert out.dtype == tf.float32
+            assert loss.dtype == "float32"
+        got = TripletLoss(mining=mining)(labels, emb16)
+        np.testing.assert_allclose(float(got), float(triplet_loss(labels, emb32, mining=mining)),
+                                   atol=1e-6)
+        assert triplet_loss(labels, emb16, mining=mining).dtype == tf.float32
+
+
+# ---------------------------------------------------------------------------
+# Input contract of the Loss classes.
+# ---------------------------------------------------------------------------
+
+
+def test_integer_labels_are_not_cast_to_float():
+    """2**24 and 2**24 + 1 collide in float32; the loss must keep them apart."""
+    _, emb, _ = make_batch("pk", 0)
+    labels = np.array([0, 0, 1, 1, 2, 2] * 2)[: len(emb)]
+    big = labels.astype(np.int64) + 2**24
+    loss = TripletLoss(mining="batch_hard")
+    assert float(loss(big, emb)) == pytest.approx(float(loss(labels, emb)), abs=1e-7)
+    assert float(loss(big, emb)) != pytest.approx(
+        float(loss(big.astype(np.float32), emb)), abs=1e-4)  # the cast would change it
+
+
+def test_labels_shape_b1_equals_b():
+    labels, emb, text = make_batch("pk", 3)
+    loss = AdaptiveTripletLoss(mining="semi_hard")
+    a = loss({"label": labels, "text_embedding": text}, emb)
+    b = loss({"label": labels[:, None], "text_embedding": text}, emb)
+    assert float(a) == float(b)
+    assert float(TripletLoss()(labels[:, None], emb)) == float(TripletLoss()(labels, emb))
+
+
+def test_target_errors_say_what_y_must_look_like():
+    labels, emb, _ = make_batch("pk", 0)
+    with pytest.raises(ValueError, match="text_embedding"):
+        AdaptiveTripletLoss()(labels, emb)
+    with pytest.raises(ValueError, match="text_embedding"):
+        AdaptiveTripletLoss()({"label": labels}, emb)
+    with pytest.raises(ValueError, match="'label'"):
+        TripletLoss()({"labels": labels}, emb)
+    with pytest.raises(ValueError, match="one label per embedding"):
+        triplet_loss(labels[:-1], emb)
+    with pytest.raises(ValueError, match="sample_weight"):
+        TripletLoss()(labels, emb, sample_weight=np.ones(len(labels)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(mining="hardest"), "'batch_all', 'batch_hard', 'semi_hard'"),
+        (dict(distance="l1"), "'squared_l2', 'l2', 'cosine'"),
+        (dict(min_margin=0.5, max_margin=0.1), "min_margin .* <= max_margin"),
+        (dict(min_margin=-0.1), "min_margin must be >= 0"),
+        (dict(semantic_threshold=4.5), r"outside \[0, 4.0\]"),
+        (dict(semantic_threshold=2.5, distance="cosine"), r"outside \[0, 2.0\]"),
+        (dict(semantic_threshold=-0.1), "outside"),
+        (dict(soft_margin="yes"), "soft_margin"),
+    ],
+)
+def test_adaptive_loss_validates_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdaptiveTripletLoss(**kwargs)
+
+
+def test_triplet_loss_validates_arguments():
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        TripletLoss(margin=-1.0)
+    with pytest.raises(ValueError, match="'batch_all', 'batch_hard', 'semi_hard'"):
+        TripletLoss(mining="all")
+    with pytest.raises(ValueError, match="Valid mining"):
+        triplet_loss([0, 0], np.eye(2, dtype=np.float32), mining="random")
+
+
+# ---------------------------------------------------------------------------
+# Serialization and Keras integration.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        TripletLoss(margin=0.3, mining="semi_hard", distance="cosine", soft_margin=True),
+        AdaptiveTripletLoss(0.05, 0.7, "batch_hard", "l2", semantic_threshold=0.4, name="atl"),
+    ],
+)
+def test_config_round_trip(loss):
+    labels, emb, text = make_batch("pk", 0)
+    y = {"label": labels, "text_embedding": text}
+    config = loss.get_config()
+    clone = type(loss).from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert type(restored) is type(loss)
+    assert restored.get_config() == config
+    assert float(restored(y, emb)) == float(loss(y, emb))
+
+
+def test_compile_and_fit_plain_sequential_with_integer_labels(path):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 10)).astype(np.float32)
+    y = np.repeat(np.arange(12) + 2**25, 4).astype(np.int64)
+    model = keras.Sequential(
+        [keras.Input((10,)), keras.layers.Dense(8), keras.layers.UnitNormalization()]
+    )
+    for mining in ("semi_hard",):  # the mode with a sort, a scan and a dynamic top_k
+        model.compile(optimizer="sgd", loss=TripletLoss(mining=mining))
+        history = model.fit(x, y, batch_size=16, epochs=1, steps_per_epoch=3, verbose=0,
+                            shuffle=False)
+        losses = history.history["loss"]
+        assert len(losses) == 1 and np.isfinite(losses[0]) and losses[0] > 0.0
+
+
+# ---------------------------------------------------------------------------
+# Statistics.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_triplet_statistics_match_loops(kind):
+    for batch_kind in ("pk", "duplicates", "b1"):
+        labels, emb, text = make_batch(batch_kind, 5)
+        for use_text, threshold in ((False, None), (True, None), (True, 0.5)):
+            stats = triplet_statistics(labels, emb, text if use_text else None, margin=0.4,
+                                       min_margin=0.2, max_margin=1.0, distance=kind,
+                                       semantic_threshold=threshold)
+            want = ref.reference_statistics(labels, emb, kind, 0.4, text if use_text else None,
+                                            0.2, 1.0, threshold)
+            for key, value in want.items():
+                assert float(stats[key]) == pytest.approx(value, abs=1e-5), (batch_kind, key)
+
+
+def test_core_accepts_custom_margin_matrix():
+    labels, emb, text = make_batch("random", 6)
+    d = pairwise_distances(emb)
+    margins = np.full((len(labels), len(labels)), 0.3, np.float32)
+    for mining in MINING_MODES:
+        got = float(margin_triplet_loss(labels, d, margins, mining=mining))
+        assert got == float(triplet_loss(labels, emb, 0.3, mining))
+
+
+def test_xla_compiled_loss_matches_eager(path):
+    """On GPU, Keras' fit jit-compiles by default: every algorithm must compile with XLA."""
+    labels, emb, text = make_batch("pk", 8)
+    mining = "semi_hard"  # uses every op batch_all uses (top_k / sort / searchsorted / cumsum)
+    compiled = tf.function(
+        lambda l, e, t: adaptive_triplet_loss(l, e, t, mining=mining), jit_compile=True
+    )
+    got = float(compiled(tf.constant(labels), tf.constant(emb), tf.constant(text)))
+    assert got == pytest.approx(float(adaptive_triplet_loss(labels, emb, text, mining=mining)),
+                                abs=1e-6)
