@@ -77,8 +77,11 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "evaluate", help="retrieval metrics of a saved .keras model",
+        "evaluate",
+        help="retrieval metrics of a saved .keras model",
         argument_default=argparse.SUPPRESS,
+        description="The dataset options default to the config.json that `atl train` wrote "
+        "next to the model; flags override them.",
     )
     p.add_argument("--model", required=True, help="path to model.keras")
     _add_data_arguments(p)
@@ -168,13 +171,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from atl_keras.metrics import format_metrics_table
+    from atl_keras.run_config import load_run_config
     from atl_keras.train import evaluate_saved_model
 
     values = vars(args)
     model_path, split, limit, as_json = (
         values.pop("model"), values.pop("split"), values.pop("limit"), values.pop("json")
     )
-    config = _train_config(values)
+    if "data_dir" not in values and os.environ.get("ATL_FASHION_MNIST_DIR"):
+        values["data_dir"] = os.environ["ATL_FASHION_MNIST_DIR"]
+    config = load_run_config(model_path, values)
     metrics, protocol = evaluate_saved_model(model_path, config, split=split, limit=limit)
     if as_json:
         print(json.dumps({"protocol": protocol, **metrics}, indent=2))

@@ -1,14 +1,15 @@
 """The main job, end to end: train -> export (SavedModel + ScaNN) -> serve over gRPC -> query.
 
-    python tools/main_job.py [--output runs/main] [--export-base saved_models/fashion]
-        [--epochs 3] [--steps-per-epoch 150] [--queries 5] [--k 5]
+    python tools/main_job.py [--dataset synthetic-shop] [--output runs/main]
+        [--export-base saved_models/shop] [--epochs 3] [--steps-per-epoch 150] [--queries 5] [--k 5]
 
-1. `atl train` on Fashion-MNIST with the adaptive triplet loss and the built-in USE
-   encoder for the class descriptions; prints the retrieval table.
-2. Exports the model with a ScaNN index over the test split as the next version of
-   `--export-base` (and the portable variant for stock TF Serving).
-3. Starts `python -m serving.server` on a free 127.0.0.1 port, queries it through TF
-   Serving's gRPC API with held-out training images, prints the top-k per query.
+1. `atl train` on the synthetic shop (items never seen in training are evaluated street
+   photo -> catalog) with the adaptive triplet loss, margins from the built-in USE encoder
+   on the product descriptions; prints the retrieval table.
+2. Exports the model with a ScaNN index over the test items' catalog images as the next
+   version of `--export-base` (and the portable variant for stock TF Serving).
+3. Starts `python -m serving.server` on a free 127.0.0.1 port and queries it through TF
+   Serving's gRPC API with street photos; prints the top-k per query.
 4. Stops the server with SIGTERM (it drains and exits 0).
 """
 
@@ -64,8 +65,9 @@ def stop_server(process: subprocess.Popen, timeout: float = 30.0) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="synthetic-shop")
     parser.add_argument("--output", default="runs/main")
-    parser.add_argument("--export-base", default="saved_models/fashion")
+    parser.add_argument("--export-base", default="saved_models/shop")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps-per-epoch", type=int, default=150)
     parser.add_argument("--text-encoder", default="use-m3")
@@ -77,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from atl_keras.data.fashion_mnist import load_fashion_mnist
     from atl_keras.export import export_model
     from atl_keras.metrics import format_metrics_table
     from atl_keras.train import TrainConfig, run_training
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[1/4] training ({args.epochs} x {args.steps_per_epoch} steps) ...", flush=True)
     config = TrainConfig(
+        dataset=args.dataset,
         output_dir=args.output,
         epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch,
@@ -92,45 +94,57 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     result = run_training(config, verbose=2)
-    print("Test retrieval (leave-one-out, Fashion-MNIST test split):")
+    print(f"Test retrieval ({result.data.test.protocol}, items unseen in training):")
     print(format_metrics_table(result.test_metrics))
 
-    print(f"\n[2/4] exporting to {args.export_base} ...", flush=True)
-    test = load_fashion_mnist("test")
-    train = load_fashion_mnist("train")
-    gallery_ids = [f"{test.class_names[int(label)]}/test-{i:05d}" for i, label in enumerate(test.labels)]
-    held_out = train.images[-1000:]
+    data = result.data
+    test = data.test
+    print(f"\n[2/4] exporting to {args.export_base} (gallery: {len(test.gallery_ids)} "
+          f"{'catalog' if test.gallery_images is not None else 'test'} images) ...", flush=True)
     exported = export_model(
-        result.model, test.images, gallery_ids, args.export_base,
-        query_images=held_out, k=10, extra_manifest={"source_model": result.model_path},
+        result.model, test.index_images, test.gallery_ids, args.export_base,
+        query_images=test.query_images, k=10,
+        extra_manifest={"source_model": result.model_path, "dataset": config.dataset},
     )
     export_model(
-        result.model, test.images, gallery_ids, f"{args.export_base}-portable",
+        result.model, test.index_images, test.gallery_ids, f"{args.export_base}-portable",
         exported.version, include_scann=False, force=True,
     )
     recall = exported.manifest["scann_recall_at_10"]
-    print(f"version {exported.version} at {exported.path}: gallery {len(gallery_ids)}, "
-          f"ScaNN recall@10 vs exact {recall:.4f}")
+    print(f"version {exported.version} at {exported.path}: ScaNN recall@10 vs exact {recall:.4f}")
 
     print("\n[3/4] serving over gRPC (TF Serving API) ...", flush=True)
     model_name = os.path.basename(os.path.normpath(args.export_base))
     process, address = start_server(model_name, os.path.abspath(args.export_base))
     exit_code = None
     try:
-        print(f"server at {address}; querying with {args.queries} held-out training images")
+        kind = "street photos" if test.protocol == "street->catalog" else "test images"
+        print(f"server at {address}; querying with {args.queries} {kind} of unseen items")
         rng = np.random.default_rng(args.seed)
-        picks = rng.choice(1000, size=args.queries, replace=False)
-        queries = [tf.io.encode_png(held_out[i]).numpy() for i in picks]
-        query_labels = [train.class_names[int(train.labels[-1000 + i])] for i in picks]
+        picks = rng.choice(len(test.query_images), size=args.queries, replace=False)
+        queries = [tf.io.encode_png(test.query_images[i]).numpy() for i in picks]
         results = retrieve(connect(address), model_name, queries, k=args.k, wait_for_ready=True)
         hits = 0
-        for label, neighbors in zip(query_labels, results):
-            print(f"\nquery: a held-out {label!r}")
-            for rank, (item, score) in enumerate(zip(neighbors.ids, neighbors.scores), 1):
-                same = item.split("/")[0] == label
+        for pick, neighbors in zip(picks, results):
+            label = int(test.query_labels[pick])
+            item = data.item_ids[label]
+            print(f"\nquery: {kind[:-1]} of {item}: {data.descriptions[label]}")
+            for rank, (result_id, score) in enumerate(zip(neighbors.ids, neighbors.scores), 1):
+                result_item = result_id.split("#")[0] if "#" in result_id else result_id.rsplit("/", 1)[0]
+                same = result_item == item or result_item == data.item_ids[label]
                 hits += same
-                print(f"  {rank}. {item:<28} score {score:.4f} {'(same class)' if same else ''}")
-        print(f"\n{hits}/{args.queries * args.k} served results share the query's class")
+                print(f"  {rank}. {result_id:<28} score {score:.4f} {'<- same item' if same else ''}")
+        print(f"\n{hits}/{args.queries * args.k} served results above are the query's item")
+        served_top1 = []
+        for start in range(0, len(test.query_images), 64):
+            batch = [tf.io.encode_png(image).numpy() for image in test.query_images[start:start + 64]]
+            served_top1 += [n.ids[0] for n in retrieve(connect(address), model_name, batch, k=1)]
+        id_to_label = dict(zip(test.gallery_ids, test.index_labels))
+        served_recall = float(np.mean(
+            [id_to_label[i] == label for i, label in zip(served_top1, test.query_labels)]
+        ))
+        print(f"Recall@1 of the served model over all {len(served_top1)} queries: "
+              f"{served_recall:.4f} (offline evaluation: {result.test_metrics['recall_at_1']:.4f})")
     finally:
         print("\n[4/4] stopping the server (SIGTERM) ...", flush=True)
         exit_code = stop_server(process)

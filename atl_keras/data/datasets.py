@@ -50,6 +50,11 @@ class EvalSet:
         """The images an exported index holds: the gallery, or the queries for leave-one-out."""
         return self.query_images if self.gallery_images is None else self.gallery_images
 
+    @property
+    def index_labels(self) -> np.ndarray:
+        """Labels of `index_images`."""
+        return self.query_labels if self.gallery_labels is None else self.gallery_labels
+
     def __post_init__(self) -> None:
         if len(self.query_images) == 0:
             raise ValueError(f"The {self.protocol} evaluation set has no query images.")
