@@ -14,8 +14,22 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import tensorflow as tf
+
+__all__ = [
+    "STRATEGIES",
+    "check_pk_divisible",
+    "distribute_batches",
+    "gather_replicas",
+    "get_strategy",
+    "in_multi_replica_context",
+    "logical_cpu_devices",
+    "mixed_precision_policy",
+    "num_replicas",
+    "worker_info",
+]
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 
@@ -88,3 +102,140 @@ def get_strategy(
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
+
+
+# ----------------------------------------------------------------------------- replicas
+def num_replicas(strategy: tf.distribute.Strategy | None = None) -> int:
+    """Replicas in sync of `strategy` (default: the current one; 1 outside any scope)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return int(strategy.num_replicas_in_sync)
+
+
+def check_pk_divisible(p: int, k: int, replicas: int) -> int:
+    """Rows per replica of a ``P x K`` global batch; raises unless whole labels fit on each replica.
+
+    The global batch of ``P * K`` rows is cut into ``replicas`` contiguous slices of
+    ``P * K / replicas`` rows. A label's K rows are contiguous, so ``P % replicas == 0``
+    keeps every label on one replica (each replica then holds ``P / replicas`` labels).
+    """
+    if replicas < 1:
+        raise ValueError(f"replicas must be >= 1, got {replicas}.")
+    if p % replicas:
+        lower = (p // replicas) * replicas
+        raise ValueError(
+            f"p={p} labels per batch cannot be split evenly over {replicas} replicas: each "
+            f"replica takes P*K/R contiguous rows and must hold whole labels. Use a p divisible "
+            f"by {replicas} (e.g. p={max(lower, replicas)} or p={lower + replicas})."
+        )
+    return p * k // replicas
+
+
+def in_multi_replica_context() -> bool:
+    """True inside `strategy.run` (a replica context) of a strategy with > 1 replicas."""
+    context = tf.distribute.get_replica_context()
+    return context is not None and context.num_replicas_in_sync > 1
+
+
+def gather_replicas(structure: Any) -> Any:
+    """All-gather every tensor of a nest along axis 0 over the replicas in sync.
+
+    Inside a replica context with R > 1 replicas, each ``[b, ...]`` tensor becomes the
+    global ``[R * b, ...]`` tensor (replica order; identical on every replica). Anywhere
+    else (one device, cross-replica context, no strategy) the structure is returned as is.
+
+    Gradients: `ReplicaContext.all_gather`'s gradient all-reduces (sums) the incoming
+    gradient over replicas and keeps this replica's slice. If every replica computes the
+    same global loss ``L`` scaled by ``1 / R`` (as Keras losses do under a strategy) and
+    the optimizer sums gradients over replicas, the applied gradient is exactly
+    ``dL/dtheta`` of the global batch on one device.
+    """
+    if not in_multi_replica_context():
+        return structure
+    context = tf.distribute.get_replica_context()
+    # One collective per tensor: a batched all-gather concatenates its inputs and needs one dtype.
+    return tf.nest.map_structure(lambda x: context.all_gather(x, axis=0), structure)
+
+
+def worker_info(strategy: tf.distribute.Strategy | None = None) -> tuple[str, int, bool]:
+    """``(task_type, task_index, is_chief)`` of this process (``("worker", 0, True)`` locally).
+
+    For MultiWorkerMirroredStrategy the chief is the ``chief`` task, or worker 0 when the
+    cluster has no ``chief``: the only process that should write shared outputs.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None) if resolver is not None else None
+    if not task_type:
+        return "worker", 0, True
+    task_index = int(resolver.task_id or 0)
+    cluster = resolver.cluster_spec().as_dict() if resolver.cluster_spec() else {}
+    is_chief = task_type == "chief" or (
+        task_type == "worker" and task_index == 0 and "chief" not in cluster
+    )
+    return task_type, task_index, is_chief
+
+
+def distribute_batches(
+    strategy: tf.distribute.Strategy, dataset: tf.data.Dataset
+) -> tf.data.Dataset | tf.distribute.DistributedDataset:
+    """Split each *global* batch of `dataset` into contiguous per-replica slices.
+
+    `dataset` yields global batches (``[B, ...]`` nests, B divisible by the replica count R).
+    Replica r (in the order of the strategy's replicas, across workers) receives rows
+    ``[r * B / R, (r + 1) * B / R)`` of every batch, so the all-gather in
+    `gather_replicas` rebuilds the global batch in its original order. Every worker runs the
+    same (deterministic) pipeline and keeps only its replicas' slices: no auto-sharding, no
+    dependence on file layout. With one replica the dataset is returned unchanged.
+    """
+    replicas = num_replicas(strategy)
+    if replicas == 1:
+        return dataset
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        pipelines = context.num_input_pipelines
+        local = context.num_replicas_in_sync // pipelines
+        first = context.input_pipeline_id * local
+
+        def slices(*batch: Any) -> Any:
+            batch = batch[0] if len(batch) == 1 else batch
+
+            def cut(x: tf.Tensor) -> tf.Tensor:
+                size = x.shape[0]
+                if size is None:
+                    raise ValueError(
+                        "distribute_batches needs batches of static size (e.g. pk_dataset or "
+                        "batch(..., drop_remainder=True)); got an unknown batch dimension."
+                    )
+                if size % replicas:
+                    raise ValueError(
+                        f"The global batch of {size} rows cannot be split over {replicas} "
+                        "replicas; use a batch size divisible by the replica count."
+                    )
+                parts = tf.reshape(x, [replicas, size // replicas, *x.shape[1:]])
+                return parts[first : first + local]
+
+            return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(cut, batch))
+
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return dataset.flat_map(slices).with_options(options)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+# ----------------------------------------------------------------------- mixed precision
+def mixed_precision_policy(strategy: tf.distribute.Strategy | None = None) -> str:
+    """The mixed-precision policy for the devices training runs on.
+
+    ``"mixed_float16"`` on GPUs (fast float16 tensor cores; needs loss scaling, which
+    `keras.optimizers.LossScaleOptimizer` does), ``"mixed_bfloat16"`` on TPUs and CPUs
+    (float32's exponent range: no loss scaling needed).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "mixed_bfloat16"
+    devices = getattr(strategy.extended, "worker_devices", ()) or ()
+    uses_gpu = any("GPU" in d.upper() for d in devices) or (
+        not devices and bool(tf.config.list_logical_devices("GPU"))
+    )
+    return "mixed_float16" if uses_gpu else "mixed_bfloat16"

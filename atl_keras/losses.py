@@ -16,6 +16,12 @@ Definitions (``B`` = batch size, ``d`` = the chosen distance):
   ``g`` are L2-normalised text embeddings (constants) and ``d_max`` is
   `atl_keras.distances.max_distance`. ``min_margin == max_margin == m`` gives
   exactly the baseline with ``margin=m``.
+- Missing descriptions: `atl_keras.text` gives an item without a description
+  an *all-zero* text embedding ("unknown text"). Any anchor-negative pair where
+  either text embedding is all-zero gets ``m_an = missing_text_margin``
+  (default: the midpoint ``(min_margin + max_margin) / 2``) and is never
+  removed by ``semantic_threshold``. So a batch whose texts are all missing is
+  exactly the baseline with ``margin=missing_text_margin``.
 
 Mining (``c_an = m_an - d_an``, so ``x_apn = d_ap + c_an``):
 
@@ -47,6 +53,14 @@ Cost (no mode builds ``[B, B, B]`` unless noted):
   prefix-sum shortcut, so it materialises ``[B, B, B]`` float32 values
   (B=256: 64 MiB, B=1024: 4 GiB plus as much again for the gradient). With few
   positives per anchor it is ``[B, Q, B]`` like the rest.
+
+- ATL's text distances: the text is a property of the label (item), so on the
+  TensorFlow backend the ``[B, T] x [T, B]`` text Gram matrix is replaced by
+  one on the ``U`` distinct labels (``[U, T] x [T, U]``, U = P in a P x K
+  batch) and expanded to ``[B, B]`` by two gathers. A cheap elementwise check
+  (``O(B T)``) that every row's text equals its label's first row guards it:
+  if any label carries two different texts, the full ``[B, B]`` computation
+  runs instead (``ops.cond``), so the result always follows the definition.
 
 A batch without a valid triplet (B=1, one label only, singletons only) gives a
 loss of exactly 0.0 with finite (zero) gradients.
@@ -130,6 +144,28 @@ def _validate_adaptive(
                 "Pass None to disable semantic masking."
             )
     return min_margin, max_margin, semantic_threshold
+
+
+def _validate_missing_text_margin(
+    missing_text_margin: float | None, min_margin: float, max_margin: float
+) -> float:
+    """``None`` -> ``(min_margin + max_margin) / 2``; else a finite number ``>= 0``."""
+    if missing_text_margin is None:
+        return (float(min_margin) + float(max_margin)) / 2.0
+    if isinstance(missing_text_margin, bool):
+        raise ValueError(f"missing_text_margin must be None or a number; got {missing_text_margin!r}.")
+    try:
+        value = float(missing_text_margin)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"missing_text_margin must be None or a number; got {missing_text_margin!r}."
+        ) from None
+    if not 0.0 <= value < float("inf"):  # also rejects NaN
+        raise ValueError(
+            f"missing_text_margin must lie in [0, inf); got {value}. Pass a finite "
+            "non-negative margin, or None for (min_margin + max_margin) / 2."
+        )
+    return value
 
 
 def _validate_soft_margin(soft_margin: bool) -> bool:
@@ -234,9 +270,9 @@ def _searchsorted_right(sorted_rows: Any, values: Any) -> Any:
     ``out[r, q]`` is the number of entries of row ``r`` that are ``<= values[r, q]``,
     i.e. the first position holding a value strictly greater.
     `keras.ops.searchsorted` is 1-D only: on TensorFlow this calls the batched
-    ``tf.searchsorted`` (the only TensorFlow op in the loss math; the other
-    backend-specific code is `_scale_for_distribution`); other backends map
-    the keras op over rows.
+    ``tf.searchsorted`` (one of two TensorFlow ops in the loss math, the other
+    is in `_label_groups`; the remaining backend-specific code is
+    `_scale_for_distribution`); other backends map the keras op over rows.
     """
     sorted_rows = ops.stop_gradient(sorted_rows)
     values = ops.stop_gradient(values)
@@ -247,6 +283,68 @@ def _searchsorted_right(sorted_rows: Any, values: Any) -> Any:
     return ops.vectorized_map(
         lambda row: ops.searchsorted(row[0], row[1], side="right"), (sorted_rows, values)
     )
+
+
+def _label_groups(labels: Any) -> tuple[Any, Any] | None:
+    """Distinct labels of a ``[B]`` batch: (``[U]`` first row of each, ``[B]`` group index).
+
+    ``first[u]`` is the first row holding the ``u``-th distinct label (in order
+    of first appearance) and ``index[i]`` the group of row ``i``, so
+    ``labels == take(labels, first)[index]``. ``U`` is a runtime value.
+    TensorFlow only (``tf.unique`` + ``tf.math.unsorted_segment_min``, both
+    XLA-compilable); other backends return None and the caller computes the
+    full ``[B, B]`` result instead (``keras.ops.unique`` needs a static
+    ``size`` under JAX's jit, and a padded ``size=B`` would save nothing).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    distinct, index = tf.unique(labels, out_idx=tf.int32)
+    first = tf.math.unsorted_segment_min(
+        tf.range(tf.shape(labels)[0], dtype=tf.int32), index, tf.shape(distinct)[0]
+    )
+    return first, index
+
+
+def _missing_rows(text: Any) -> Any:
+    """``[N, T]`` -> ``[N]`` bool: True where the text embedding is all-zero (missing)."""
+    return ops.all(ops.equal(text, ops.zeros_like(text)), axis=1)
+
+
+def _text_distances(text: Any, labels: Any | None, distance: str) -> tuple[Any, Any]:
+    """Text distances and missing-text flags.
+
+    Args:
+        text: ``[B, T]`` float32/float64 text embeddings (raw, not normalised).
+        labels: ``[B]`` labels or None.
+
+    Returns:
+        ``(d [B, B], missing [B] bool)`` with ``d = pairwise_distances(l2_normalize(text))``
+        (an all-zero row stays zero). When ``labels`` is given and every row's
+        text equals the text of its label's first row (checked elementwise), the
+        distances are computed on the ``U`` distinct labels only and expanded by
+        two gathers; otherwise (or on a backend without `_label_groups`) on all
+        ``B`` rows. Pairs within one label may differ between the two (0 vs. a
+        round-off value); the losses never read them (they are not negatives).
+    """
+
+    def full() -> tuple[Any, Any]:
+        return pairwise_distances(l2_normalize(text), distance=distance), _missing_rows(text)
+
+    groups = None if labels is None else _label_groups(labels)
+    if groups is None:
+        return full()
+    first, index = groups
+    representatives = ops.take(text, first, axis=0)  # [U, T]
+
+    def per_label() -> tuple[Any, Any]:
+        d = pairwise_distances(l2_normalize(representatives), distance=distance)  # [U, U]
+        d = ops.take(ops.take(d, index, axis=0), index, axis=1)  # [B, B]
+        return d, ops.take(_missing_rows(representatives), index, axis=0)
+
+    shared = ops.all(ops.equal(text, ops.take(representatives, index, axis=0)))
+    return ops.cond(shared, per_label, full)
 
 
 def _safe_mean(total: Any, count: Any) -> Any:
@@ -485,27 +583,73 @@ def margin_triplet_loss(
 # --------------------------------------------------------------------------
 
 
+def _adaptive_margin_matrices(
+    text_embeddings: Any,
+    labels: Any | None,
+    min_margin: float,
+    max_margin: float,
+    distance: str,
+    missing_text_margin: float,
+) -> tuple[Any, Any, Any]:
+    """``(margins [B, B], text_distances [B, B], missing_pair [B, B] bool)``; validated args."""
+    text = ops.stop_gradient(_prepare_embeddings(text_embeddings, "text_embeddings"))
+    text_distances, missing = _text_distances(text, labels, distance)
+    missing_pair = ops.logical_or(ops.expand_dims(missing, 1), ops.expand_dims(missing, 0))
+    scale = (float(max_margin) - float(min_margin)) / max_distance(distance)
+    margins = float(min_margin) + scale * text_distances
+    margins = ops.where(
+        missing_pair, ops.zeros_like(margins) + float(missing_text_margin), margins
+    )
+    return margins, text_distances, missing_pair
+
+
 def adaptive_margins(
     text_embeddings: Any,
     min_margin: float = 0.1,
     max_margin: float = 0.5,
     distance: str = "squared_l2",
+    missing_text_margin: float | None = None,
+    labels: Any | None = None,
 ) -> tuple[Any, Any]:
     """ATL margins from text embeddings (treated as constants).
 
     Args:
-        text_embeddings: ``[B, T]`` float; L2-normalised here.
+        text_embeddings: ``[B, T]`` float; L2-normalised here. An all-zero row
+            means "description missing".
+        min_margin, max_margin: the margin range.
+        distance: ``"squared_l2"`` | ``"l2"`` | ``"cosine"``.
+        missing_text_margin: margin of every pair where either text is
+            all-zero; None means ``(min_margin + max_margin) / 2``. Must lie in
+            ``[0, inf)``.
+        labels: optional ``[B]`` item ids. If given (and every row of a label
+            carries the same text), text distances are computed once per
+            distinct label: same values, less work.
 
     Returns:
         ``(margins, text_distances)``, both ``[B, B]`` float32, with
-        ``margins = min_margin + (max_margin - min_margin) * text_distances / d_max``.
+        ``margins = min_margin + (max_margin - min_margin) * text_distances / d_max``
+        except ``margins = missing_text_margin`` where either text is missing.
+        ``text_distances`` are the distances of the normalised rows (an
+        all-zero row stays zero), also for missing pairs.
     """
     distance = validate_distance(distance)
-    text = ops.stop_gradient(_prepare_embeddings(text_embeddings, "text_embeddings"))
-    text_distances = pairwise_distances(l2_normalize(text), distance=distance)
-    scale = (float(max_margin) - float(min_margin)) / max_distance(distance)
-    margins = float(min_margin) + scale * text_distances
+    missing_text_margin = _validate_missing_text_margin(missing_text_margin, min_margin, max_margin)
+    text = _prepare_embeddings(text_embeddings, "text_embeddings")
+    if labels is not None:
+        labels = _prepare_labels(labels, text.shape[0])
+    margins, text_distances, _ = _adaptive_margin_matrices(
+        text, labels, min_margin, max_margin, distance, missing_text_margin
+    )
     return margins, text_distances
+
+
+def _adaptive_negative_mask(
+    text_distances: Any, missing_pair: Any, semantic_threshold: float | None
+) -> Any | None:
+    """Semantic masking: ``d(g_a, g_n) >= tau``, or either text missing (never masked)."""
+    if semantic_threshold is None:
+        return None
+    return ops.logical_or(ops.greater_equal(text_distances, semantic_threshold), missing_pair)
 
 
 def triplet_loss(
@@ -553,39 +697,58 @@ def adaptive_triplet_loss(
     distance: str = "squared_l2",
     semantic_threshold: float | None = None,
     soft_margin: bool = False,
+    missing_text_margin: float | None = None,
 ) -> Any:
     """Weakly supervised adaptive triplet loss (Zhao et al., arXiv 1909.12939).
 
     The margin between anchor ``a`` and negative ``n`` grows with the distance
     of their (L2-normalised, constant) text embeddings:
     ``m_an = min_margin + (max_margin - min_margin) * d(g_a, g_n) / d_max``.
+    A pair where either text embedding is all-zero (description missing) gets
+    ``m_an = missing_text_margin`` instead and is never masked by
+    ``semantic_threshold``.
 
     Args:
         labels: ``[B]`` or ``[B, 1]`` integer item ids.
         embeddings: ``[B, D]`` float image embeddings (see `triplet_loss`).
         text_embeddings: ``[B, T]`` float description embeddings; no gradient
-            flows into them.
+            flows into them. All-zero row = missing description. Normally all
+            rows of one label carry the same text; the text distances are then
+            computed once per label (exact; a batch that breaks this is
+            detected and computed in full).
         min_margin, max_margin: ``0 <= min_margin <= max_margin``; equal values
-            give exactly `triplet_loss` with that margin.
+            (with the default ``missing_text_margin``) give exactly
+            `triplet_loss` with that margin.
         mining, distance, soft_margin: as in `triplet_loss`; ``distance`` is
             used for both image and text distances.
         semantic_threshold: optional tau in ``[0, d_max]``: a pair with
-            ``d(g_a, g_n) < tau`` is not a negative (same implicit semantic class).
+            ``d(g_a, g_n) < tau`` is not a negative (same implicit semantic
+            class), unless either text is missing.
+        missing_text_margin: margin in ``[0, inf)`` of pairs with a missing
+            text; None (default) means ``(min_margin + max_margin) / 2``. If
+            every text of the batch is missing, the loss is exactly
+            `triplet_loss` with ``margin=missing_text_margin``.
 
     Returns:
         Float32 scalar; 0.0 when the batch has no valid triplet.
+
+    Example:
+        >>> text = keras.ops.convert_to_tensor([[1.0, 0.0]] * 2 + [[0.0, 0.0]] * 2)
+        >>> loss = adaptive_triplet_loss([0, 0, 1, 1], keras.ops.eye(4), text,
+        ...                              missing_text_margin=0.3)  # item 1: no text
     """
     distance = validate_distance(distance)
     min_margin, max_margin, semantic_threshold = _validate_adaptive(
         min_margin, max_margin, distance, semantic_threshold
     )
+    missing_text_margin = _validate_missing_text_margin(missing_text_margin, min_margin, max_margin)
     embeddings = _prepare_embeddings(embeddings)
     labels = _prepare_labels(labels, embeddings.shape[0])
     dist = pairwise_distances(embeddings, distance=distance)
-    margins, text_distances = adaptive_margins(text_embeddings, min_margin, max_margin, distance)
-    negative_mask = None
-    if semantic_threshold is not None:
-        negative_mask = ops.greater_equal(text_distances, semantic_threshold)
+    margins, text_distances, missing_pair = _adaptive_margin_matrices(
+        text_embeddings, labels, min_margin, max_margin, distance, missing_text_margin
+    )
+    negative_mask = _adaptive_negative_mask(text_distances, missing_pair, semantic_threshold)
     return margin_triplet_loss(
         labels,
         dist,
@@ -605,11 +768,13 @@ def triplet_statistics(
     max_margin: float = 0.5,
     distance: str = "squared_l2",
     semantic_threshold: float | None = None,
+    missing_text_margin: float | None = None,
 ) -> dict[str, Any]:
     """Cheap batch statistics for monitoring (no ``[B, B, B]`` tensors, no gradient).
 
     Uses the constant ``margin`` when ``text_embeddings`` is None, else the ATL
-    margins from ``min_margin``/``max_margin``/``semantic_threshold``.
+    margins from ``min_margin``/``max_margin``/``semantic_threshold``/
+    ``missing_text_margin`` (as in `adaptive_triplet_loss`).
 
     Returns:
         Dict of float32 scalars: ``num_valid_triplets``, ``num_active_triplets``
@@ -629,10 +794,16 @@ def triplet_statistics(
         min_margin, max_margin, semantic_threshold = _validate_adaptive(
             min_margin, max_margin, distance, semantic_threshold
         )
-        margins, text_distances = adaptive_margins(text_embeddings, min_margin, max_margin, distance)
+        missing_text_margin = _validate_missing_text_margin(
+            missing_text_margin, min_margin, max_margin
+        )
+        margins, text_distances, missing_pair = _adaptive_margin_matrices(
+            text_embeddings, labels, min_margin, max_margin, distance, missing_text_margin
+        )
         margins = ops.cast(margins, dist.dtype)
-        if semantic_threshold is not None:
-            negative = ops.logical_and(negative, ops.greater_equal(text_distances, semantic_threshold))
+        mask = _adaptive_negative_mask(text_distances, missing_pair, semantic_threshold)
+        if mask is not None:
+            negative = ops.logical_and(negative, mask)
     _, active, margin_sum = _batch_all_hinge_sums(dist, margins, positive, negative)
     posf = ops.cast(positive, dist.dtype)
     negf = ops.cast(negative, dist.dtype)
@@ -791,6 +962,10 @@ class AdaptiveTripletLoss(_TripletLossBase):
         distance: ``"squared_l2"`` | ``"l2"`` | ``"cosine"`` (image and text).
         semantic_threshold: None or tau in ``[0, max_distance(distance)]``.
         soft_margin: softplus instead of the hinge.
+        missing_text_margin: margin of pairs where either text embedding is
+            all-zero (missing description), in ``[0, inf)``; None (default)
+            means ``(min_margin + max_margin) / 2``. Such pairs are never
+            removed by ``semantic_threshold``.
 
     ``y_true`` must be ``{"label": int [B], "text_embedding": float [B, T]}``;
     ``y_pred`` is ``[B, D]`` embeddings.
@@ -804,6 +979,7 @@ class AdaptiveTripletLoss(_TripletLossBase):
         distance: str = "squared_l2",
         semantic_threshold: float | None = None,
         soft_margin: bool = False,
+        missing_text_margin: float | None = None,
         name: str = "adaptive_triplet_loss",
         reduction: str | None = "sum_over_batch_size",
         dtype: Any = "float32",
@@ -815,6 +991,11 @@ class AdaptiveTripletLoss(_TripletLossBase):
             min_margin, max_margin, self.distance, semantic_threshold
         )
         self.soft_margin = _validate_soft_margin(soft_margin)
+        _validate_missing_text_margin(missing_text_margin, self.min_margin, self.max_margin)
+        # None is kept (it means "the midpoint", also after a config round trip).
+        self.missing_text_margin = (
+            None if missing_text_margin is None else float(missing_text_margin)
+        )
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         labels, text = _split_targets(y_true, need_text=True, loss_name=type(self).__name__)
@@ -828,6 +1009,7 @@ class AdaptiveTripletLoss(_TripletLossBase):
             distance=self.distance,
             semantic_threshold=self.semantic_threshold,
             soft_margin=self.soft_margin,
+            missing_text_margin=self.missing_text_margin,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -839,5 +1021,6 @@ class AdaptiveTripletLoss(_TripletLossBase):
             "distance": self.distance,
             "semantic_threshold": self.semantic_threshold,
             "soft_margin": self.soft_margin,
+            "missing_text_margin": self.missing_text_margin,
         }
 

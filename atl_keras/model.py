@@ -23,8 +23,13 @@ import tensorflow as tf
 from keras import layers, ops
 
 from atl_keras.backbones import build_backbone
+from atl_keras.distribute import gather_replicas, in_multi_replica_context
+from atl_keras.losses import AdaptiveTripletLoss, TripletLoss, triplet_statistics
 
-__all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS"]
+__all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS", "TRIPLET_STATISTICS"]
+
+#: Batch statistics tracked as metrics while training with TripletLoss / AdaptiveTripletLoss.
+TRIPLET_STATISTICS = ("fraction_active", "mean_active_margin")
 
 POOLINGS = ("avg", "max", "gem")
 
@@ -117,10 +122,23 @@ class ATLModel(keras.Model):
             or a local weights file. Only used when the model is created; a saved ``.keras``
             model carries its trained weights, so `from_config` builds with ``weights=None``.
         dropout: dropout rate before the projection (0 disables it).
+        cross_replica_mining: under a `tf.distribute` strategy with R > 1 replicas, all-gather
+            embeddings and targets so triplets are mined over the *global* batch (every
+            replica sees all ``R * b`` rows as negatives) instead of each replica's ``b`` rows.
+            The gradient equals the global-batch gradient on one device (see `compute_loss`).
+            No effect with one replica.
+        sync_batch_norm: compute BatchNormalization statistics over the global batch
+            (all-reduced across replicas) instead of per replica. Makes an R-replica step
+            equal to a one-device step on the same global batch; worth it when the
+            per-replica batch is small. Costs one all-reduce per BN layer.
+        track_triplet_statistics: with `TripletLoss` / `AdaptiveTripletLoss`, track
+            ``fraction_active`` (violating / valid triplets) and ``mean_active_margin``
+            (mean margin of violating triplets) of each (global) batch as metrics, shown
+            in History and TensorBoard. ``O(B^2 log B)``, no gradient.
 
     The model is built in ``__init__``, so weights exist before ``fit``/``save``. Under a
-    ``mixed_float16`` policy the backbone and projection run in float16 and the output is
-    normalised and returned in float32.
+    ``mixed_float16`` / ``mixed_bfloat16`` policy the backbone and projection run in half
+    precision and the output is normalised and returned in float32 (so the loss is float32).
     """
 
     def __init__(
@@ -131,9 +149,19 @@ class ATLModel(keras.Model):
         pooling: str = "avg",
         weights: str | os.PathLike | None = None,
         dropout: float = 0.0,
+        cross_replica_mining: bool = True,
+        sync_batch_norm: bool = False,
+        track_triplet_statistics: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        for flag, value in (
+            ("cross_replica_mining", cross_replica_mining),
+            ("sync_batch_norm", sync_batch_norm),
+            ("track_triplet_statistics", track_triplet_statistics),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}.")
         if not isinstance(backbone, str):
             raise ValueError(
                 f"backbone must be a backbone name (str), got {type(backbone).__name__}; see "
@@ -151,8 +179,20 @@ class ATLModel(keras.Model):
         self.pooling = pooling
         self.initial_weights = os.fspath(weights) if weights is not None else None
         self.dropout_rate = float(dropout)
+        self.cross_replica_mining = cross_replica_mining
+        self.sync_batch_norm = sync_batch_norm
+        self.track_triplet_statistics = track_triplet_statistics
 
         self.backbone = build_backbone(backbone, self.image_shape, weights=weights)
+        if sync_batch_norm:
+            for layer in self.backbone._flatten_layers(include_self=False):
+                if isinstance(layer, layers.BatchNormalization):
+                    layer.synchronized = True
+        self.statistics = (
+            {name: keras.metrics.Mean(name=name) for name in TRIPLET_STATISTICS}
+            if track_triplet_statistics
+            else {}
+        )
         if pooling == "avg":
             self.pool = layers.GlobalAveragePooling2D(name="avg_pool")
         elif pooling == "max":
@@ -195,6 +235,14 @@ class ATLModel(keras.Model):
         a single-output loss. As in Keras, `train_step`/`test_step` record the returned value
         in the ``"loss"`` tracker (progress bar, History, ``evaluate``).
 
+        Cross-replica mining (``cross_replica_mining=True``, R > 1 replicas): ``y_pred`` and
+        ``y`` are all-gathered to the global ``[R * b, ...]`` batch, so every replica
+        computes the same global loss ``L``; the loss classes divide it by R (as every Keras
+        loss does under a strategy), the gradient of the all-gather sums the replicas'
+        gradients of the gathered embeddings and keeps the local rows, and Keras sums the
+        weight gradients over replicas: the update is exactly the one-device gradient of
+        ``L`` on the global batch.
+
         Args:
             y: the batch target, passed unchanged to the loss (dict or label tensor ``[B]``).
             y_pred: embeddings ``[B, D]``.
@@ -213,6 +261,15 @@ class ATLModel(keras.Model):
                 '{"label": [B], "text_embedding": [B, T]}) or (images, labels [B]); got images only.'
             )
         loss_fn = keras.losses.get(self.loss) if isinstance(self.loss, str) else self.loss
+        if self.cross_replica_mining and in_multi_replica_context():
+            if sample_weight is not None:
+                raise ValueError(
+                    "cross_replica_mining does not support sample_weight; remove it or build "
+                    "ATLModel(cross_replica_mining=False)."
+                )
+            y_pred, y = gather_replicas((y_pred, y))
+        if self.statistics:
+            self._update_triplet_statistics(loss_fn, y, y_pred)
         if sample_weight is None:
             value = loss_fn(y, y_pred)
         else:
@@ -221,6 +278,28 @@ class ATLModel(keras.Model):
         for extra in self.losses:
             total = total + ops.cast(self._aggregate_additional_loss(extra), "float32")
         return total
+
+    def _update_triplet_statistics(self, loss_fn: Any, y: Any, y_pred: Any) -> None:
+        """Update the ``fraction_active`` / ``mean_active_margin`` metrics (no gradient)."""
+        labels = y["label"] if isinstance(y, dict) else y
+        if isinstance(loss_fn, AdaptiveTripletLoss) and isinstance(y, dict):
+            stats = triplet_statistics(
+                labels,
+                y_pred,
+                y.get("text_embedding"),
+                min_margin=loss_fn.min_margin,
+                max_margin=loss_fn.max_margin,
+                distance=loss_fn.distance,
+                semantic_threshold=loss_fn.semantic_threshold,
+            )
+        elif isinstance(loss_fn, TripletLoss):
+            stats = triplet_statistics(
+                labels, y_pred, margin=loss_fn.margin, distance=loss_fn.distance
+            )
+        else:  # another loss: nothing meaningful to report
+            return
+        for name, metric in self.statistics.items():
+            metric.update_state(ops.stop_gradient(stats[name]))
 
     # ----------------------------------------------------------------- inference
     def embed(self, images: np.ndarray | tf.Tensor | tf.data.Dataset, batch_size: int = 256) -> np.ndarray:
@@ -277,6 +356,9 @@ class ATLModel(keras.Model):
             pooling=self.pooling,
             weights=self.initial_weights,
             dropout=self.dropout_rate,
+            cross_replica_mining=self.cross_replica_mining,
+            sync_batch_norm=self.sync_batch_norm,
+            track_triplet_statistics=self.track_triplet_statistics,
         )
         return config
 
