@@ -117,7 +117,7 @@ def test_pk_dataset_gathers_images_labels_and_text():
 def test_pk_dataset_without_text_has_only_labels_and_applies_augment():
     labels = _labels()
     images = np.ones((len(labels), 3, 3), np.uint8)  # [N, H, W] gets a channel axis
-    ds = pk_dataset(images, labels, p=P, k=K, augment=lambda x: 255.0 - x)
+    ds = pk_dataset(images, labels, p=P, k=K, augment=lambda x, seed: 255.0 - x)
     x, y = next(iter(ds))
     assert set(y) == {"label"}
     assert x.shape == (P * K, 3, 3, 1)

@@ -141,7 +141,7 @@ def pk_dataset(
     p: int = 8,
     k: int = 4,
     seed: int = 0,
-    augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
+    augment: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
 ) -> tf.data.Dataset:
     """Infinite P x K training batches gathered from in-memory arrays.
 
@@ -156,7 +156,10 @@ def pk_dataset(
         text_embeddings: optional per-*sample* ``[N, T]`` (index a per-item table with the
             item of each sample first, e.g. ``class_text[labels]``).
         p, k, seed: see `pk_index_dataset`.
-        augment: optional ``fn(images [P*K, H, W, C] float32) -> same shape``, run in the map.
+        augment: optional ``fn(images [P*K, H, W, C] float32, seed int64 [2]) -> same shape``,
+            run in the map with a seed derived from (seed, batch number) for stateless
+            random ops (see `atl_keras.data.augment.make_augmenter`), so augmented batches
+            are as deterministic as the sampling.
     """
     images = np.asarray(images)
     labels = np.asarray(labels)
@@ -181,14 +184,20 @@ def pk_dataset(
     label_table = tf.constant(labels.astype(np.int64))
     text_table = tf.constant(text_embeddings) if text_embeddings is not None else None
 
-    def gather(idx: tf.Tensor):
+    augment_seed = tf.constant(int(seed) + 1_000_003, tf.int64)
+
+    def gather(step: tf.Tensor, idx: tf.Tensor):
         x = tf.cast(tf.gather(image_table, idx), tf.float32)
         if augment is not None:
-            x = augment(x)
+            x = augment(x, tf.stack([augment_seed, step]))
         x = tf.ensure_shape(x, [batch, *image_shape])
         target = {"label": tf.gather(label_table, idx)}
         if text_table is not None:
             target["text_embedding"] = tf.gather(text_table, idx)
         return x, target
 
-    return indices.map(gather, num_parallel_calls=_AUTOTUNE, deterministic=True).prefetch(_AUTOTUNE)
+    return (
+        indices.enumerate()
+        .map(gather, num_parallel_calls=_AUTOTUNE, deterministic=True)
+        .prefetch(_AUTOTUNE)
+    )
