@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-from atl_keras import data
+from atl_keras import data, distribute
 from atl_keras.backbones import available_backbones, build_backbone
 from atl_keras.distances import pairwise_distances
 from atl_keras.losses import (
@@ -21,6 +21,7 @@ from atl_keras.losses import (
 )
 from atl_keras.metrics import RetrievalEvaluation, format_metrics_table, retrieval_metrics
 from atl_keras.model import ATLModel
+from atl_keras.projector import write_projector
 from atl_keras.search import ExactSearcher, exact_search
 from atl_keras.text import (
     DescriptionCache,
@@ -43,6 +44,7 @@ __all__ = [
     "available_backbones",
     "build_backbone",
     "data",
+    "distribute",
     "embed_descriptions",
     "exact_search",
     "format_metrics_table",
@@ -51,4 +53,5 @@ __all__ = [
     "retrieval_metrics",
     "triplet_loss",
     "triplet_statistics",
+    "write_projector",
 ]

@@ -72,6 +72,22 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--validation-size", type=int)
     p.add_argument("--test-size", type=int, help="evaluate on the first N test queries")
+    p.add_argument("--strategy", choices=["auto", "one_device", "mirrored", "multi_worker", "tpu"],
+                   help="tf.distribute strategy (auto: all GPUs if >= 2, else one device; "
+                   "multi_worker reads TF_CONFIG); see docs/distributed.md")
+    p.add_argument("--logical-cpus", type=int,
+                   help="split the CPU into N logical devices first (test the mirrored path without GPUs)")
+    p.add_argument("--tpu", help="TPU name or grpc:// address for --strategy tpu")
+    p.add_argument("--no-cross-replica-mining", dest="cross_replica_mining", action="store_false",
+                   help="mine triplets inside each replica's slice instead of the global batch")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="mixed_float16 on GPUs (loss scaling), mixed_bfloat16 on CPUs/TPUs")
+    p.add_argument("--save-freq", type=lambda v: v if v == "epoch" else int(v),
+                   help="back up for resumption every N steps or 'epoch' (default)")
+    p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                   help="skip TF op determinism (faster on GPUs; runs no longer bit-reproducible)")
+    p.add_argument("--projector-size", type=int,
+                   help="test gallery images in the TensorBoard projector export (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -73,36 +73,46 @@ def get_strategy(
     """
     if name not in STRATEGIES:
         raise ValueError(f"Unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}.")
-    gpus = tf.config.list_logical_devices("GPU")
+    if name == "multi_worker":
+        # Before anything initialises the TensorFlow runtime (listing *logical* devices does):
+        # collective ops must be configured at program start-up.
+        return _multi_worker_strategy()
     if name == "auto":
-        name = "mirrored" if len(gpus) >= 2 else "one_device"
+        name = "mirrored" if len(tf.config.list_physical_devices("GPU")) >= 2 else "one_device"
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    gpus = tf.config.list_logical_devices("GPU")
     if name == "one_device":
         device = gpus[0].name if gpus else "/cpu:0"
         return tf.distribute.OneDeviceStrategy(device)
-    if name == "mirrored":
-        if devices is None:
-            devices = [d.name for d in gpus] or [
-                d.name for d in tf.config.list_logical_devices("CPU")
-            ]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if name == "multi_worker":
-        raw = os.environ.get("TF_CONFIG")
-        if not raw:
-            raise ValueError(
-                "strategy 'multi_worker' needs TF_CONFIG, e.g. "
-                '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                '"task": {"type": "worker", "index": 0}}.'
-            )
-        try:
-            json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from error
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
+    if devices is None:
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices=devices)
 
+
+def _multi_worker_strategy() -> tf.distribute.Strategy:
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise ValueError(
+            "strategy 'multi_worker' needs TF_CONFIG, e.g. "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}.'
+        )
+    try:
+        json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from error
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as error:
+        raise RuntimeError(
+            "MultiWorkerMirroredStrategy must be created before TensorFlow runs any op "
+            "(collective ops are configured at start-up): create the strategy first in the "
+            "worker program."
+        ) from error
 
 # ----------------------------------------------------------------------------- replicas
 def num_replicas(strategy: tf.distribute.Strategy | None = None) -> int:
@@ -152,8 +162,25 @@ def gather_replicas(structure: Any) -> Any:
     if not in_multi_replica_context():
         return structure
     context = tf.distribute.get_replica_context()
+    devices = tuple(getattr(context.strategy.extended, "worker_devices", ()) or ())
+    replica_id = tf.get_static_value(context.replica_id_in_sync_group)
+    local_device = None
+    if len(devices) == 1:
+        local_device = devices[0]
+    elif devices and replica_id is not None:
+        local_device = devices[int(replica_id) % len(devices)]
+
+    def gather(x: Any) -> Any:
+        x = tf.convert_to_tensor(x)
+        if not x.device and local_device:
+            # all_gather sends to the input's device; under MultiWorkerMirroredStrategy graph
+            # tensors may carry none ("destinations can not be empty"): pin the replica's.
+            with tf.device(local_device):
+                x = tf.identity(x)
+        return context.all_gather(x, axis=0)
+
     # One collective per tensor: a batched all-gather concatenates its inputs and needs one dtype.
-    return tf.nest.map_structure(lambda x: context.all_gather(x, axis=0), structure)
+    return tf.nest.map_structure(gather, structure)
 
 
 def worker_info(strategy: tf.distribute.Strategy | None = None) -> tuple[str, int, bool]:

@@ -126,11 +126,8 @@ class ATLModel(keras.Model):
             embeddings and targets so triplets are mined over the *global* batch (every
             replica sees all ``R * b`` rows as negatives) instead of each replica's ``b`` rows.
             The gradient equals the global-batch gradient on one device (see `compute_loss`).
-            No effect with one replica.
-        sync_batch_norm: compute BatchNormalization statistics over the global batch
-            (all-reduced across replicas) instead of per replica. Makes an R-replica step
-            equal to a one-device step on the same global batch; worth it when the
-            per-replica batch is small. Costs one all-reduce per BN layer.
+            No effect with one replica. (BatchNormalization statistics stay per replica,
+            as everywhere in Keras: layers in training mode see the local rows only.)
         track_triplet_statistics: with `TripletLoss` / `AdaptiveTripletLoss`, track
             ``fraction_active`` (violating / valid triplets) and ``mean_active_margin``
             (mean margin of violating triplets) of each (global) batch as metrics, shown
@@ -150,14 +147,12 @@ class ATLModel(keras.Model):
         weights: str | os.PathLike | None = None,
         dropout: float = 0.0,
         cross_replica_mining: bool = True,
-        sync_batch_norm: bool = False,
         track_triplet_statistics: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         for flag, value in (
             ("cross_replica_mining", cross_replica_mining),
-            ("sync_batch_norm", sync_batch_norm),
             ("track_triplet_statistics", track_triplet_statistics),
         ):
             if not isinstance(value, bool):
@@ -180,14 +175,9 @@ class ATLModel(keras.Model):
         self.initial_weights = os.fspath(weights) if weights is not None else None
         self.dropout_rate = float(dropout)
         self.cross_replica_mining = cross_replica_mining
-        self.sync_batch_norm = sync_batch_norm
         self.track_triplet_statistics = track_triplet_statistics
 
         self.backbone = build_backbone(backbone, self.image_shape, weights=weights)
-        if sync_batch_norm:
-            for layer in self.backbone._flatten_layers(include_self=False):
-                if isinstance(layer, layers.BatchNormalization):
-                    layer.synchronized = True
         self.statistics = (
             {name: keras.metrics.Mean(name=name) for name in TRIPLET_STATISTICS}
             if track_triplet_statistics
@@ -279,6 +269,50 @@ class ATLModel(keras.Model):
             total = total + ops.cast(self._aggregate_additional_loss(extra), "float32")
         return total
 
+    def train_step(self, data):
+        return self._multi_worker_logs(super().train_step(data))
+
+    def test_step(self, data):
+        return self._multi_worker_logs(super().test_step(data))
+
+    def _multi_worker_logs(self, logs: Any) -> Any:
+        """Scalar logs -> ``[1]`` under MultiWorkerMirroredStrategy.
+
+        Keras (3.15) averages step logs across workers with ``strategy.reduce("MEAN", v,
+        axis=0)``, which rejects scalars; on ``[1]`` tensors it is the mean over replicas.
+        """
+        if keras.backend.backend() != "tensorflow" or not isinstance(
+            self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy
+        ):
+            return logs
+        return tf.nest.map_structure(
+            lambda v: tf.reshape(v, [1]) if tf.is_tensor(v) and v.shape.rank == 0 else v, logs
+        )
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras' symbolic build, taking shapes from this worker's first replica.
+
+        Keras (3.15) reduces a per-replica batch with ``strategy.reduce("MEAN", ...)`` only to
+        read its shapes; under MultiWorkerMirroredStrategy that reduce fails on an eager
+        ``PerReplica`` (batches from `distribute_datasets_from_function`). The first local
+        replica's tensors have the per-replica shapes the build needs, with no collective.
+        """
+        strategy = getattr(self, "_distribute_strategy", None)
+        if strategy is None or iterator is None or keras.backend.backend() != "tensorflow":
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            data_batch = next(batches)
+            break
+
+        def local(value: Any) -> Any:
+            if isinstance(value, tf.distribute.DistributedValues):
+                return strategy.experimental_local_results(value)[0]
+            return value
+
+        data_batch = tf.nest.map_structure(local, data_batch)
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
     def _update_triplet_statistics(self, loss_fn: Any, y: Any, y_pred: Any) -> None:
         """Update the ``fraction_active`` / ``mean_active_margin`` metrics (no gradient)."""
         labels = y["label"] if isinstance(y, dict) else y
@@ -357,7 +391,6 @@ class ATLModel(keras.Model):
             weights=self.initial_weights,
             dropout=self.dropout_rate,
             cross_replica_mining=self.cross_replica_mining,
-            sync_batch_norm=self.sync_batch_norm,
             track_triplet_statistics=self.track_triplet_statistics,
         )
         return config

@@ -5,6 +5,29 @@ Everything the CLI does is one call here, so a user can run it from Python:
     from atl_keras.train import TrainConfig, run_training
     result = run_training(TrainConfig(dataset="synthetic-shop", epochs=1, output_dir="runs/try"))
     print(result.test_metrics["recall_at_1"])
+
+Training at scale (see docs/distributed.md):
+
+- `strategy`: ``auto`` (MirroredStrategy over >= 2 GPUs, else one device), ``one_device``,
+  ``mirrored``, ``multi_worker`` (TF_CONFIG), ``tpu``. The model is built and compiled in
+  ``strategy.scope()``. The global batch is P x K; each of R replicas gets P*K/R contiguous rows
+  (whole labels: P must be divisible by R). ``logical_cpus > 0`` splits the CPU into that many
+  logical devices first, to exercise the mirrored path without GPUs (tests, benchmarks).
+- `cross_replica_mining`: triplets are mined over the global batch (all-gather); the gradient
+  equals the one-device gradient of the global-batch loss.
+- `mixed_precision`: ``mixed_float16`` on GPUs (dynamic loss scaling via
+  `keras.optimizers.LossScaleOptimizer`), ``mixed_bfloat16`` on CPUs / TPUs. The embedding and
+  the loss stay float32. The global dtype policy is restored when `run_training` returns.
+- Resumable: `keras.callbacks.BackupAndRestore` in ``<output>/backup`` every `save_freq` steps
+  (or each epoch); rerunning the same command after a crash resumes from the last backup
+  (Keras restarts the interrupted epoch with the backed-up weights and optimizer state; the
+  P x K stream skips the batches of the completed epochs). Final files are written atomically.
+- `deterministic` (default True): seeds + `tf.config.experimental.enable_op_determinism()`,
+  so the same seed on one device gives identical metrics on a rerun. Costs speed on GPUs (and
+  a few ops have no deterministic GPU kernel): set False for large GPU runs. Restored on return.
+- Observability: TensorBoard scalars (loss, ``fraction_active``, ``mean_active_margin``,
+  validation retrieval metrics), ``training_log.csv`` (one row per epoch, appended across
+  resumes) and an embedding-projector export of up to `projector_size` test gallery images.
 """
 
 from __future__ import annotations
@@ -19,12 +42,23 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from atl_keras.data.datasets import DATASET_SPECS, EvalSet, RetrievalData, load_retrieval_data
 from atl_keras.data.sampler import pk_dataset
+from atl_keras.distribute import (
+    STRATEGIES,
+    check_pk_divisible,
+    distribute_batches,
+    get_strategy,
+    logical_cpu_devices,
+    mixed_precision_policy,
+    worker_info,
+)
 from atl_keras.losses import AdaptiveTripletLoss, TripletLoss
 from atl_keras.metrics import RetrievalEvaluation, retrieval_metrics
 from atl_keras.model import ATLModel
+from atl_keras.projector import write_projector
 from atl_keras.text import embed_descriptions, load_text_encoder
 
 LOSSES = ("atl", "triplet")
@@ -64,6 +98,14 @@ class TrainConfig:
     test_size: int | None = None
     ks: tuple[int, ...] = (1, 10, 20)
     seed: int = 0
+    strategy: str = "auto"
+    logical_cpus: int = 0
+    tpu: str | None = None
+    cross_replica_mining: bool = True
+    mixed_precision: bool = False
+    save_freq: int | str = "epoch"
+    deterministic: bool = True
+    projector_size: int = 500
 
     def __post_init__(self) -> None:
         name = self.dataset.partition(":")[0]
@@ -83,6 +125,22 @@ class TrainConfig:
             raise ValueError("k must be >= 2: each label needs a positive pair in the batch.")
         self.ks = tuple(int(k) for k in self.ks)
         self.unseen_classes = tuple(self.unseen_classes)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"Unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}."
+            )
+        if self.logical_cpus < 0:
+            raise ValueError(f"logical_cpus must be >= 0 (0 = leave the CPU as is), got {self.logical_cpus}.")
+        if isinstance(self.save_freq, str) and self.save_freq.isdigit():
+            self.save_freq = int(self.save_freq)
+        if self.save_freq != "epoch" and (
+            isinstance(self.save_freq, bool) or not isinstance(self.save_freq, int) or self.save_freq < 1
+        ):
+            raise ValueError(
+                f"save_freq must be 'epoch' or a number of steps >= 1, got {self.save_freq!r}."
+            )
+        if self.projector_size < 0:
+            raise ValueError(f"projector_size must be >= 0 (0 disables the export), got {self.projector_size}.")
 
 
 @dataclass
@@ -96,6 +154,8 @@ class TrainResult:
     model_path: str
     seconds: float
     data: RetrievalData | None = None
+    initial_epoch: int = 0
+    replicas: int = 1
 
 
 def build_loss(config: TrainConfig) -> keras.losses.Loss:
@@ -145,10 +205,22 @@ def evaluate_embeddings(
     )
 
 
-def _embed(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    if hasattr(model, "embed"):
-        return model.embed(images)
-    return np.asarray(model.predict(images, verbose=0))
+def _embed(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``[N, H, W, C]`` -> ``[N, D]`` float32 on this process's default device.
+
+    Calls the model directly instead of `predict`, so a model built under any strategy
+    (including multi-worker, whose `predict` would shard and gather across workers)
+    embeds locally from its (mirrored, identical) weights.
+    """
+    images = np.asarray(images)
+    if not len(images):
+        return np.zeros((0, int(getattr(model, "embedding_dim", 0))), np.float32)
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    chunks = [
+        np.asarray(forward(tf.constant(images[start : start + batch_size])), np.float32)
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks, axis=0)
 
 
 def save_model_atomically(model: keras.Model, path: str) -> None:
@@ -175,18 +247,102 @@ def write_json_atomically(payload: Any, path: str) -> None:
     os.replace(tmp_path, path)
 
 
+BACKUP_DIR = "backup"
+TRAINING_LOG = "training_log.csv"
+PROJECTOR_DIR = os.path.join("logs", "projector")
+
+
+def backup_epoch(backup_dir: str) -> int | None:
+    """The epoch a `BackupAndRestore` backup in `backup_dir` resumes at (None: no backup)."""
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return int(json.load(f)["epoch"])
+    except (OSError, ValueError, KeyError):
+        return None  # a torn write: Keras falls back to the weights alone
+
+
+def worker_output_dir(output_dir: str, strategy: tf.distribute.Strategy) -> str:
+    """Where this process writes: `output_dir` on the chief, `output_dir/workers/<task>-<i>` else.
+
+    Every multi-worker process runs the same program; only the chief writes the shared
+    outputs, the others keep their own backups and files apart (also on a shared file system).
+    """
+    task_type, task_index, is_chief = worker_info(strategy)
+    if is_chief:
+        return output_dir
+    return os.path.join(output_dir, "workers", f"{task_type}-{task_index}")
+
+
 def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
     """Train an `ATLModel` as configured, evaluate it and write it to `config.output_dir`.
 
-    Writes `model.keras`, `metrics.json`, `config.json` and TensorBoard logs (`logs/`).
-    Test metrics are leave-one-out retrieval on the test split (Recall@K, P@1,
-    R-Precision, MAP@R).
+    Writes `model.keras`, `metrics.json`, `config.json`, `training_log.csv`, TensorBoard logs
+    (`logs/`, with an embedding-projector export in `logs/projector/`) and, while training,
+    a `backup/` that a rerun of the same config resumes from. Test metrics are retrieval
+    metrics on the test split (Recall@K, P@1, R-Precision, MAP@R).
+
+    Process-wide state it touches is restored on return: the Keras dtype policy
+    (`mixed_precision`) and TensorFlow op determinism (`deterministic`). `logical_cpus`
+    cannot be undone (TensorFlow fixes devices at initialisation).
     """
     start = time.perf_counter()
+    if config.logical_cpus:
+        logical_cpu_devices(config.logical_cpus)
+    strategy = get_strategy(config.strategy, tpu=config.tpu)
+    replicas = int(strategy.num_replicas_in_sync)
+    check_pk_divisible(config.p, config.k, replicas)
+    output_dir = worker_output_dir(config.output_dir, strategy)
+
+    previous_policy = keras.config.dtype_policy()
+    previously_deterministic = _op_determinism_enabled()
+    try:
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        if config.mixed_precision:
+            keras.config.set_dtype_policy(mixed_precision_policy(strategy))
+        return _train(config, strategy, replicas, output_dir, start, verbose)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+        if config.deterministic and not previously_deterministic:
+            _disable_op_determinism()
+
+
+def _op_determinism_enabled() -> bool:
+    from tensorflow.python.framework import config as tf_config
+
+    return bool(getattr(tf_config, "is_op_determinism_enabled", lambda: False)())
+
+
+def _disable_op_determinism() -> None:
+    from tensorflow.python.framework import config as tf_config
+
+    disable = getattr(tf_config, "disable_op_determinism", None)
+    if disable is not None:
+        disable()
+
+
+def _train(
+    config: TrainConfig,
+    strategy: tf.distribute.Strategy,
+    replicas: int,
+    output_dir: str,
+    start: float,
+    verbose: int | str,
+) -> TrainResult:
     keras.utils.set_random_seed(config.seed)
     data = load_data(config)
     encoder = load_text_encoder(config.text_encoder)
     item_text = embed_descriptions(data.descriptions, encoder, cache_dir=config.text_cache_dir)
+
+    os.makedirs(output_dir, exist_ok=True)
+    backup_dir = os.path.join(output_dir, BACKUP_DIR)
+    log_path = os.path.join(output_dir, TRAINING_LOG)
+    resume_epoch = backup_epoch(backup_dir)
+    if resume_epoch is None and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run: do not append to an old run's log
 
     dataset = pk_dataset(
         data.train_images,
@@ -196,17 +352,29 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
         k=config.k,
         seed=config.seed,
     )
-    model = ATLModel(
-        backbone=config.backbone,
-        input_shape=data.image_shape,
-        embedding_dim=config.embedding_dim,
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate), loss=build_loss(config)
-    )
-    os.makedirs(config.output_dir, exist_ok=True)
+    if resume_epoch:
+        # Batch b of the P x K stream depends only on (seed, b): continue the stream where
+        # the completed epochs left it (Keras reruns the interrupted epoch from its start).
+        dataset = dataset.skip(resume_epoch * config.steps_per_epoch)
+    dataset = distribute_batches(strategy, dataset)
+
+    with strategy.scope():
+        model = ATLModel(
+            backbone=config.backbone,
+            input_shape=data.image_shape,
+            embedding_dim=config.embedding_dim,
+            cross_replica_mining=config.cross_replica_mining,
+        )
+        optimizer = keras.optimizers.Adam(config.learning_rate)
+        if keras.config.dtype_policy().name == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer=optimizer, loss=build_loss(config))
+
     val = data.validation
     callbacks = [
+        keras.callbacks.BackupAndRestore(
+            backup_dir, save_freq=config.save_freq, delete_checkpoint=True
+        ),
         RetrievalEvaluation(
             val.query_images,
             val.query_labels,
@@ -215,7 +383,8 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
             ks=config.ks,
             distance=config.distance,
         ),
-        keras.callbacks.TensorBoard(os.path.join(config.output_dir, "logs")),
+        keras.callbacks.CSVLogger(log_path, append=True),
+        keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
     ]
     history = model.fit(
         dataset,
@@ -225,33 +394,68 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
         verbose=verbose,
         shuffle=False,  # the P x K sampler already randomises batches
     )
+    initial_epoch = int(history.epoch[0]) if history.epoch else config.epochs
     test_metrics = evaluate_embeddings(
         model, data.test, ks=config.ks, distance=config.distance, limit=config.test_size
     )
+    if config.projector_size:
+        export_projector(model, data, os.path.join(output_dir, PROJECTOR_DIR), config.projector_size)
 
-    model_path = os.path.join(config.output_dir, "model.keras")
+    model_path = os.path.join(output_dir, "model.keras")
     save_model_atomically(model, model_path)
     seconds = time.perf_counter() - start
+    history_dict = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     write_json_atomically(
         {
             "test": test_metrics,
             "test_protocol": data.test.protocol,
-            "history": history.history,
+            "history": history_dict,
+            "epochs_run": [int(e) for e in history.epoch],
+            "initial_epoch": initial_epoch,
+            "resumed": bool(resume_epoch is not None),
+            "replicas": replicas,
+            "dtype_policy": keras.config.dtype_policy().name,
             "seconds": seconds,
         },
-        os.path.join(config.output_dir, "metrics.json"),
+        os.path.join(output_dir, "metrics.json"),
     )
     write_json_atomically(
-        dataclasses.asdict(config), os.path.join(config.output_dir, "config.json")
+        dataclasses.asdict(config), os.path.join(output_dir, "config.json")
     )
     return TrainResult(
         model=model,
         test_metrics=test_metrics,
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
-        output_dir=config.output_dir,
+        history=history_dict,
+        output_dir=output_dir,
         model_path=model_path,
         seconds=seconds,
         data=data,
+        initial_epoch=initial_epoch,
+        replicas=replicas,
+    )
+
+
+def export_projector(model: keras.Model, data: RetrievalData, log_dir: str, limit: int = 500) -> dict[str, str]:
+    """Embedding-projector export of the first `limit` test gallery images (item id, description).
+
+    Uses the gallery of a query->gallery test set, else the leave-one-out test images.
+    """
+    evaluation = data.test
+    images = evaluation.index_images[:limit]
+    labels = (
+        evaluation.query_labels if evaluation.gallery_labels is None else evaluation.gallery_labels
+    )[: len(images)]
+    ids = evaluation.gallery_ids[: len(images)]
+    if len(ids) != len(images):
+        ids = [str(label) for label in labels]
+    rows = []
+    for row_id, label in zip(ids, labels):
+        label = int(label)
+        item = data.item_ids[label] if label < len(data.item_ids) else str(label)
+        text = data.descriptions[label] if label < len(data.descriptions) else None
+        rows.append((item, text if text is not None else "", row_id))
+    return write_projector(
+        log_dir, _embed(model, images), rows, images, columns=("item_id", "description", "image_id")
     )
 
 

@@ -269,7 +269,7 @@ def test_fit_with_adaptive_triplet_loss_decreases_loss_evaluate_and_round_trip(t
 
     train = pk_dataset(images, labels, text, p=4, k=4, seed=0)
     history = model.fit(train, steps_per_epoch=10, epochs=3, verbose=0)
-    assert set(history.history) == {"loss"} and len(history.history["loss"]) == 3
+    assert set(history.history) == {"loss", "fraction_active", "mean_active_margin"} and len(history.history["loss"]) == 3
     first, last = history.history["loss"][0], history.history["loss"][-1]
     after = model.evaluate(eval_ds, verbose=0, return_dict=True)["loss"]
     assert last < first and after < 0.5 * before, (history.history["loss"], before, after)
