@@ -80,6 +80,8 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tpu", help="TPU name or grpc:// address for --strategy tpu")
     p.add_argument("--no-cross-replica-mining", dest="cross_replica_mining", action="store_false",
                    help="mine triplets inside each replica's slice instead of the global batch")
+    p.add_argument("--augment", action="store_true",
+                   help="random flip, translation, zoom, brightness and contrast on training batches")
     p.add_argument("--mixed-precision", action="store_true",
                    help="mixed_float16 on GPUs (loss scaling), mixed_bfloat16 on CPUs/TPUs")
     p.add_argument("--save-freq", type=lambda v: v if v == "epoch" else int(v),

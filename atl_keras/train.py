@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from atl_keras.data.datasets import DATASET_SPECS, EvalSet, RetrievalData, load_retrieval_data
+from atl_keras.data.augment import make_augmenter
 from atl_keras.data.sampler import pk_dataset
 from atl_keras.distribute import (
     STRATEGIES,
@@ -98,6 +99,7 @@ class TrainConfig:
     test_size: int | None = None
     ks: tuple[int, ...] = (1, 10, 20)
     seed: int = 0
+    augment: bool = False  # flip / translate / zoom / brightness / contrast on training batches
     strategy: str = "auto"
     logical_cpus: int = 0
     tpu: str | None = None
@@ -351,6 +353,7 @@ def _train(
         p=config.p,
         k=config.k,
         seed=config.seed,
+        augment=make_augmenter() if config.augment else None,
     )
     if resume_epoch:
         # Batch b of the P x K stream depends only on (seed, b): continue the stream where

@@ -28,7 +28,7 @@ def load_tool(name: str):
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     cache = tmp_path_factory.mktemp("text-cache")
-    code = cli.main(["train", *TINY, "--epochs", "1", "--steps-per-epoch", "3", "--quiet",
+    code = cli.main(["train", *TINY, "--epochs", "1", "--steps-per-epoch", "3", "--quiet", "--augment",
                      "--text-cache-dir", str(cache), "--output", str(out)])
     assert code == 0
     return out, cache
@@ -45,7 +45,7 @@ def test_train_writes_model_metrics_config_and_logs(trained, capsys):
         assert 0.0 <= metrics["test"][key] <= 1.0
     assert "val_recall_at_1" in metrics["history"]
     config = json.loads((out / "config.json").read_text())
-    assert config["dataset"] == "synthetic-shop" and config["synthetic_items"] == 80
+    assert config["dataset"] == "synthetic-shop" and config["synthetic_items"] == 80 and config["augment"]
 
 
 def test_evaluate_reproduces_the_training_metrics(trained, capsys):
