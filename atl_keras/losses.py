@@ -53,14 +53,14 @@ Cost (no mode builds ``[B, B, B]`` unless noted):
   prefix-sum shortcut, so it materialises ``[B, B, B]`` float32 values
   (B=256: 64 MiB, B=1024: 4 GiB plus as much again for the gradient). With few
   positives per anchor it is ``[B, Q, B]`` like the rest.
-
-- ATL's text distances: the text is a property of the label (item), so on the
-  TensorFlow backend the ``[B, T] x [T, B]`` text Gram matrix is replaced by
-  one on the ``U`` distinct labels (``[U, T] x [T, U]``, U = P in a P x K
-  batch) and expanded to ``[B, B]`` by two gathers. A cheap elementwise check
-  (``O(B T)``) that every row's text equals its label's first row guards it:
-  if any label carries two different texts, the full ``[B, B]`` computation
-  runs instead (``ops.cond``), so the result always follows the definition.
+- ATL's margins: the text is a property of the label (item), so on the
+  TensorFlow backend the text distances and margins are computed on the ``U``
+  distinct labels (``[U, T] x [T, U]`` instead of ``[B, T] x [T, B]``; U = P
+  in a P x K batch) and expanded to ``[B, B]`` by gathers. A cheap
+  bitwise check (``O(B T)``) that every row's text equals its label's
+  first row guards this: if any label carries two different texts, the full
+  ``[B, B]`` computation runs instead (``ops.cond``), so the result always
+  follows the definition. Other backends always compute the full matrix.
 
 A batch without a valid triplet (B=1, one label only, singletons only) gives a
 loss of exactly 0.0 with finite (zero) gradients.
@@ -308,43 +308,79 @@ def _label_groups(labels: Any) -> tuple[Any, Any] | None:
 
 
 def _missing_rows(text: Any) -> Any:
-    """``[N, T]`` -> ``[N]`` bool: True where the text embedding is all-zero (missing)."""
-    return ops.all(ops.equal(text, ops.zeros_like(text)), axis=1)
+    """``[N, T]`` -> ``[N]`` bool: True where the text embedding is all-zero (missing).
+
+    ``max |x| == 0`` (NaN rows are not missing): a float reduction, several
+    times cheaper on CPU than ``all(x == 0)`` on a ``[N, T]`` bool tensor.
+    """
+    return ops.equal(ops.max(ops.abs(text), axis=1), 0.0)
 
 
-def _text_distances(text: Any, labels: Any | None, distance: str) -> tuple[Any, Any]:
-    """Text distances and missing-text flags.
+def _bit_words(x: Any) -> Any:
+    """``[N, T]`` float -> integer tensor holding the same bits, for exact equality tests.
+
+    float32 rows of even width are viewed as ``T / 2`` int64 words (half as
+    many comparisons), otherwise as one int32 / int64 word per element.
+    """
+    if keras.backend.standardize_dtype(x.dtype) == "float64":
+        return ops.view(x, "int64")
+    width = x.shape[-1]
+    return ops.view(x, "int64" if width is not None and width % 2 == 0 else "int32")
+
+
+def _expand_pairs(x: Any, index: Any) -> Any:
+    """``[U, U]`` per-label matrix -> ``[B, B]`` with ``out[i, j] = x[index[i], index[j]]``.
+
+    Two row gathers and two transposes: a gather along axis 1 copies single
+    elements and costs more than the whole ``[U, T] x [T, U]`` text product.
+    """
+    columns = ops.take(ops.transpose(x), index, axis=0)  # [B, U]: x[u, index[j]] at [j, u]
+    return ops.take(ops.transpose(columns), index, axis=0)
+
+
+def _text_pair_matrices(
+    text: Any, labels: Any | None, distance: str, pair_fn: Any
+) -> tuple[Any, ...]:
+    """``pair_fn(text_distances [N, N], missing [N] bool)`` -> tuple of ``[N, N]``, for N = B.
+
+    ``text_distances = pairwise_distances(l2_normalize(text))`` (an all-zero
+    row stays zero) and ``missing`` flags all-zero rows. ``pair_fn`` must be
+    elementwise in the pair (``out[i, j]`` depends on row ``i`` and ``j`` only).
+
+    The text is a property of the label, so when ``labels`` is given and every
+    row's text is bitwise identical to the text of its label's first row,
+    ``pair_fn`` runs on the ``U`` distinct labels (``[U, T] x [T, U]`` instead
+    of ``[B, T] x [T, B]``) and each output is expanded to ``[B, B]`` by
+    gathers: identical inputs, identical per-pair values. Otherwise (a label
+    with two texts, even if they differ only in the sign of a zero, or a
+    backend without `_label_groups`) it runs on all ``B`` rows: ``ops.cond``
+    picks the branch at run time, so the result always follows the definition. The branches
+    evaluate the same formula; values may differ in the last bits (matrix
+    products of different shapes), and pairs within one label are exactly 0
+    on the per-label branch (the losses never read them: not negatives).
 
     Args:
-        text: ``[B, T]`` float32/float64 text embeddings (raw, not normalised).
+        text: ``[B, T]`` float32/float64 text embeddings, not normalised.
         labels: ``[B]`` labels or None.
-
-    Returns:
-        ``(d [B, B], missing [B] bool)`` with ``d = pairwise_distances(l2_normalize(text))``
-        (an all-zero row stays zero). When ``labels`` is given and every row's
-        text equals the text of its label's first row (checked elementwise), the
-        distances are computed on the ``U`` distinct labels only and expanded by
-        two gathers; otherwise (or on a backend without `_label_groups`) on all
-        ``B`` rows. Pairs within one label may differ between the two (0 vs. a
-        round-off value); the losses never read them (they are not negatives).
+        distance: a validated distance name.
     """
 
-    def full() -> tuple[Any, Any]:
-        return pairwise_distances(l2_normalize(text), distance=distance), _missing_rows(text)
+    def on_rows(rows: Any) -> tuple[Any, ...]:
+        distances = pairwise_distances(l2_normalize(rows), distance=distance)
+        return tuple(pair_fn(distances, _missing_rows(rows)))
 
     groups = None if labels is None else _label_groups(labels)
     if groups is None:
-        return full()
+        return on_rows(text)
     first, index = groups
     representatives = ops.take(text, first, axis=0)  # [U, T]
-
-    def per_label() -> tuple[Any, Any]:
-        d = pairwise_distances(l2_normalize(representatives), distance=distance)  # [U, U]
-        d = ops.take(ops.take(d, index, axis=0), index, axis=1)  # [B, B]
-        return d, ops.take(_missing_rows(representatives), index, axis=0)
-
-    shared = ops.all(ops.equal(text, ops.take(representatives, index, axis=0)))
-    return ops.cond(shared, per_label, full)
+    words = _bit_words(text)  # compared bitwise: exact, and cheaper than float ==
+    shared = ops.all(ops.equal(words, ops.take(words, ops.take(first, index), axis=0)))
+    return ops.cond(
+        shared,
+        lambda: tuple(_expand_pairs(x, index) for x in on_rows(representatives)),
+        lambda: on_rows(text),
+    )
 
 
 def _safe_mean(total: Any, count: Any) -> Any:
@@ -590,17 +626,38 @@ def _adaptive_margin_matrices(
     max_margin: float,
     distance: str,
     missing_text_margin: float,
-) -> tuple[Any, Any, Any]:
-    """``(margins [B, B], text_distances [B, B], missing_pair [B, B] bool)``; validated args."""
+    semantic_threshold: float | None = None,
+    return_distances: bool = False,
+) -> tuple[Any, Any | None, Any | None]:
+    """``(margins [B, B], negative_mask [B, B] bool or None, text_distances [B, B] or None)``.
+
+    Arguments are validated by the caller. ``negative_mask`` (semantic
+    masking) is None without ``semantic_threshold``; ``text_distances`` only
+    with ``return_distances``. All are computed per distinct label when
+    possible (see `_text_pair_matrices`).
+    """
     text = ops.stop_gradient(_prepare_embeddings(text_embeddings, "text_embeddings"))
-    text_distances, missing = _text_distances(text, labels, distance)
-    missing_pair = ops.logical_or(ops.expand_dims(missing, 1), ops.expand_dims(missing, 0))
     scale = (float(max_margin) - float(min_margin)) / max_distance(distance)
-    margins = float(min_margin) + scale * text_distances
-    margins = ops.where(
-        missing_pair, ops.zeros_like(margins) + float(missing_text_margin), margins
-    )
-    return margins, text_distances, missing_pair
+
+    def pair_fn(distances: Any, missing: Any) -> list[Any]:
+        missing_pair = ops.logical_or(ops.expand_dims(missing, 1), ops.expand_dims(missing, 0))
+        margins = ops.where(
+            missing_pair,
+            ops.full_like(distances, float(missing_text_margin)),
+            float(min_margin) + scale * distances,
+        )
+        out = [margins]
+        if semantic_threshold is not None:  # missing texts are never masked
+            out.append(ops.logical_or(ops.greater_equal(distances, semantic_threshold), missing_pair))
+        if return_distances:
+            out.append(distances)
+        return out
+
+    out = list(_text_pair_matrices(text, labels, distance, pair_fn))
+    margins = out.pop(0)
+    negative_mask = out.pop(0) if semantic_threshold is not None else None
+    text_distances = out.pop(0) if return_distances else None
+    return margins, negative_mask, text_distances
 
 
 def adaptive_margins(
@@ -630,26 +687,18 @@ def adaptive_margins(
         ``margins = min_margin + (max_margin - min_margin) * text_distances / d_max``
         except ``margins = missing_text_margin`` where either text is missing.
         ``text_distances`` are the distances of the normalised rows (an
-        all-zero row stays zero), also for missing pairs.
+        all-zero row stays zero), also for missing pairs. With ``labels``,
+        pairs within one label may read 0 instead of a ~1e-7 round-off value.
     """
     distance = validate_distance(distance)
     missing_text_margin = _validate_missing_text_margin(missing_text_margin, min_margin, max_margin)
     text = _prepare_embeddings(text_embeddings, "text_embeddings")
     if labels is not None:
         labels = _prepare_labels(labels, text.shape[0])
-    margins, text_distances, _ = _adaptive_margin_matrices(
-        text, labels, min_margin, max_margin, distance, missing_text_margin
+    margins, _, text_distances = _adaptive_margin_matrices(
+        text, labels, min_margin, max_margin, distance, missing_text_margin, return_distances=True
     )
     return margins, text_distances
-
-
-def _adaptive_negative_mask(
-    text_distances: Any, missing_pair: Any, semantic_threshold: float | None
-) -> Any | None:
-    """Semantic masking: ``d(g_a, g_n) >= tau``, or either text missing (never masked)."""
-    if semantic_threshold is None:
-        return None
-    return ops.logical_or(ops.greater_equal(text_distances, semantic_threshold), missing_pair)
 
 
 def triplet_loss(
@@ -745,10 +794,10 @@ def adaptive_triplet_loss(
     embeddings = _prepare_embeddings(embeddings)
     labels = _prepare_labels(labels, embeddings.shape[0])
     dist = pairwise_distances(embeddings, distance=distance)
-    margins, text_distances, missing_pair = _adaptive_margin_matrices(
-        text_embeddings, labels, min_margin, max_margin, distance, missing_text_margin
+    margins, negative_mask, _ = _adaptive_margin_matrices(
+        text_embeddings, labels, min_margin, max_margin, distance, missing_text_margin,
+        semantic_threshold,
     )
-    negative_mask = _adaptive_negative_mask(text_distances, missing_pair, semantic_threshold)
     return margin_triplet_loss(
         labels,
         dist,
@@ -797,11 +846,11 @@ def triplet_statistics(
         missing_text_margin = _validate_missing_text_margin(
             missing_text_margin, min_margin, max_margin
         )
-        margins, text_distances, missing_pair = _adaptive_margin_matrices(
-            text_embeddings, labels, min_margin, max_margin, distance, missing_text_margin
+        margins, mask, _ = _adaptive_margin_matrices(
+            text_embeddings, labels, min_margin, max_margin, distance, missing_text_margin,
+            semantic_threshold,
         )
         margins = ops.cast(margins, dist.dtype)
-        mask = _adaptive_negative_mask(text_distances, missing_pair, semantic_threshold)
         if mask is not None:
             negative = ops.logical_and(negative, mask)
     _, active, margin_sum = _batch_all_hinge_sums(dist, margins, positive, negative)

@@ -51,6 +51,13 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-6)
 
 
+def missing_text(text: np.ndarray | None, batch: int) -> list[bool]:
+    """Row i's description is missing iff its text embedding is all-zero."""
+    if text is None:
+        return [False] * batch
+    return [bool(np.all(np.asarray(row) == 0)) for row in text]
+
+
 def margin_matrix(
     batch: int,
     margin: float | None = None,
@@ -58,16 +65,35 @@ def margin_matrix(
     min_margin: float = 0.1,
     max_margin: float = 0.5,
     kind: str = "squared_l2",
+    missing_text_margin: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Constant margins, or ATL margins from text embeddings. Returns (m, d_text)."""
+    """Constant margins, or ATL margins from text embeddings. Returns (m, d_text).
+
+    A pair where either text is missing (all-zero) gets ``missing_text_margin``,
+    by default the midpoint of ``min_margin`` and ``max_margin``.
+    """
     if text is None:
         return np.full((batch, batch), float(margin)), None
+    if missing_text_margin is None:
+        missing_text_margin = (min_margin + max_margin) / 2.0
+    missing = missing_text(text, batch)
     d_text = distance_matrix(normalize(text), kind)
     m = np.zeros((batch, batch))
     for a in range(batch):
         for n in range(batch):
-            m[a, n] = min_margin + (max_margin - min_margin) * d_text[a, n] / MAX_DISTANCE[kind]
+            if missing[a] or missing[n]:
+                m[a, n] = missing_text_margin
+            else:
+                m[a, n] = min_margin + (max_margin - min_margin) * d_text[a, n] / MAX_DISTANCE[kind]
     return m, d_text
+
+
+def semantically_masked(a: int, n: int, d_text, missing: list[bool], semantic_threshold) -> bool:
+    """True if n is not a negative of a because their texts are too close (never when
+    either text is missing)."""
+    if semantic_threshold is None or missing[a] or missing[n]:
+        return False
+    return d_text[a, n] < semantic_threshold
 
 
 def _h(x: float, soft: bool) -> float:
@@ -87,13 +113,15 @@ def reference_loss(
     min_margin: float = 0.1,
     max_margin: float = 0.5,
     semantic_threshold: float | None = None,
+    missing_text_margin: float | None = None,
 ) -> float:
     """The loss by the book: loops over anchors, positives and negatives."""
     labels = [int(v) for v in np.asarray(labels).reshape(-1)]
     x = np.asarray(embeddings, np.float64)
     b = len(labels)
     d = distance_matrix(x, kind)
-    m, d_text = margin_matrix(b, margin, text, min_margin, max_margin, kind)
+    m, d_text = margin_matrix(b, margin, text, min_margin, max_margin, kind, missing_text_margin)
+    missing = missing_text(text, b)
 
     def is_pos(a, p):
         return a != p and labels[a] == labels[p]
@@ -101,9 +129,7 @@ def reference_loss(
     def is_neg(a, n):
         if labels[a] == labels[n]:
             return False
-        if semantic_threshold is not None and d_text[a, n] < semantic_threshold:
-            return False
-        return True
+        return not semantically_masked(a, n, d_text, missing, semantic_threshold)
 
     total, count = 0.0, 0
     if mining == "batch_all":
@@ -152,12 +178,14 @@ def reference_loss(
 
 
 def reference_statistics(labels, embeddings, kind="squared_l2", margin=0.2, text=None,
-                         min_margin=0.1, max_margin=0.5, semantic_threshold=None) -> dict:
+                         min_margin=0.1, max_margin=0.5, semantic_threshold=None,
+                         missing_text_margin=None) -> dict:
     """fraction_active / mean_active_margin by looping over all triplets."""
     labels = [int(v) for v in np.asarray(labels).reshape(-1)]
     b = len(labels)
     d = distance_matrix(np.asarray(embeddings, np.float64), kind)
-    m, d_text = margin_matrix(b, margin, text, min_margin, max_margin, kind)
+    m, d_text = margin_matrix(b, margin, text, min_margin, max_margin, kind, missing_text_margin)
+    missing = missing_text(text, b)
     valid = active = 0
     margin_sum = 0.0
     for a in range(b):
@@ -167,7 +195,7 @@ def reference_statistics(labels, embeddings, kind="squared_l2", margin=0.2, text
             for n in range(b):
                 if labels[n] == labels[a]:
                     continue
-                if semantic_threshold is not None and d_text[a, n] < semantic_threshold:
+                if semantically_masked(a, n, d_text, missing, semantic_threshold):
                     continue
                 valid += 1
                 if d[a, p] - d[a, n] + m[a, n] > 0:

@@ -25,6 +25,7 @@ from atl_keras.losses import (  # noqa: E402
     MINING_MODES,
     AdaptiveTripletLoss,
     TripletLoss,
+    adaptive_margins,
     adaptive_triplet_loss,
     margin_triplet_loss,
     triplet_loss,
@@ -392,6 +393,7 @@ def test_triplet_loss_validates_arguments():
     [
         TripletLoss(margin=0.3, mining="semi_hard", distance="cosine", soft_margin=True),
         AdaptiveTripletLoss(0.05, 0.7, "batch_hard", "l2", semantic_threshold=0.4, name="atl"),
+        AdaptiveTripletLoss(0.1, 0.3, "semi_hard", semantic_threshold=1.0, missing_text_margin=0.8),
     ],
 )
 def test_config_round_trip(loss):
@@ -460,3 +462,227 @@ def test_xla_compiled_loss_matches_eager(path):
     got = float(compiled(tf.constant(labels), tf.constant(emb), tf.constant(text)))
     assert got == pytest.approx(float(adaptive_triplet_loss(labels, emb, text, mining=mining)),
                                 abs=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Text distances computed once per label (the text is a property of the item).
+# ---------------------------------------------------------------------------
+
+
+def per_label_text(labels: np.ndarray, seed: int, missing_labels=()) -> np.ndarray:
+    """``[B, 5]`` float32: every row of a label carries that label's text; labels in
+    ``missing_labels`` get all-zero rows (description missing)."""
+    rng = np.random.default_rng(seed)
+    table = {int(label): rng.normal(size=5).astype(np.float32) for label in np.unique(labels)}
+    for label in missing_labels:
+        table[int(label)] = np.zeros(5, np.float32)
+    return np.stack([table[int(label)] for label in labels])
+
+
+def break_sharing(labels: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Copy of ``text`` where one label's second row carries a different text."""
+    values, counts = np.unique(labels, return_counts=True)
+    label = values[np.argmax(counts >= 2)]
+    row = np.flatnonzero(labels == label)[1]
+    broken = text.copy()
+    broken[row] = broken[row] + np.linspace(0.5, 1.5, text.shape[1], dtype=np.float32)
+    return broken
+
+
+@pytest.mark.parametrize("mining,kind", list(itertools.product(MINING_MODES, DISTANCE_KINDS)))
+def test_per_label_and_full_text_branches_match_reference(mining, kind):
+    """Texts shared per label (per-label branch) and a label with two texts (full
+    [B, B] branch) both give the loop reference, with and without masking. (Both
+    branches only build the margin matrix; the miners' two algorithms are covered
+    for any margin matrix by test_adaptive_loss_matches_reference.)"""
+    tau = 0.3 * max_distance(kind)
+    for i, (batch_kind, seed) in enumerate((("pk", 0), ("singletons", 0))):
+        labels, emb, _ = make_batch(batch_kind, seed)
+        shared = per_label_text(labels, seed + 1)
+        for j, text in enumerate((shared, break_sharing(labels, shared))):
+            threshold = tau if (i + j) % 2 else None
+            soft = bool(i % 2)
+            got = float(adaptive_triplet_loss(labels, emb, text, 0.05, 0.6, mining, kind,
+                                              threshold, soft))
+            want = ref.reference_loss(labels, emb, mining, kind, soft, text=text,
+                                      min_margin=0.05, max_margin=0.6,
+                                      semantic_threshold=threshold)
+            assert abs(got - want) < TOL, (batch_kind, j, threshold, got, want)
+
+
+def test_text_branch_is_chosen_by_the_data(monkeypatch):
+    """Eager ops.cond runs one branch: the per-label one exactly when every row of a
+    label carries the same text."""
+    calls = []
+    expand = losses_module._expand_pairs
+    monkeypatch.setattr(losses_module, "_expand_pairs",
+                        lambda x, index: calls.append(1) or expand(x, index))
+    labels, emb, _ = make_batch("pk", 0)
+    shared = per_label_text(labels, 1)
+    adaptive_triplet_loss(labels, emb, shared)
+    assert calls, "texts shared per label must take the per-label branch"
+    calls.clear()
+    adaptive_triplet_loss(labels, emb, break_sharing(labels, shared))
+    assert not calls, "a label with two texts must take the full [B, B] branch"
+    calls.clear()
+    nan_text = shared.copy()
+    nan_text[0, 0] = np.nan  # differs from the other rows of its label
+    adaptive_triplet_loss(labels, emb, nan_text)
+    assert not calls
+    # The check is bitwise: -0.0 vs 0.0 (both "missing") takes the full branch,
+    # with the same result.
+    signed = per_label_text(labels, 1, missing_labels=(int(labels[0]),))
+    signed[1] = -0.0
+    got = float(adaptive_triplet_loss(labels, emb, signed, mining="batch_hard"))
+    assert not calls
+    assert got == pytest.approx(ref.reference_loss(labels, emb, "batch_hard", text=signed),
+                                abs=TOL)
+
+
+def test_per_label_shortcut_alone_would_be_wrong_when_a_label_has_two_texts():
+    """Why the check exists: expanding the first row's text over the label changes margins."""
+    labels, _, _ = make_batch("pk", 1)
+    text = break_sharing(labels, per_label_text(labels, 2))
+    margins, distances = adaptive_margins(text, labels=labels)
+    want_m, want_d = ref.margin_matrix(len(labels), text=text, kind="squared_l2")
+    negative = labels[:, None] != labels[None, :]
+    np.testing.assert_allclose(np.asarray(margins)[negative], want_m[negative], atol=TOL)
+    np.testing.assert_allclose(np.asarray(distances)[negative], want_d[negative], atol=TOL)
+    _, first = np.unique(labels, return_index=True)
+    shortcut, _ = adaptive_margins(text[first][np.searchsorted(labels[first], labels)])
+    assert np.abs(np.asarray(shortcut) - want_m)[negative].max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_adaptive_margins_with_labels_equal_the_full_computation(kind):
+    labels, _, _ = make_batch("random", 2)
+    text = per_label_text(labels, 3, missing_labels=(int(labels[0]),))
+    negative = labels[:, None] != labels[None, :]
+    full_m, full_d = adaptive_margins(text, 0.1, 0.7, kind, missing_text_margin=0.9)
+    fast_m, fast_d = adaptive_margins(text, 0.1, 0.7, kind, missing_text_margin=0.9,
+                                      labels=labels)
+    want_m, want_d = ref.margin_matrix(len(labels), text=text, min_margin=0.1, max_margin=0.7,
+                                       kind=kind, missing_text_margin=0.9)
+    for got_m, got_d in ((full_m, full_d), (fast_m, fast_d)):
+        np.testing.assert_allclose(np.asarray(got_m)[negative], want_m[negative], atol=TOL)
+        np.testing.assert_allclose(np.asarray(got_d)[negative], want_d[negative], atol=TOL)
+    assert np.asarray(fast_m).shape == (len(labels), len(labels))
+
+
+def test_text_branches_in_graph_and_xla():
+    """In a tf.function the branch is a real graph cond, chosen per batch by one
+    trace; with XLA, tf.unique has a dynamic size. Both branches give the reference."""
+    labels, emb, _ = make_batch("pk", 4)
+    shared = per_label_text(labels, 5, missing_labels=(int(labels[0]),))
+    for jit in (False, True):
+        fn = tf.function(lambda l, e, t: adaptive_triplet_loss(
+            l, e, t, mining="batch_hard", semantic_threshold=1.0), jit_compile=jit)
+        for text in (shared, break_sharing(labels, shared)):
+            want = ref.reference_loss(labels, emb, "batch_hard", text=text,
+                                      semantic_threshold=1.0)
+            got = float(fn(tf.constant(labels), tf.constant(emb), tf.constant(text)))
+            assert got == pytest.approx(want, abs=TOL), jit
+        assert fn.experimental_get_tracing_count() == 1
+
+
+def test_backends_without_label_groups_compute_the_full_matrix(monkeypatch):
+    monkeypatch.setattr(losses_module, "_label_groups", lambda labels: None)
+    labels, emb, _ = make_batch("pk", 6)
+    text = per_label_text(labels, 7)
+    for mining in MINING_MODES:
+        got = float(adaptive_triplet_loss(labels, emb, text, mining=mining))
+        assert got == pytest.approx(ref.reference_loss(labels, emb, mining, text=text), abs=TOL)
+
+
+# ---------------------------------------------------------------------------
+# Missing descriptions (all-zero text embeddings).
+# ---------------------------------------------------------------------------
+
+
+def with_missing_rows(labels: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """``text`` with the rows of one label and one extra single row all-zero."""
+    out = text.copy()
+    out[labels == labels[0]] = 0.0
+    out[-1] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("mining,kind", list(itertools.product(MINING_MODES, DISTANCE_KINDS)))
+def test_missing_text_matches_reference(mining, kind):
+    tau = 0.4 * max_distance(kind)
+    cases = [(None, None), (0.9, tau), (0.0, None), (None, tau)]
+    for i, (batch_kind, seed) in enumerate((("random", 0), ("duplicates", 0))):
+        labels, emb, text = make_batch(batch_kind, seed)
+        texts = (with_missing_rows(labels, text),  # per row (full branch)
+                 per_label_text(labels, seed, missing_labels=(int(labels[-1]),)))  # per label
+        for j, text in enumerate(texts):
+            missing_margin, threshold = cases[(i + 2 * j) % len(cases)]
+            soft = bool(j)
+            got = float(adaptive_triplet_loss(labels, emb, text, 0.05, 0.6, mining, kind,
+                                              threshold, soft, missing_margin))
+            want = ref.reference_loss(labels, emb, mining, kind, soft, text=text,
+                                      min_margin=0.05, max_margin=0.6,
+                                      semantic_threshold=threshold,
+                                      missing_text_margin=missing_margin)
+            assert abs(got - want) < TOL, (batch_kind, j, missing_margin, threshold, got, want)
+
+
+@pytest.mark.parametrize("mining,soft", list(itertools.product(MINING_MODES, (False, True))))
+def test_all_texts_missing_is_the_triplet_loss_with_missing_text_margin(mining, soft):
+    for i, batch_kind in enumerate(("pk", "random", "duplicates")):
+        kind = DISTANCE_KINDS[i]
+        labels, emb, text = make_batch(batch_kind, 8)
+        zeros = np.zeros_like(text)
+        want = float(triplet_loss(labels, emb, 0.45, mining, kind, soft))
+        for threshold in (None, 0.5 * max_distance(kind)):  # never masks missing texts
+            got = float(adaptive_triplet_loss(labels, emb, zeros, 0.05, 0.6, mining, kind,
+                                              threshold, soft, missing_text_margin=0.45))
+            assert got == want, (batch_kind, threshold)
+        midpoint = float(triplet_loss(labels, emb, (0.05 + 0.6) / 2, mining, kind, soft))
+        assert float(adaptive_triplet_loss(labels, emb, zeros, 0.05, 0.6, mining, kind,
+                                           soft_margin=soft)) == midpoint
+
+
+def test_missing_text_margin_is_used():
+    """The reference comparison above must be able to fail: the value matters."""
+    labels, emb, text = make_batch("pk", 9)
+    text = with_missing_rows(labels, text)
+    low = float(adaptive_triplet_loss(labels, emb, text, mining="batch_hard",
+                                      missing_text_margin=0.0))
+    high = float(adaptive_triplet_loss(labels, emb, text, mining="batch_hard",
+                                       missing_text_margin=1.5))
+    assert high - low > 1e-2
+    loss = AdaptiveTripletLoss(mining="batch_hard", missing_text_margin=1.5)
+    assert float(loss({"label": labels, "text_embedding": text}, emb)) == high
+
+
+@pytest.mark.parametrize("value", [-0.1, float("inf"), float("nan"), "wide", True])
+def test_missing_text_margin_is_validated(value):
+    with pytest.raises(ValueError, match=r"missing_text_margin"):
+        AdaptiveTripletLoss(missing_text_margin=value)
+    labels, emb, text = make_batch("pk", 0)
+    with pytest.raises(ValueError, match=r"missing_text_margin"):
+        adaptive_triplet_loss(labels, emb, text, missing_text_margin=value)
+    with pytest.raises(ValueError, match=r"missing_text_margin"):
+        adaptive_margins(text, missing_text_margin=value)
+
+
+def test_missing_text_margin_config_default():
+    config = AdaptiveTripletLoss(0.1, 0.5).get_config()
+    assert config["missing_text_margin"] is None  # the midpoint, resolved per call
+    assert AdaptiveTripletLoss(missing_text_margin=0).get_config()["missing_text_margin"] == 0.0
+
+
+@pytest.mark.parametrize("kind", DISTANCE_KINDS)
+def test_triplet_statistics_with_missing_text(kind):
+    labels, emb, text = make_batch("pk", 10)
+    text = with_missing_rows(labels, text)
+    for missing_margin, threshold in ((None, None), (0.05, 0.6 * max_distance(kind))):
+        stats = triplet_statistics(labels, emb, text, min_margin=0.2, max_margin=1.0,
+                                   distance=kind, semantic_threshold=threshold,
+                                   missing_text_margin=missing_margin)
+        want = ref.reference_statistics(labels, emb, kind, text=text, min_margin=0.2,
+                                        max_margin=1.0, semantic_threshold=threshold,
+                                        missing_text_margin=missing_margin)
+        for key, value in want.items():
+            assert float(stats[key]) == pytest.approx(value, abs=1e-5), (key, threshold)

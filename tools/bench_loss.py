@@ -8,9 +8,15 @@ T=512 text embeddings. Ratios are measured in the same run:
 - ATL / Triplet per mining mode and batch size (target <= 1.25 at B=256),
 - semi_hard / batch_hard per loss and batch size (target <= 3 at B=1024).
 
+As in real data every image of an item carries the item's text, so ATL
+computes its text distances once per item. ``--per-row-text`` also times ATL
+on a batch where one image per item carries a different text: the loss then
+detects that the texts are not shared per label and computes the full
+``[B, T] x [T, B]`` text distances (the cost before the per-label path).
+
 Usage:
     python tools/bench_loss.py [--batch-sizes 64 256 1024] [--repeats 10]
-        [--output results/bench_loss.json]
+        [--per-row-text] [--output results/bench_loss.json]
 """
 
 from __future__ import annotations
@@ -49,6 +55,13 @@ def make_batch(batch_size: int, seed: int = 0) -> tuple[tf.Tensor, tf.Tensor, tf
     return tf.constant(labels), tf.constant(emb), tf.constant(text)
 
 
+def unshare_text(text: tf.Tensor) -> tf.Tensor:
+    """``text`` with every ``IMAGES_PER_ITEM``-th row changed: texts no longer per label."""
+    values = text.numpy().copy()
+    values[::IMAGES_PER_ITEM] += 0.5
+    return tf.constant(values)
+
+
 def make_step(loss: tf.keras.losses.Loss, y_true, embeddings: tf.Tensor):
     """A warmed-up `tf.function` running one forward + backward pass."""
 
@@ -85,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--per-row-text", action="store_true",
+                        help="also time ATL when texts are not shared per label (full path)")
     parser.add_argument("--output", default="results/bench_loss.json")
     args = parser.parse_args(argv)
 
@@ -96,20 +111,29 @@ def main(argv: list[str] | None = None) -> int:
         for mining in MINING_MODES:
             steps[("triplet", mining)] = make_step(TripletLoss(mining=mining), labels, emb)
             steps[("atl", mining)] = make_step(AdaptiveTripletLoss(mining=mining), targets, emb)
+            if args.per_row_text:
+                per_row = {"label": labels, "text_embedding": unshare_text(text)}
+                steps[("atl_per_row_text", mining)] = make_step(
+                    AdaptiveTripletLoss(mining=mining), per_row, emb
+                )
         ms = time_interleaved(steps, args.repeats)
         for mining in MINING_MODES:
             triplet_ms, atl_ms = ms[("triplet", mining)], ms[("atl", mining)]
-            rows.append(
-                {
-                    "batch_size": batch_size,
-                    "mining": mining,
-                    "triplet_ms": triplet_ms,
-                    "atl_ms": atl_ms,
-                    "atl_over_triplet": atl_ms / triplet_ms,
-                }
-            )
-            print(f"  B={batch_size:5d} {mining:10s} triplet {triplet_ms:9.2f} ms  "
-                  f"atl {atl_ms:9.2f} ms", flush=True)
+            row = {
+                "batch_size": batch_size,
+                "mining": mining,
+                "triplet_ms": triplet_ms,
+                "atl_ms": atl_ms,
+                "atl_over_triplet": atl_ms / triplet_ms,
+            }
+            line = (f"  B={batch_size:5d} {mining:10s} triplet {triplet_ms:9.2f} ms  "
+                    f"atl {atl_ms:9.2f} ms")
+            if args.per_row_text:
+                row["atl_per_row_text_ms"] = ms[("atl_per_row_text", mining)]
+                row["atl_per_row_text_over_triplet"] = row["atl_per_row_text_ms"] / triplet_ms
+                line += f"  atl (per-row text) {row['atl_per_row_text_ms']:9.2f} ms"
+            rows.append(row)
+            print(line, flush=True)
 
     by_key = {(r["batch_size"], r["mining"]): r for r in rows}
     semi_over_hard = {}
@@ -124,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"forward+backward ms (median of {args.repeats}), D={EMBEDDING_DIM}, T={TEXT_DIM}, "
           f"P x K batches with K={IMAGES_PER_ITEM}")
-    print(f"{'B':>5} {'mining':<11} {'Triplet':>10} {'ATL':>10} {'ATL/Triplet':>12}")
+    extra = f" {'ATL per-row text':>17} {'ratio':>6}" if args.per_row_text else ""
+    print(f"{'B':>5} {'mining':<11} {'Triplet':>10} {'ATL':>10} {'ATL/Triplet':>12}{extra}")
     for r in rows:
+        extra = (f" {r['atl_per_row_text_ms']:>17.2f} {r['atl_per_row_text_over_triplet']:>6.2f}"
+                 if args.per_row_text else "")
         print(f"{r['batch_size']:>5} {r['mining']:<11} {r['triplet_ms']:>10.2f} "
-              f"{r['atl_ms']:>10.2f} {r['atl_over_triplet']:>12.2f}")
+              f"{r['atl_ms']:>10.2f} {r['atl_over_triplet']:>12.2f}{extra}")
     print()
     print(f"{'B':>5} {'semi_hard/batch_hard (Triplet)':>31} {'(ATL)':>8}")
     for batch_size, ratio in semi_over_hard.items():
@@ -140,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             "embedding_dim": EMBEDDING_DIM,
             "text_dim": TEXT_DIM,
             "images_per_item": IMAGES_PER_ITEM,
+            "per_row_text": args.per_row_text,
             "tensorflow": tf.__version__,
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
