@@ -60,6 +60,8 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-margin", type=float, help="ATL margin of opposite descriptions")
     p.add_argument("--semantic-threshold", type=float,
                    help="negatives whose description distance is below this are not negatives")
+    p.add_argument("--missing-text-margin", type=float,
+                   help="margin for pairs where an item has no description (default: midpoint)")
     p.add_argument("--text-encoder",
                    help="use-m3 (built-in, offline), hashing, a local TF-Hub SavedModel dir or a URL")
     p.add_argument("--text-cache-dir")

@@ -86,6 +86,7 @@ class TrainConfig:
     min_margin: float = 0.05
     max_margin: float = 0.4
     semantic_threshold: float | None = None
+    missing_text_margin: float | None = None  # items without a description; None = midpoint
     text_encoder: str = "use-m3"
     text_cache_dir: str = "saved_models/text_encoders/cache"
     backbone: str = "small_cnn"
@@ -170,6 +171,7 @@ def build_loss(config: TrainConfig) -> keras.losses.Loss:
         mining=config.mining,
         distance=config.distance,
         semantic_threshold=config.semantic_threshold,
+        missing_text_margin=config.missing_text_margin,
     )
 
 
