@@ -319,13 +319,22 @@ def _missing_rows(text: Any) -> Any:
 def _bit_words(x: Any) -> Any:
     """``[N, T]`` float -> integer tensor holding the same bits, for exact equality tests.
 
-    float32 rows of even width are viewed as ``T / 2`` int64 words (half as
-    many comparisons), otherwise as one int32 / int64 word per element.
+    float32 rows of (statically known) even width are viewed as ``T / 2`` int64 words
+    (half as many comparisons), otherwise as one int32 / int64 word per element. On
+    TensorFlow this is `tf.bitcast`, which also works when the shape is only known at run
+    time (e.g. after a cross-replica all-gather), where `ops.view` cannot trace.
     """
-    if keras.backend.standardize_dtype(x.dtype) == "float64":
-        return ops.view(x, "int64")
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    same_size = "int64" if dtype == "float64" else "int32"
     width = x.shape[-1]
-    return ops.view(x, "int64" if width is not None and width % 2 == 0 else "int32")
+    paired = dtype == "float32" and width is not None and width % 2 == 0
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if paired:
+            return tf.bitcast(tf.reshape(x, [-1, width // 2, 2]), tf.int64)
+        return tf.bitcast(x, same_size)
+    return ops.view(x, "int64" if paired else same_size)
 
 
 def _expand_pairs(x: Any, index: Any) -> Any:
