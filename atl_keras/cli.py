@@ -4,6 +4,9 @@
     atl train --config run.yaml --epochs 5          # flags override the YAML file
     atl evaluate --model runs/main/model.keras --dataset synthetic-shop
     atl inspect-margins --dataset synthetic-shop --output runs/margins
+    atl export --model runs/main/model.keras --output-base saved_models/shop
+    atl serve --port 8500 --model_name shop --model_base_path saved_models/shop
+    atl query --server localhost:8500 --model shop --image street.jpg --k 10
 """
 
 from __future__ import annotations
@@ -128,14 +131,24 @@ def _add_inspect_margins_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--examples", type=int, default=5, help="items whose nearest descriptions are listed")
 
 
+#: Commands whose flags belong to another entry point: `atl NAME ...` runs `module.main(...)`.
+PASSTHROUGH = {
+    "export": ("atl_keras.export_cli", "SavedModel + ScaNN index as saved_models/NAME/N (atl export -h)"),
+    "serve": ("serving.server", "gRPC server speaking TF Serving's API (atl serve -h)"),
+    "query": ("serving.client", "query a served model with images (atl query -h)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="atl", description="Adaptive triplet loss: train, evaluate, inspect margins."
+        prog="atl", description="Adaptive triplet loss: train, evaluate, export, serve, query."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)
     _add_evaluate_parser(subparsers)
     _add_inspect_margins_parser(subparsers)
+    for name, (_, help_text) in PASSTHROUGH.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -223,6 +236,12 @@ def _cmd_inspect_margins(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     commands = {
         "train": _cmd_train,

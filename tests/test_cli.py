@@ -110,3 +110,13 @@ def test_yaml_config_and_flag_precedence(tmp_path):
 def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_export_serve_query_are_atl_subcommands(capsys):
+    assert cli.main(["export", "--model", "/nonexistent/model.keras", "--output-base", "x"]) == 2
+    assert "No model" in capsys.readouterr().err
+    for command, usage in (("serve", "--model_base_path"), ("query", "--server")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert usage in capsys.readouterr().out

@@ -1,105 +1,16 @@
 """Export a trained model with a ScaNN gallery index as saved_models/NAME/VERSION.
 
-    python tools/export.py --model runs/main/model.keras --output-base saved_models/shop \
-        [--dataset synthetic-shop] [--split test] [--version 3] [--force] [--min-recall 0.95] \
-        [--portable-output-base saved_models/shop-portable]
+    python tools/export.py --model runs/main/model.keras --output-base saved_models/shop
 
-The gallery is the evaluation set of a dataset spec (see `atl train --help`): the catalog
-images of the test items for street->catalog datasets, every test image for leave-one-out
-ones. By default the dataset and its options come from the `config.json` that `atl train`
-wrote next to the model, so the export indexes exactly the catalog the model was tested on.
-A thin CLI over `atl_keras.export.export_model`; prints what it wrote.
+The same as `atl export`; the implementation is `atl_keras.export_cli`.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="trained model (.keras)")
-    p.add_argument("--dataset", default=None, help="dataset spec (default: the model's config.json)")
-    p.add_argument("--data-dir", default=os.environ.get("ATL_FASHION_MNIST_DIR"))
-    p.add_argument("--split", default="test", choices=["test", "validation"])
-    p.add_argument("--output-base", required=True, help="e.g. saved_models/NAME")
-    p.add_argument("--version", type=int, default=None, help="default: the next integer")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--min-recall", type=float, default=0.95)
-    p.add_argument("--force", action="store_true", help="replace an existing version")
-    p.add_argument(
-        "--portable-output-base",
-        default=None,
-        help="also write the same version without ScaNN ops (for stock TF Serving), "
-        "e.g. saved_models/NAME-portable",
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if not os.path.exists(args.model):
-            raise FileNotFoundError(f"No model at {args.model!r}; train one with `atl train`.")
-        import keras
-
-        import atl_keras  # noqa: F401  (registers ATLModel and the losses)
-        from atl_keras.export import export_model
-        from atl_keras.run_config import load_run_config
-        from atl_keras.train import load_data
-
-        config = load_run_config(args.model, {"dataset": args.dataset, "data_dir": args.data_dir})
-        evaluation = getattr(load_data(config), args.split)
-        model = keras.models.load_model(args.model)
-        queries = evaluation.query_images if evaluation.gallery_images is not None else None
-        provenance = {
-            "source_model": os.path.abspath(args.model),
-            "dataset": config.dataset,
-            "split": args.split,
-            "protocol": evaluation.protocol,
-        }
-        result = export_model(
-            model,
-            evaluation.index_images,
-            evaluation.gallery_ids,
-            args.output_base,
-            args.version,
-            query_images=queries,
-            k=args.k,
-            min_recall=args.min_recall,
-            force=args.force,
-            extra_manifest=provenance,
-        )
-        portable = None
-        if args.portable_output_base:
-            portable = export_model(
-                model,
-                evaluation.index_images,
-                evaluation.gallery_ids,
-                args.portable_output_base,
-                result.version,
-                k=args.k,
-                force=args.force,
-                include_scann=False,
-                extra_manifest=provenance,
-            )
-    except (ValueError, FileNotFoundError) as error:  # ExportError is a ValueError
-        print(f"export: error: {error}", file=sys.stderr)
-        return 2
-    recall_key = next(key for key in result.manifest if key.startswith("scann_recall_at_"))
-    print(f"Exported version {result.version} to {result.path}")
-    if portable is not None:
-        print(f"Portable (stock TF Serving, retrieve_exact) version to {portable.path}")
-    print(json.dumps({key: result.manifest[key] for key in (
-        "gallery_size", "embedding_dim", recall_key, "scann_config")}, indent=2))
-    return 0
-
+from atl_keras.export_cli import build_parser, main  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())
