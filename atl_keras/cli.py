@@ -152,8 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _data_dir_from_environment(values: dict[str, Any]) -> None:
+    """`--data-dir` defaults to $ATL_FASHION_MNIST_DIR (the library reads no env vars)."""
+    if "data_dir" not in values and os.environ.get("ATL_FASHION_MNIST_DIR"):
+        values["data_dir"] = os.environ["ATL_FASHION_MNIST_DIR"]
+
+
 def _train_config(values: dict[str, Any]):
     """TrainConfig from defaults < YAML config file < explicit flags."""
+    from atl_keras.run_config import train_config_from
     from atl_keras.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -174,13 +181,9 @@ def _train_config(values: dict[str, Any]):
                 f"{config_file}: unknown keys {unknown}; valid keys: {sorted(fields)}."
             )
         merged.update(loaded)
-    if "data_dir" not in values and os.environ.get("ATL_FASHION_MNIST_DIR"):
-        values["data_dir"] = os.environ["ATL_FASHION_MNIST_DIR"]
-    merged.update({k: v for k, v in values.items() if k in fields})
-    for key in ("ks", "unseen_classes"):
-        if key in merged and isinstance(merged[key], list):
-            merged[key] = tuple(merged[key])
-    return TrainConfig(**merged)
+    _data_dir_from_environment(values)
+    merged.update(values)
+    return train_config_from(merged)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -211,8 +214,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model_path, split, limit, as_json = (
         values.pop("model"), values.pop("split"), values.pop("limit"), values.pop("json")
     )
-    if "data_dir" not in values and os.environ.get("ATL_FASHION_MNIST_DIR"):
-        values["data_dir"] = os.environ["ATL_FASHION_MNIST_DIR"]
+    _data_dir_from_environment(values)
     config = load_run_config(model_path, values)
     metrics, protocol = evaluate_saved_model(model_path, config, split=split, limit=limit)
     if as_json:

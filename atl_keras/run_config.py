@@ -13,11 +13,22 @@ import os
 from typing import Any
 
 
+def train_config_from(values: dict[str, Any]):
+    """`TrainConfig` from a mapping of its field names (JSON/YAML lists become tuples);
+    keys that are not fields are ignored."""
+    from atl_keras.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kept = {k: v for k, v in values.items() if k in fields}
+    for key in ("ks", "unseen_classes"):
+        if isinstance(kept.get(key), list):
+            kept[key] = tuple(kept[key])
+    return TrainConfig(**kept)
+
+
 def load_run_config(model_path: str, overrides: dict[str, Any] | None = None):
     """`TrainConfig` from the `config.json` beside `model_path` (defaults when absent),
     updated with the non-None values of `overrides`."""
-    from atl_keras.train import TrainConfig
-
     values: dict[str, Any] = {}
     saved = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
     if os.path.exists(saved):
@@ -25,10 +36,5 @@ def load_run_config(model_path: str, overrides: dict[str, Any] | None = None):
             values = json.load(f)
         if not isinstance(values, dict):
             raise ValueError(f"{saved} does not hold a TrainConfig mapping.")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in values.items() if k in fields}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in fields})
-    for key in ("ks", "unseen_classes"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
-    return TrainConfig(**values)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return train_config_from(values)
