@@ -590,8 +590,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         with self._manager.acquire(spec.name, _version_arg(spec), spec.version_label) as loaded:
             name = spec.signature_name or DEFAULT_SIGNATURE
             signature = loaded.signatures.get(name)
-            if signature is None:
-                raise _not_found(
+            if signature is None:  # TF Serving answers FAILED_PRECONDITION here, not NOT_FOUND
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
                     f"model {loaded.name!r} version {loaded.version} has no signature {name!r}; "
                     f"signatures: {sorted(loaded.signatures)}"
                 )

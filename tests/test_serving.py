@@ -364,12 +364,13 @@ def _bad_requests(served):
     malformed.tensor_shape.dim[0].size = 3  # claims 3 strings, holds 2
     truncated_png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20
     NF, IA = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
+    FP = grpc.StatusCode.FAILED_PRECONDITION
     cases = {
         "unknown model": (predict_request(model="nope", images=images_proto([png])), NF, "model 'nope'"),
         "empty model name": (predict_request(model="", images=images_proto([png])), IA, "model_spec.name"),
         "unknown version": (predict_request(version=7, images=images_proto([png])), NF, "version 7"),
         "unknown label": (predict_request(label="canary", images=images_proto([png])), NF, "label 'canary'"),
-        "unknown signature": (predict_request(signature="nope", images=images_proto([png])), NF, "signature 'nope'"),
+        "unknown signature": (predict_request(signature="nope", images=images_proto([png])), FP, "signature 'nope'"),
         "missing input": (predict_request(signature="retrieve", images=images_proto([png])), IA, "missing inputs ['k']"),
         "extra input": (predict_request(images=images_proto([png]), extra=np.ones(1, np.float32)), IA, "unexpected inputs ['extra']"),
         "wrong dtype": (predict_request(images=np.ones(2, np.float32)), IA, "DT_FLOAT"),
