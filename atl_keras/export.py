@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -46,6 +47,9 @@ MANIFEST_NAME = "manifest.json"
 IDS_NAME = "gallery_ids.txt"
 SIGNATURES = ("serving_default", "embed_pixels", "retrieve", "retrieve_exact")
 PORTABLE_SIGNATURES = ("serving_default", "embed_pixels", "retrieve_exact")
+#: Temporary export directories (`.tmp-*`, `.old-*`) left by a killed export are removed by
+#: the next export into the same base once they are this old (a live export is never that slow).
+STALE_TEMPORARY_SECONDS = 6 * 3600
 
 
 class ExportError(ValueError):
@@ -362,6 +366,7 @@ def _write_version(
 ) -> None:
     """Save into a hidden temporary directory, then rename it to `export_base/version`."""
     os.makedirs(export_base, exist_ok=True)
+    remove_stale_temporaries(export_base)
     tmp_path = os.path.join(export_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:
         tf.saved_model.save(module, tmp_path, signatures=module.signatures())
@@ -375,6 +380,29 @@ def _write_version(
     finally:
         if os.path.exists(tmp_path):
             shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def remove_stale_temporaries(export_base: str, max_age_seconds: float = STALE_TEMPORARY_SECONDS) -> list[str]:
+    """Delete `.tmp-*` / `.old-*` directories older than `max_age_seconds` in `export_base`.
+
+    They are what a killed export leaves behind (never a servable version: servers only load
+    numeric directories). Younger ones may belong to an export still running and are kept.
+    Returns the removed names.
+    """
+    removed = []
+    now = time.time()
+    for name in sorted(os.listdir(export_base)):
+        path = os.path.join(export_base, name)
+        if not name.startswith((".tmp-", ".old-")) or not os.path.isdir(path):
+            continue
+        try:
+            age = now - os.path.getmtime(path)
+        except FileNotFoundError:  # removed by a concurrent export
+            continue
+        if age > max_age_seconds:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def _publish(tmp_path: str, final_path: str, force: bool) -> None:

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from atl_keras.export import (
+    STALE_TEMPORARY_SECONDS,
     ExportError,
     existing_versions,
     export_model,
@@ -198,6 +199,13 @@ def test_export_killed_midway_leaves_no_version_directory(tmp_path):
     leftovers = os.listdir(base)
     assert leftovers and all(name.startswith(".tmp-") for name in leftovers)
     assert next_version(str(base)) == 1
+    # the next export removes leftovers older than STALE_TEMPORARY_SECONDS, keeps younger ones
+    stale_time = time.time() - STALE_TEMPORARY_SECONDS - 60
+    for name in leftovers:
+        os.utime(base / name, (stale_time, stale_time))
+    (base / ".tmp-7-running").mkdir()
+    export_model(tiny_model(), images(20), list(range(20)), str(base))
+    assert sorted(os.listdir(base)) == [".tmp-7-running", "1"]
 
 
 STOCK_LOADER = """
