@@ -37,6 +37,7 @@ import json
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +210,9 @@ def evaluate_embeddings(
     )
 
 
+_forward_functions: "weakref.WeakKeyDictionary[keras.Model, Any]" = weakref.WeakKeyDictionary()
+
+
 def _embed(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """``[N, H, W, C]`` -> ``[N, D]`` float32 on this process's default device.
 
@@ -219,7 +223,11 @@ def _embed(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.
     images = np.asarray(images)
     if not len(images):
         return np.zeros((0, int(getattr(model, "embedding_dim", 0))), np.float32)
-    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    forward = _forward_functions.get(model)
+    if forward is None:  # one traced function per model, not one per call (no retracing)
+        model_ref = weakref.ref(model)  # the cache must not keep the model alive
+        forward = tf.function(lambda x: model_ref()(x, training=False), reduce_retracing=True)
+        _forward_functions[model] = forward
     chunks = [
         np.asarray(forward(tf.constant(images[start : start + batch_size])), np.float32)
         for start in range(0, len(images), batch_size)
