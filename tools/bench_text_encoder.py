@@ -21,11 +21,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def _sentences(n: int) -> list[str]:
-    from test_use_encoder import varied_sentences  # deterministic, multilingual
+    from atl_keras.text_samples import varied_sentences  # deterministic, multilingual
 
     return varied_sentences(n, seed=1)
 
