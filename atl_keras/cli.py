@@ -136,12 +136,13 @@ PASSTHROUGH = {
     "export": ("atl_keras.export_cli", "SavedModel + ScaNN index as saved_models/NAME/N (atl export -h)"),
     "serve": ("serving.server", "gRPC server speaking TF Serving's API (atl serve -h)"),
     "query": ("serving.client", "query a served model with images (atl query -h)"),
+    "replicate": ("atl_keras.replicate_cli", "triplet baselines vs ATL over seeds, report in results/ (atl replicate -h)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="atl", description="Adaptive triplet loss: train, evaluate, export, serve, query."
+        prog="atl", description="Adaptive triplet loss: train, evaluate, export, serve, query, replicate."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(subparsers)

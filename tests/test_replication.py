@@ -24,8 +24,10 @@ from atl_keras.replication import (
     aggregate,
     compare,
     derangement,
+    paired_t_p_value,
     query_gallery_split,
     street_style,
+    student_t_two_sided_p,
 )
 from atl_keras.text import HashingTextEncoder
 
@@ -142,6 +144,28 @@ def test_aggregate_and_compare_match_numpy_reference():
     assert compare(single, "shop", "recall_at_1", "atl_use", "triplet_batch_hard").verdict.startswith("not testable")
 
 
+@pytest.mark.parametrize("t, df, p", [
+    (12.706204736, 1, 0.05), (4.302652730, 2, 0.05), (3.182446305, 3, 0.05), (2.776445105, 4, 0.05),
+    (2.570581836, 5, 0.05), (9.924843201, 2, 0.01), (4.604094871, 4, 0.01), (1.0, 1, 0.5),
+    (0.0, 3, 1.0), (-2.776445105, 4, 0.05), (2.228138852, 10, 0.05),
+])
+def test_student_t_p_value_matches_t_tables(t, df, p):
+    assert student_t_two_sided_p(t, df) == pytest.approx(p, abs=1e-6)
+
+
+def test_paired_t_p_value_against_a_hand_computed_test():
+    diff = [0.07, 0.10, 0.307]  # mean 0.159, sd 0.1292 -> t = 2.1318, df = 2
+    t = np.mean(diff) / (np.std(diff, ddof=1) / np.sqrt(3))
+    assert paired_t_p_value(diff) == pytest.approx(student_t_two_sided_p(t, 2))
+    assert 0.16 < paired_t_p_value(diff) < 0.17
+    assert math.isnan(paired_t_p_value([0.1]))
+    assert paired_t_p_value([0.1, 0.1]) == 0.0 and paired_t_p_value([0.0, 0.0]) == 1.0
+    c = compare([_record("atl_use", s, v, v) for s, v in enumerate([0.3, 0.4, 0.5])]
+                + [_record("triplet_batch_hard", s, v, v) for s, v in enumerate([0.2, 0.2, 0.2])],
+                "shop", "recall_at_1", "atl_use", "triplet_batch_hard")
+    assert c.p_value == pytest.approx(paired_t_p_value([0.1, 0.2, 0.3]))
+
+
 def test_methods_share_everything_but_the_loss():
     names = [m.name for m in MAIN_METHODS]
     assert set(BASELINES) <= set(names) and "atl_use" in names
@@ -149,6 +173,8 @@ def test_methods_share_everything_but_the_loss():
     groups = {m.ablation for m in ablation_methods()}
     assert groups == {"margin range", "semantic threshold", "text encoder", "control"}
     assert any(m.shuffle_descriptions for m in ablation_methods())
+    mean_margin = [m for m in ablation_methods() if m.margin_from_text_mean]
+    assert [(m.loss, m.mining, m.ablation) for m in mean_margin] == [("triplet", "batch_hard", "control")]
 
 
 # ------------------------------------------------------------ the --quick report
@@ -199,7 +225,8 @@ def test_quick_report_has_every_section_method_and_protocol(quick_report):
     for row in gains:
         float(row[3]), float(row[4])
         assert re.fullmatch(r"[+-]\d+\.\d%|n/a", row[5])
-        assert row[8].startswith("not testable")
+        assert row[8] == "n/a"  # no p-value from one seed
+        assert row[9].startswith("not testable")
     records = _rows(report, "## Per-run records")
     assert len(records) == len(MAIN_METHODS) * len(evaluations)
     for row in records:
@@ -249,6 +276,8 @@ def test_report_with_ablations_has_a_row_per_variant_and_the_control_reading():
         for s in config.seeds:
             r = _record(m.name, s, float(rng.uniform(0.1, 0.5)), float(rng.uniform(0.1, 0.5)))
             r.semantic_threshold = 0.3 if m.threshold_quantile is not None else None
+            if m.margin_from_text_mean:
+                r.train_config = {"margin": 0.15 + 0.01 * s}
             records.append(r)
     result = rep.ReplicationResult(config, records, wall_seconds=60.0, command="python tools/replicate.py --ablations")
     report = rep.render_report(result)
@@ -261,6 +290,8 @@ def test_report_with_ablations_has_a_row_per_variant_and_the_control_reading():
             assert 0 <= mean <= 1 and std >= 0
     assert "Reading:" in report and "real minus shuffled" in report
     assert "Semantic thresholds" in report
+    assert "m = 0.150, 0.160, 0.170 (per seed)" in report
+    assert "ATL minus `triplet_mean_margin`" in report
 
 
 def test_load_result_round_trips_records_and_names_a_missing_run(tmp_path):
@@ -291,3 +322,16 @@ def test_frozen_shuffled_encoder_loads_as_a_text_encoder_and_matches(tmp_path):
     texts = sorted(shuffled.mapping)
     np.testing.assert_allclose(frozen.encode(texts), shuffled.encode(texts), atol=1e-6)
     assert np.all(frozen.encode(["green dress"]) == 0)  # unknown text -> zero row ("missing")
+
+
+def test_atl_replicate_refuses_bad_input_clearly(tmp_path, capsys):
+    from atl_keras.cli import main
+
+    assert main(["replicate", "--seeds", "0", "--output", str(tmp_path)]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+    assert main(["replicate", "--protocols", "nope", "--output", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
+    missing = tmp_path / "missing.json"
+    assert main(["replicate", "--from-records", str(missing), "--output", str(tmp_path)]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written on bad input

@@ -1,98 +1,18 @@
 """Reproduce the paper's claim (ATL vs the triplet baseline) and publish the results.
 
     python tools/replicate.py --quick                         # CI-sized, < 2 min, hashing encoder
-    python tools/replicate.py --seeds 3 --ablations           # the full replication (<= 2 h, 2 cores)
-    python tools/replicate.py --schedule medium --protocols shop,fmnist
+    python tools/replicate.py --seeds 5 --ablations           # the published replication (~80 min, 2 cores)
 
-Writes <output>/replication.md, <output>/replication_*.png and replication_records.json.
-Each run's record is kept in <work-dir>/records/ and reused by a rerun with identical
-settings, so an interrupted replication resumes where it stopped (--no-reuse retrains).
-A thin CLI over `atl_keras.replication`.
+The same as `atl replicate`; the implementation is `atl_keras.replicate_cli`.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
-import shlex
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from atl_keras.replication import (  # noqa: E402
-    PROTOCOLS,
-    SCHEDULES,
-    ReplicationConfig,
-    load_result,
-    run_replication,
-    write_report,
-)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="CI-sized: schedule 'quick', 1 seed, hashing text encoder (same report structure).")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 3; 1 with --quick)")
-    parser.add_argument("--output", default="results", help="report and plot directory (default: results)")
-    parser.add_argument("--protocols", default="shop,fmnist",
-                        help=f"comma-separated, from {', '.join(PROTOCOLS)} (default: shop,fmnist)")
-    parser.add_argument("--ablations", action="store_true",
-                        help="also run the ATL ablations (margin range, threshold, encoder, shuffled-text control)")
-    parser.add_argument("--ablation-protocols", default="shop", help="protocols the ablations run on (default: shop)")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
-                        help="training budget preset (default: full; quick with --quick)")
-    parser.add_argument("--text-encoder", default=None, help="ATL's text encoder (default use-m3; hashing with --quick)")
-    parser.add_argument("--work-dir", default="runs/replication", help="run directories and per-run records")
-    parser.add_argument("--text-cache-dir", default="saved_models/text_encoders/cache")
-    parser.add_argument("--from-records", default=None, metavar="JSON",
-                        help="re-render the report from a replication_records.json (no training); give the same "
-                             "--schedule/--seeds/--protocols/--ablations it was made with")
-    parser.add_argument("--no-reuse", action="store_true", help="retrain runs even when a matching record exists")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    if seeds < 1:
-        print("error: --seeds must be >= 1", file=sys.stderr)
-        return 2
-    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
-    try:
-        config = ReplicationConfig(
-            protocols=protocols,
-            seeds=tuple(range(seeds)),
-            schedule=args.schedule or ("quick" if args.quick else "full"),
-            ablations=args.ablations,
-            ablation_protocols=tuple(p.strip() for p in args.ablation_protocols.split(",") if p.strip()),
-            text_encoder=args.text_encoder or ("hashing" if args.quick else "use-m3"),
-            work_dir=args.work_dir,
-            text_cache_dir=args.text_cache_dir,
-            reuse=not args.no_reuse,
-        )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    command = "python tools/replicate.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    start = time.perf_counter()
-    if args.from_records:
-        try:
-            result = load_result(args.from_records, config)  # keeps the command and times of the training run
-        except (OSError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    else:
-        result = run_replication(config, progress=lambda msg: print(msg, flush=True), command=command.strip())
-    paths = write_report(result, args.output)
-    print(f"wrote {paths['report']} ({len(result.records)} runs, {(time.perf_counter() - start) / 60:.1f} min)")
-    for name, path in sorted(paths.items()):
-        if name != "report":
-            print(f"  {name}: {path}")
-    return 0
-
+from atl_keras.replicate_cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python tools/replicate.py"))
