@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> ar
     return parser.parse_args(argv)
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
     """Run the replication (or re-render it with --from-records); 0 on success, 2 on bad input."""
     args = parse_args(argv, prog)
@@ -59,14 +63,13 @@ def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
     if seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
-    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
     try:
         config = ReplicationConfig(
-            protocols=protocols,
+            protocols=_comma_list(args.protocols),
             seeds=tuple(range(seeds)),
             schedule=args.schedule or ("quick" if args.quick else "full"),
             ablations=args.ablations,
-            ablation_protocols=tuple(p.strip() for p in args.ablation_protocols.split(",") if p.strip()),
+            ablation_protocols=_comma_list(args.ablation_protocols),
             text_encoder=args.text_encoder or ("hashing" if args.quick else "use-m3"),
             work_dir=args.work_dir,
             text_cache_dir=args.text_cache_dir,

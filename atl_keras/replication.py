@@ -1225,13 +1225,12 @@ def _ablation_section(result: ReplicationResult, stats: dict, methods_all: dict[
                          f"real minus shuffled {text.paired_diff:+.4f} ({text.verdict}). Reading: {reading}.")
             fixed = compare(result.records, e, "recall_at_1", ATL_USE.name, "triplet_mean_margin")
             if fixed is not None:
-                if fixed.verdict == "better":
-                    reading = "ATL beats a fixed margin of the same average size: its per-pair margins matter"
-                else:
-                    reading = ("a fixed margin of ATL's average size is not clearly worse than ATL: the gain over "
-                               "m=0.2 is NOT shown to need per-pair margins (the average margin size explains it "
-                               "as well)" if fixed.verdict != "worse" else
-                               "a fixed margin of ATL's average size is clearly better than ATL")
+                reading = {
+                    "better": "ATL beats a fixed margin of the same average size: its per-pair margins matter",
+                    "worse": "a fixed margin of ATL's average size is clearly better than ATL",
+                }.get(fixed.verdict, "a fixed margin of ATL's average size is not clearly worse than ATL: the gain "
+                                     "over m=0.2 is NOT shown to need per-pair margins (the average margin size "
+                                     "explains it as well)")
                 lines.append(f"- `{e}`, R@1, ATL minus `triplet_mean_margin`: {fixed.paired_diff:+.4f} "
                              f"({fixed.verdict}). Reading: {reading}.")
                 if real.verdict == "better" and fixed.verdict == "better" and text.verdict != "better":
