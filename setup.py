@@ -26,6 +26,6 @@ setup(
         "pillow>=10",
         "matplotlib>=3.8",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3", "jax[cpu]>=0.10,<0.11"]},
     entry_points={"console_scripts": ["atl=atl_keras.cli:main"]},
 )
