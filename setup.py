@@ -10,7 +10,7 @@ setup(
         "adaptive triplet loss (Keras 3 / TensorFlow), exported to SavedModel + ScaNN."
     ),
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["atl_keras", "atl_keras.*", "serving", "serving.*"]),
+    packages=find_packages(include=["atl_keras", "atl_keras.*"]),
     install_requires=[
         "tensorflow==2.20.0",
         "keras>=3.10,<4",
