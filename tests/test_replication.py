@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from atl_keras.replication import (
+from atl_keras.experiments import (
     BASELINES,
     EVALUATIONS,
     MAIN_METHODS,
@@ -76,7 +76,7 @@ def test_street_style_is_deterministic_per_image_and_changes_the_image():
 def test_chance_recall_matches_enumeration_of_all_rankings():
     import itertools
 
-    from atl_keras.replication import chance_recall
+    from atl_keras.experiments import chance_recall
 
     gallery = np.array([0, 0, 1, 2, 2, 2])
     queries = np.array([0, 1, 2, 3])  # label 3 has no match: left out, like retrieval_metrics
@@ -243,15 +243,16 @@ def test_quick_report_has_every_section_method_and_protocol(quick_report):
 def test_run_one_reuses_a_record_with_the_same_settings_and_retrains_on_change(tmp_path, monkeypatch):
     import json
 
-    from atl_keras import replication as rep
+    from atl_keras import experiments as rep
+    from atl_keras.experiments import runs
 
     config = rep.ReplicationConfig(protocols=("shop",), seeds=(0,), schedule="quick", text_encoder="hashing",
                                    work_dir=str(tmp_path))
     protocol, method = rep.PROTOCOLS["shop"], rep.MAIN_METHODS[0]
-    key = rep._run_key(rep.train_config(protocol, method, 0, config.schedule_obj, config), method, config)
+    key = runs._run_key(runs.train_config(protocol, method, 0, config.schedule_obj, config), method, config)
     stored = _record(method.name, 0, 0.25, 0.125)
     stored.key = key
-    path = rep._record_path(config, "shop", method.name, 0)
+    path = runs._record_path(config, "shop", method.name, 0)
     (tmp_path / "records").mkdir()
     with open(path, "w", encoding="utf-8") as f:
         json.dump(stored.to_json(), f)
@@ -267,7 +268,7 @@ def test_run_one_reuses_a_record_with_the_same_settings_and_retrains_on_change(t
 
 
 def test_report_with_ablations_has_a_row_per_variant_and_the_control_reading():
-    from atl_keras import replication as rep
+    from atl_keras import experiments as rep
 
     config = rep.ReplicationConfig(protocols=("shop",), seeds=(0, 1, 2), schedule="quick", ablations=True)
     rng = np.random.default_rng(0)
@@ -297,7 +298,7 @@ def test_report_with_ablations_has_a_row_per_variant_and_the_control_reading():
 def test_load_result_round_trips_records_and_names_a_missing_run(tmp_path):
     import json
 
-    from atl_keras import replication as rep
+    from atl_keras import experiments as rep
 
     config = rep.ReplicationConfig(protocols=("shop",), seeds=(0, 1), schedule="quick")
     records = [_record(m.name, s, 0.1 * (s + 1), 0.05) for m in rep.MAIN_METHODS for s in config.seeds]
@@ -313,7 +314,7 @@ def test_load_result_round_trips_records_and_names_a_missing_run(tmp_path):
 
 
 def test_frozen_shuffled_encoder_loads_as_a_text_encoder_and_matches(tmp_path):
-    from atl_keras.replication import save_lookup_encoder
+    from atl_keras.experiments import save_lookup_encoder
     from atl_keras.text import load_text_encoder
 
     shuffled = ShuffledTextEncoder(HashingTextEncoder(dim=32), ["red tee", "blue coat", "black boot", "tan bag"], seed=2)

@@ -2,7 +2,7 @@
 
     python tools/export.py --model runs/main/model.keras --output-base saved_models/shop
 
-The same as `atl export`; the implementation is `atl_keras.export_cli`.
+The same as `atl export`; the implementation is `atl_keras.cli.export`.
 """
 
 import os
@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from atl_keras.export_cli import build_parser, main  # noqa: E402,F401
+from atl_keras.cli.export import build_parser, main  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

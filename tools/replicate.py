@@ -3,7 +3,7 @@
     python tools/replicate.py --quick                         # CI-sized, < 2 min, hashing encoder
     python tools/replicate.py --seeds 5 --ablations           # the published replication (~80 min, 2 cores)
 
-The same as `atl replicate`; the implementation is `atl_keras.replicate_cli`.
+The same as `atl replicate`; the implementation is `atl_keras.cli.replicate`.
 """
 
 import os
@@ -12,7 +12,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from atl_keras.replicate_cli import main  # noqa: E402
+from atl_keras.cli.replicate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(prog="python tools/replicate.py"))

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import atl_keras  # noqa: F401  (registers ATLModel and the losses)
         from atl_keras.export import export_model
-        from atl_keras.run_config import load_run_config
+        from atl_keras.cli.config import load_run_config
         from atl_keras.train import load_data
 
         config = load_run_config(args.model, {"dataset": args.dataset, "data_dir": args.data_dir})

@@ -8,7 +8,7 @@
 <output>/replication_*.png and replication_records.json. Each run's record is kept in
 <work-dir>/records/ and reused by a rerun with identical settings, so an interrupted
 replication resumes where it stopped (--no-reuse retrains). A thin CLI over
-`atl_keras.replication`.
+`atl_keras.experiments`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 
-from atl_keras.replication import (
+from atl_keras.experiments import (
     PROTOCOLS,
     SCHEDULES,
     ReplicationConfig,

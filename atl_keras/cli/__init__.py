@@ -1,0 +1,60 @@
+"""`atl` command line: a thin layer over the library that parses flags and prints.
+
+    atl train --dataset synthetic-shop --loss atl --output runs/main
+    atl train --config run.yaml --epochs 5          # flags override the YAML file
+    atl evaluate --model runs/main/model.keras --dataset synthetic-shop
+    atl inspect-margins --dataset synthetic-shop --output runs/margins
+    atl export --model runs/main/model.keras --output-base saved_models/shop
+    atl serve --port 8500 --model_name shop --model_base_path saved_models/shop
+    atl query --server localhost:8500 --model shop --image street.jpg --k 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from atl_keras.cli import evaluate, inspect_margins, train
+from atl_keras.cli.common import train_config as _train_config  # noqa: F401  (tests use it)
+
+#: Subcommands parsed here: name -> module with add_parser(subparsers) and run(args).
+COMMANDS = {"train": train, "evaluate": evaluate, "inspect-margins": inspect_margins}
+
+#: Commands whose flags belong to another entry point: `atl NAME ...` runs `module.main(...)`.
+PASSTHROUGH = {
+    "export": ("atl_keras.cli.export", "SavedModel + ScaNN index as saved_models/NAME/N (atl export -h)"),
+    "serve": ("serving.server", "gRPC server speaking TF Serving's API (atl serve -h)"),
+    "query": ("serving.client", "query a served model with images (atl query -h)"),
+    "replicate": ("atl_keras.cli.replicate", "triplet baselines vs ATL over seeds, report in results/ (atl replicate -h)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atl", description="Adaptive triplet loss: train, evaluate, export, serve, query, replicate."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS.values():
+        module.add_parser(subparsers)
+    for name, (_, help_text) in PASSTHROUGH.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as error:
+        print(f"atl {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,67 @@
+"""Flags and helpers shared by several `atl` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+DATASET_HELP = (
+    "fashion-mnist | synthetic-shop | deepfashion-inshop:ROOT | catalog:PATH.csv|.jsonl"
+)
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", help=DATASET_HELP)
+    p.add_argument(
+        "--data-dir",
+        help="Fashion-MNIST IDX directory (default: $ATL_FASHION_MNIST_DIR, then the "
+        "Debian package dataset-fashion-mnist)",
+    )
+    p.add_argument("--image-size", type=int, help="square image size for decoded files")
+    p.add_argument("--synthetic-items", type=int, help="items of the synthetic shop")
+    p.add_argument(
+        "--unseen-classes",
+        type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+        help="comma-separated classes/categories held out of training (unseen-class test)",
+    )
+    p.add_argument("--strict", action="store_true", default=argparse.SUPPRESS,
+                   help="stop at a corrupt or missing image instead of skipping it")
+    p.add_argument("--seed", type=int)
+
+
+def data_dir_from_environment(values: dict[str, Any]) -> None:
+    """`--data-dir` defaults to $ATL_FASHION_MNIST_DIR (the library reads no env vars)."""
+    if "data_dir" not in values and os.environ.get("ATL_FASHION_MNIST_DIR"):
+        values["data_dir"] = os.environ["ATL_FASHION_MNIST_DIR"]
+
+
+def train_config(values: dict[str, Any]):
+    """TrainConfig from defaults < YAML config file < explicit flags."""
+    from atl_keras.cli.config import train_config_from
+    from atl_keras.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged: dict[str, Any] = {}
+    config_file = values.pop("config_file", None)
+    if config_file:
+        import yaml
+
+        if not os.path.exists(config_file):
+            raise FileNotFoundError(f"No config file at {config_file!r}.")
+        with open(config_file, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file} must hold a mapping of TrainConfig fields.")
+        unknown = sorted(set(loaded) - fields)
+        if unknown:
+            raise ValueError(
+                f"{config_file}: unknown keys {unknown}; valid keys: {sorted(fields)}."
+            )
+        merged.update(loaded)
+    data_dir_from_environment(values)
+    merged.update(values)
+    return train_config_from(merged)
+
+

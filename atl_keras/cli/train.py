@@ -1,0 +1,81 @@
+"""`atl train`: train an embedding model, evaluate it on the dataset's test protocol."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from atl_keras.cli.common import add_data_arguments, train_config
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train an embedding model and evaluate it",
+        argument_default=argparse.SUPPRESS,
+        description="Flags override --config (YAML with TrainConfig field names), which "
+        "overrides the defaults.",
+    )
+    p.add_argument("--config", dest="config_file", help="YAML file of TrainConfig fields")
+    add_data_arguments(p)
+    p.add_argument("--output", dest="output_dir")
+    p.add_argument("--loss", choices=["atl", "triplet"])
+    p.add_argument("--mining", choices=["batch_all", "batch_hard", "semi_hard"])
+    p.add_argument("--distance", choices=["squared_l2", "l2", "cosine"])
+    p.add_argument("--margin", type=float, help="triplet loss margin")
+    p.add_argument("--min-margin", type=float, help="ATL margin of identical descriptions")
+    p.add_argument("--max-margin", type=float, help="ATL margin of opposite descriptions")
+    p.add_argument("--semantic-threshold", type=float,
+                   help="negatives whose description distance is below this are not negatives")
+    p.add_argument("--missing-text-margin", type=float,
+                   help="margin for pairs where an item has no description (default: midpoint)")
+    p.add_argument("--text-encoder",
+                   help="use-m3 (built-in, offline), hashing, a local TF-Hub SavedModel dir or a URL")
+    p.add_argument("--text-cache-dir")
+    p.add_argument("--backbone")
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--p", type=int, help="labels (items) per batch")
+    p.add_argument("--k", type=int, help="images per label per batch")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--validation-size", type=int)
+    p.add_argument("--test-size", type=int, help="evaluate on the first N test queries")
+    p.add_argument("--strategy", choices=["auto", "one_device", "mirrored", "multi_worker", "tpu"],
+                   help="tf.distribute strategy (auto: all GPUs if >= 2, else one device; "
+                   "multi_worker reads TF_CONFIG); see docs/distributed.md")
+    p.add_argument("--logical-cpus", type=int,
+                   help="split the CPU into N logical devices first (test the mirrored path without GPUs)")
+    p.add_argument("--tpu", help="TPU name or grpc:// address for --strategy tpu")
+    p.add_argument("--no-cross-replica-mining", dest="cross_replica_mining", action="store_false",
+                   help="mine triplets inside each replica's slice instead of the global batch")
+    p.add_argument("--augment", action="store_true",
+                   help="random flip, translation, zoom, brightness and contrast on training batches")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="mixed_float16 on GPUs (loss scaling), mixed_bfloat16 on CPUs/TPUs")
+    p.add_argument("--save-freq", type=lambda v: v if v == "epoch" else int(v),
+                   help="back up for resumption every N steps or 'epoch' (default)")
+    p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                   help="skip TF op determinism (faster on GPUs; runs no longer bit-reproducible)")
+    p.add_argument("--projector-size", type=int,
+                   help="test gallery images in the TensorBoard projector export (0: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from atl_keras.metrics import format_metrics_table
+    from atl_keras.train import run_training
+
+    values = vars(args)
+    quiet = values.pop("quiet", False)
+    config = train_config(values)
+    print(f"atl train: {config.loss} loss ({config.mining}) on {config.dataset}, "
+          f"text encoder {config.text_encoder}, output {config.output_dir}", flush=True)
+    result = run_training(config, verbose=0 if quiet else "auto")
+    protocol = result.data.test.protocol if result.data else "test"
+    print(f"\nTest retrieval ({protocol}, items unseen in training) on {config.dataset}, "
+          f"trained in {result.seconds:.0f} s:")
+    print(format_metrics_table(result.test_metrics))
+    print(f"\nModel: {result.model_path}\nMetrics: {os.path.join(result.output_dir, 'metrics.json')}"
+          f"\nTensorBoard: tensorboard --logdir {os.path.join(result.output_dir, 'logs')}")
+    return 0

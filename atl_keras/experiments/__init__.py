@@ -1,0 +1,73 @@
+"""Replicate the paper's claim: ATL vs the fixed-margin triplet loss, same budget, several seeds.
+
+    from atl_keras.experiments import ReplicationConfig, run_replication, write_report
+    result = run_replication(ReplicationConfig(schedule="quick", seeds=(0,)))
+    paths = write_report(result, "results")      # replication.md + PNG plots
+
+Every method trains the SAME backbone with the SAME P x K sampler, schedule and budget
+(`atl_keras.train.run_training`); only the loss (and its mining / text encoder) changes.
+
+Methods (`MAIN_METHODS`): ``triplet_batch_hard`` and ``triplet_semi_hard`` (fixed margin),
+``atl_use`` (adaptive margin from the built-in Universal Sentence Encoder, batch-hard mining
+under each negative's own margin). Ablations (`ablation_methods`) vary ATL's margin range,
+its semantic threshold, the text encoder (``hashing``) and run a CONTROL whose descriptions
+are shuffled across items (`ShuffledTextEncoder`): if ATL's gain comes from the text, the
+control must lose it.
+
+Protocols (`PROTOCOLS`), each giving one or more evaluation settings:
+
+- ``shop``: synthetic shop, street photo -> catalog shots of items never seen in training
+  (evaluation ``shop``).
+- ``fmnist``: Fashion-MNIST trained on 6 classes, tested on the 4 held out
+  (`FMNIST_UNSEEN`). The held-out test images are split into a query half and a gallery half
+  (stratified, fixed seed, no image in both); evaluations ``fmnist_clean`` (clean queries)
+  and ``fmnist_street`` (street-style queries from `street_style`; the gallery stays clean).
+
+The library never prints: pass `progress` to `run_replication` to hear about each run.
+
+Modules: `methods` (recipes), `protocols` (datasets, schedules, config), `evaluation`
+(query/gallery settings), `controls` (shuffled text), `runs` (training + records),
+`statistics` (seeds, paired tests), `plots`, `report`.
+"""
+from atl_keras.experiments.methods import BASELINES, MAIN_METHODS, Method, ablation_methods
+from atl_keras.experiments.protocols import EVALUATIONS, FMNIST_UNSEEN, METRICS, PROTOCOLS, Protocol, ReplicationConfig, SCHEDULES, Schedule
+from atl_keras.experiments.evaluation import query_gallery_split, street_style
+from atl_keras.experiments.controls import ShuffledTextEncoder, derangement, save_lookup_encoder
+from atl_keras.experiments.runs import ReplicationResult, RunRecord, load_result, run_one, run_replication
+from atl_keras.experiments.statistics import aggregate, compare, paired_t_p_value, student_t_two_sided_p
+from atl_keras.experiments.plots import chance_recall, plot_recall_curves, plot_retrieval_grid
+from atl_keras.experiments.report import render_report, write_report
+
+__all__ = [
+    "BASELINES",
+    "EVALUATIONS",
+    "FMNIST_UNSEEN",
+    "MAIN_METHODS",
+    "METRICS",
+    "Method",
+    "PROTOCOLS",
+    "Protocol",
+    "ReplicationConfig",
+    "ReplicationResult",
+    "RunRecord",
+    "SCHEDULES",
+    "Schedule",
+    "ShuffledTextEncoder",
+    "ablation_methods",
+    "aggregate",
+    "chance_recall",
+    "compare",
+    "derangement",
+    "load_result",
+    "paired_t_p_value",
+    "plot_recall_curves",
+    "plot_retrieval_grid",
+    "query_gallery_split",
+    "render_report",
+    "run_one",
+    "run_replication",
+    "save_lookup_encoder",
+    "street_style",
+    "student_t_two_sided_p",
+    "write_report",
+]

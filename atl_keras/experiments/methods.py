@@ -1,0 +1,75 @@
+"""The training recipes compared: triplet baselines, ATL and its ablations and controls."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+
+if TYPE_CHECKING:
+    from atl_keras.experiments.protocols import ReplicationConfig
+
+@dataclass(frozen=True)
+class Method:
+    """One training recipe: the loss and what feeds it; everything else is shared.
+
+    `text_encoder=None` means "the replication's main encoder" (``use-m3``; ``hashing`` in
+    quick mode). `threshold_quantile` sets ATL's ``semantic_threshold`` to that quantile of
+    the pairwise description distances of the training catalog (so it masks that share of
+    the closest pairs), resolved per run. `margin_from_text_mean` gives a fixed-margin
+    triplet loss the mean of the margins ATL (with `min_margin`/`max_margin` and the main
+    encoder) assigns to the training catalog's item pairs, resolved per run.
+    """
+
+    name: str
+    title: str
+    loss: str
+    mining: str = "batch_hard"
+    text_encoder: str | None = None
+    min_margin: float = 0.05
+    max_margin: float = 0.4
+    margin: float = 0.2
+    threshold_quantile: float | None = None
+    shuffle_descriptions: bool = False
+    margin_from_text_mean: bool = False  # fixed margin = ATL's mean margin over training item pairs
+    ablation: str = ""  # which ablation group this belongs to ("" = main comparison)
+
+    @property
+    def is_atl(self) -> bool:
+        return self.loss == "atl"
+
+TRIPLET_BATCH_HARD = Method("triplet_batch_hard", "Triplet (m=0.2), batch-hard", "triplet", "batch_hard")
+TRIPLET_SEMI_HARD = Method("triplet_semi_hard", "Triplet (m=0.2), semi-hard", "triplet", "semi_hard")
+ATL_USE = Method("atl_use", "ATL (USE, m in [0.05, 0.4]), batch-hard", "atl", "batch_hard")
+MAIN_METHODS: tuple[Method, ...] = (TRIPLET_BATCH_HARD, TRIPLET_SEMI_HARD, ATL_USE)
+BASELINES = ("triplet_batch_hard", "triplet_semi_hard")
+
+
+def ablation_methods() -> tuple[Method, ...]:
+    """ATL variants; each differs from `ATL_USE` in one thing (the default range is `ATL_USE`)."""
+    return (
+        dataclasses.replace(ATL_USE, name="atl_margin_0.1_0.3", title="ATL, m in [0.1, 0.3]",
+                            min_margin=0.1, max_margin=0.3, ablation="margin range"),
+        dataclasses.replace(ATL_USE, name="atl_margin_0.0_0.8", title="ATL, m in [0.0, 0.8]",
+                            min_margin=0.0, max_margin=0.8, ablation="margin range"),
+        dataclasses.replace(ATL_USE, name="atl_tau_q01", title="ATL, tau = 1% quantile",
+                            threshold_quantile=0.01, ablation="semantic threshold"),
+        dataclasses.replace(ATL_USE, name="atl_tau_q05", title="ATL, tau = 5% quantile",
+                            threshold_quantile=0.05, ablation="semantic threshold"),
+        dataclasses.replace(ATL_USE, name="atl_hashing", title="ATL, hashing text encoder",
+                            text_encoder="hashing", ablation="text encoder"),
+        dataclasses.replace(ATL_USE, name="atl_shuffled", title="CONTROL: ATL, shuffled descriptions",
+                            shuffle_descriptions=True, ablation="control"),
+        dataclasses.replace(TRIPLET_BATCH_HARD, name="triplet_mean_margin",
+                            title="CONTROL: Triplet, batch-hard, m = ATL's mean margin",
+                            margin_from_text_mean=True, ablation="control"),
+    )
+
+
+def method_title(method: Method, config: ReplicationConfig) -> str:
+    """The method's title, naming the encoder actually used (e.g. ``hashing`` in quick mode)."""
+    encoder = method.text_encoder or config.text_encoder
+    if method.is_atl and encoder != "use-m3":
+        return method.title.replace("USE", encoder)
+    return method.title

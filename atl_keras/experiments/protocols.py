@@ -1,0 +1,115 @@
+"""Protocols (dataset + evaluations), budgets (schedules) and what an experiment runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+from atl_keras.experiments.methods import MAIN_METHODS, Method, ablation_methods
+
+#: Metrics in the report tables, in this order.
+METRICS = ("recall_at_1", "recall_at_10", "recall_at_20", "map_at_r")
+METRIC_TITLES = {"recall_at_1": "R@1", "recall_at_10": "R@10", "recall_at_20": "R@20", "map_at_r": "MAP@R"}
+#: Fashion-MNIST classes held out of training (the last four class indices: 6-9).
+FMNIST_UNSEEN = ("Shirt", "Sneaker", "Bag", "Ankle boot")
+#: Seed of the Fashion-MNIST query/gallery split and of the street-style transform
+#: (fixed across training seeds, so every seed is scored on the same queries).
+EVAL_SEED = 2024
+#: Top-k shown per query in the retrieval grids.
+GRID_TOP = 5
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A dataset + train settings and the evaluations scored on the trained model."""
+
+    name: str
+    title: str
+    dataset: str
+    evaluations: tuple[str, ...]
+    unseen_classes: tuple[str, ...] = ()
+
+PROTOCOLS: dict[str, Protocol] = {
+    "shop": Protocol("shop", "Synthetic shop, cross-domain (street -> catalog, unseen items)",
+                     "synthetic-shop", ("shop",)),
+    "fmnist": Protocol("fmnist", "Fashion-MNIST, 4 unseen classes", "fashion-mnist",
+                       ("fmnist_clean", "fmnist_street"), FMNIST_UNSEEN),
+}
+#: Evaluation setting -> title.
+EVALUATIONS = {
+    "shop": "Synthetic shop: street query -> catalog gallery (unseen items)",
+    "fmnist_clean": "Fashion-MNIST unseen classes: clean query -> clean gallery",
+    "fmnist_street": "Fashion-MNIST unseen classes: street-style query -> clean gallery",
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Budget shared by every method of a protocol."""
+
+    epochs: int
+    steps_per_epoch: int
+    synthetic_items: int = 300
+    shop_image_size: int = 32
+    shop_pk: tuple[int, int] = (16, 4)
+    fmnist_pk: tuple[int, int] = (6, 8)
+    validation_size: int = 2000
+    eval_limit: int | None = None  # Fashion-MNIST: at most this many query and gallery images
+    learning_rate: float = 1e-3
+    embedding_dim: int = 64
+
+SCHEDULES: dict[str, Schedule] = {
+    # CI-sized: a tiny shop, one short epoch; seconds per run.
+    "quick": Schedule(epochs=1, steps_per_epoch=4, synthetic_items=80, shop_image_size=16,
+                      shop_pk=(8, 2), fmnist_pk=(4, 4), validation_size=100, eval_limit=200),
+    # What the full `--ablations` replication uses (fits 2 h on 2 cores; see docs/replication.md).
+    "full": Schedule(epochs=3, steps_per_epoch=150),
+    # About a third of the full budget (the medium run reported in results/ until a full run replaces it).
+    "medium": Schedule(epochs=2, steps_per_epoch=80),
+}
+
+
+@dataclass
+class ReplicationConfig:
+    """What to run. `seeds` are training seeds (the synthetic shop is also drawn from it)."""
+
+    protocols: tuple[str, ...] = ("shop", "fmnist")
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    schedule: str | Schedule = "full"
+    ablations: bool = False
+    ablation_protocols: tuple[str, ...] = ("shop",)
+    text_encoder: str = "use-m3"
+    work_dir: str = "runs/replication"
+    text_cache_dir: str = "saved_models/text_encoders/cache"
+    grid_queries: int = 4
+    max_k: int = 20
+    reuse: bool = True  # reuse a run's record from work_dir when its settings are identical
+
+    def __post_init__(self) -> None:
+        self.protocols = tuple(self.protocols)
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown or not self.protocols:
+            raise ValueError(f"Unknown protocols {unknown or '(none)'}; choose from {list(PROTOCOLS)}.")
+        self.ablation_protocols = tuple(p for p in self.ablation_protocols if p in self.protocols) or self.protocols[:1]
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}.")
+        if isinstance(self.schedule, str):
+            if self.schedule not in SCHEDULES:
+                raise ValueError(f"Unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)} or pass a Schedule.")
+        if self.max_k < 1:
+            raise ValueError(f"max_k must be >= 1, got {self.max_k}.")
+
+    @property
+    def schedule_obj(self) -> Schedule:
+        return SCHEDULES[self.schedule] if isinstance(self.schedule, str) else self.schedule
+
+    @property
+    def schedule_name(self) -> str:
+        return self.schedule if isinstance(self.schedule, str) else "custom"
+
+    def methods(self, protocol: str) -> tuple[Method, ...]:
+        """Methods run on `protocol`: the main three, plus the ablations where asked."""
+        if self.ablations and protocol in self.ablation_protocols:
+            return MAIN_METHODS + ablation_methods()
+        return MAIN_METHODS

@@ -1,0 +1,265 @@
+"""Train and score one (protocol, method, seed), with per-run records that make reruns resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from atl_keras.experiments.controls import ShuffledTextEncoder, save_lookup_encoder
+from atl_keras.experiments.evaluation import evaluation_settings, grid_query_rows
+from atl_keras.experiments.methods import Method
+from atl_keras.experiments.protocols import EVAL_SEED, GRID_TOP, METRICS, PROTOCOLS, Protocol, ReplicationConfig, Schedule
+
+@dataclass
+class RunRecord:
+    """One trained model: its metrics per evaluation, Recall@K curves and grid neighbours."""
+
+    protocol: str
+    method: str
+    seed: int
+    metrics: dict[str, dict[str, float]]  # evaluation -> metric -> value
+    curves: dict[str, list[float]]  # evaluation -> [Recall@1, ..., Recall@K]
+    grids: dict[str, dict[str, list]]  # evaluation -> {"queries": [...], "top": [[...]]}
+    seconds: float
+    train_config: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+    semantic_threshold: float | None = None
+    reused: bool = False  # True when read back from an earlier invocation's record
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train_config(protocol: Protocol, method: Method, seed: int, schedule: Schedule, config: ReplicationConfig) -> Any:
+    """The `TrainConfig` of one run (without the semantic threshold, resolved at run time)."""
+    from atl_keras.train import TrainConfig
+
+    shop = protocol.dataset == "synthetic-shop"
+    p, k = schedule.shop_pk if shop else schedule.fmnist_pk
+    encoder = method.text_encoder or config.text_encoder
+    return TrainConfig(
+        dataset=protocol.dataset,
+        synthetic_items=schedule.synthetic_items,
+        image_size=schedule.shop_image_size if shop else None,
+        unseen_classes=protocol.unseen_classes,
+        output_dir=os.path.join(config.work_dir, "runs", protocol.name, method.name, f"seed{seed}"),
+        loss=method.loss,
+        mining=method.mining,
+        margin=method.margin,
+        min_margin=method.min_margin,
+        max_margin=method.max_margin,
+        text_encoder=encoder,
+        text_cache_dir=config.text_cache_dir,
+        p=p,
+        k=k,
+        epochs=schedule.epochs,
+        steps_per_epoch=schedule.steps_per_epoch,
+        learning_rate=schedule.learning_rate,
+        embedding_dim=schedule.embedding_dim,
+        validation_size=schedule.validation_size,
+        test_size=schedule.eval_limit,
+        seed=seed,
+        projector_size=0,
+    )
+
+
+def _run_key(train_cfg: Any, method: Method, config: ReplicationConfig) -> str:
+    method_fields = dataclasses.asdict(method)
+    if not method.margin_from_text_mean:  # added later: keep the keys of existing records valid
+        del method_fields["margin_from_text_mean"]
+    payload = {
+        "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "output_dir"},
+        "method": method_fields,
+        "max_k": config.max_k,
+        "grid_queries": config.grid_queries,
+        "eval_seed": EVAL_SEED,
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _record_path(config: ReplicationConfig, protocol: str, method: str, seed: int) -> str:
+    return os.path.join(config.work_dir, "records", f"{protocol}__{method}__seed{seed}.json")
+
+
+def _resolve_text(train_cfg: Any, method: Method, seed: int) -> tuple[Any, float | None]:
+    """Apply the method's text hooks: shuffled encoder, quantile threshold, mean margin."""
+    if not (method.shuffle_descriptions or method.threshold_quantile is not None
+            or method.margin_from_text_mean):
+        return train_cfg, None
+    from atl_keras.margins import margin_statistics
+    from atl_keras.text import embed_descriptions, load_text_encoder
+    from atl_keras.train import load_data
+
+    data = load_data(train_cfg)
+    encoder = load_text_encoder(train_cfg.text_encoder)
+    if method.shuffle_descriptions:
+        encoder = ShuffledTextEncoder(encoder, data.descriptions, seed=seed)
+        # run_training writes its config as JSON: hand it a path, not an object.
+        path = os.path.join(os.path.dirname(train_cfg.output_dir), "..", "..", "..", "text_encoders",
+                            encoder.identity.split(":")[1] + f"-seed{seed}")
+        path = save_lookup_encoder(encoder, os.path.normpath(path))
+        train_cfg = dataclasses.replace(train_cfg, text_encoder=path)
+        encoder = load_text_encoder(path)
+    threshold = None
+    if method.threshold_quantile is not None or method.margin_from_text_mean:
+        train_items = np.unique(data.train_labels)
+        text = embed_descriptions([data.descriptions[i] for i in train_items], encoder,
+                                  cache_dir=train_cfg.text_cache_dir)
+        distances, margins, _, _ = margin_statistics(text, method.min_margin, method.max_margin,
+                                                     train_cfg.distance)
+        if method.threshold_quantile is not None:
+            threshold = float(np.quantile(distances, method.threshold_quantile))
+            train_cfg = dataclasses.replace(train_cfg, semantic_threshold=threshold)
+        if method.margin_from_text_mean:
+            train_cfg = dataclasses.replace(train_cfg, margin=round(float(np.mean(margins)), 6))
+    return train_cfg, threshold
+
+
+def run_one(protocol: Protocol, method: Method, seed: int, config: ReplicationConfig) -> RunRecord:
+    """Train one (protocol, method, seed) and score every evaluation of the protocol.
+
+    Reuses ``<work_dir>/records/<protocol>__<method>__seed<seed>.json`` when `config.reuse`
+    and its settings key matches; writes it otherwise.
+    """
+    from atl_keras.metrics import retrieval_metrics
+    from atl_keras.train import run_training
+
+    schedule = config.schedule_obj
+    train_cfg = train_config(protocol, method, seed, schedule, config)
+    key = _run_key(train_cfg, method, config)
+    path = _record_path(config, protocol.name, method.name, seed)
+    if config.reuse and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return dataclasses.replace(RunRecord(**cached), reused=True)
+    start = time.perf_counter()
+    train_cfg, threshold = _resolve_text(train_cfg, method, seed)
+    result = run_training(train_cfg, verbose=0)
+    model = result.model
+    metrics, curves, grids = {}, {}, {}
+    for setting in evaluation_settings(protocol, result.data, schedule):
+        query = model.embed(setting.query_images)
+        gallery = model.embed(setting.gallery_images)
+        max_k = min(config.max_k, len(setting.gallery_labels))
+        values = retrieval_metrics(query, setting.query_labels, gallery, setting.gallery_labels,
+                                   ks=tuple(range(1, max_k + 1)))
+        metrics[setting.name] = {m: float(values[m]) for m in METRICS if m in values}
+        metrics[setting.name]["num_queries"] = float(values["num_queries"])
+        curves[setting.name] = [float(values[f"recall_at_{k}"]) for k in range(1, max_k + 1)]
+        rows = grid_query_rows(len(setting.query_labels), config.grid_queries, setting.name)
+        d = ((query[rows, None, :] - gallery[None, :, :]) ** 2).sum(-1)  # [q, G]
+        top = np.argsort(d, axis=1, kind="stable")[:, :GRID_TOP]
+        grids[setting.name] = {"queries": rows, "top": top.tolist()}
+    record = RunRecord(
+        protocol=protocol.name, method=method.name, seed=seed, metrics=metrics, curves=curves,
+        grids=grids, seconds=time.perf_counter() - start,
+        train_config=_json_config(train_cfg, method, config),
+        key=key, semantic_threshold=threshold,
+    )
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record.to_json(), f, indent=1, default=str)  # reused=False: this invocation trained it
+    os.replace(tmp, path)
+    return record
+
+
+def _json_config(train_cfg: Any, method: Method, config: ReplicationConfig) -> dict[str, Any]:
+    """The run's `TrainConfig` as JSON-ready values (an encoder object becomes its name)."""
+    out = {}
+    for f in dataclasses.fields(train_cfg):
+        value = getattr(train_cfg, f.name)
+        if f.name == "text_encoder" and not isinstance(value, str):
+            value = f"shuffled({method.text_encoder or config.text_encoder})"
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+@dataclass
+class ReplicationResult:
+    """All run records plus what the report needs to say how they were made."""
+
+    config: ReplicationConfig
+    records: list[RunRecord]
+    wall_seconds: float
+    command: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def methods(self, protocol: str) -> tuple[Method, ...]:
+        return self.config.methods(protocol)
+
+
+def environment_info() -> dict[str, str]:
+    """Hardware and software facts for the report."""
+    import keras
+    import tensorflow as tf
+
+    return {
+        "cpu_count": str(os.cpu_count()),
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "gpus": str(len(tf.config.list_physical_devices("GPU"))),
+    }
+
+
+def run_replication(
+    config: ReplicationConfig,
+    progress: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> ReplicationResult:
+    """Run every (protocol, method, seed) of `config` one after the other.
+
+    Args:
+        config: what to run.
+        progress: called with a one-line message before and after each run (the CLI prints).
+        command: the command line that started this, quoted in the report.
+    """
+    start = time.perf_counter()
+    records = []
+    plan = [(PROTOCOLS[p], m, s) for p in config.protocols for m in config.methods(p) for s in config.seeds]
+    for i, (protocol, method, seed) in enumerate(plan, 1):
+        if progress:
+            progress(f"[{i}/{len(plan)}] {protocol.name} {method.name} seed={seed} ...")
+        record = run_one(protocol, method, seed, config)
+        records.append(record)
+        if progress:
+            summary = ", ".join(f"{e}: R@1={m['recall_at_1']:.3f} MAP@R={m['map_at_r']:.3f}"
+                                for e, m in record.metrics.items())
+            progress(f"[{i}/{len(plan)}] done in {record.seconds:.0f} s: {summary}")
+    return ReplicationResult(config, records, time.perf_counter() - start, command, environment_info())
+
+
+def load_result(path: str, config: ReplicationConfig) -> ReplicationResult:
+    """A `ReplicationResult` from a ``replication_records.json`` written by `write_report`.
+
+    Re-renders a report (new plots, new report code) without training. `config` must be the
+    configuration the records were made with (protocols, seeds, schedule); records of other
+    protocols or seeds are dropped, and a missing (protocol, method, seed) raises ValueError.
+    """
+    with open(path, encoding="utf-8") as f:
+        payload = json.load(f)
+    fields = {f.name for f in dataclasses.fields(RunRecord)}
+    records = {(r["protocol"], r["method"], int(r["seed"])): RunRecord(**{k: v for k, v in r.items() if k in fields})
+               for r in payload["records"]}
+    wanted = [(p, m.name, s) for p in config.protocols for m in config.methods(p) for s in config.seeds]
+    missing = [w for w in wanted if w not in records]
+    if missing:
+        raise ValueError(f"{path} has no record of {len(missing)} runs this configuration needs, e.g. {missing[0]}; "
+                         "run the replication (without --from-records) to train them.")
+    return ReplicationResult(config, [records[w] for w in wanted], float(payload["wall_seconds"]),
+                             payload.get("command"), payload.get("environment", {}))
