@@ -1,40 +1,9 @@
-"""Serving for atl exports: a gRPC server speaking TF Serving's API, and its client.
+"""Checkout shims for :mod:`atl_keras.serving` (the code ships inside the atl_keras package).
 
-- :mod:`serving.server`: ``ModelServer``, ``ServerConfig`` (``python -m serving.server``).
-- :mod:`serving.client`: ``retrieve``, ``embed``, ``predict`` (``python -m serving.client``).
-- :mod:`serving.model_config`: ``models.config`` parsing, version policies.
-
-Importing this package is cheap; TensorFlow is imported by the submodules.
+This folder holds the deployment files (``README.md``, ``models.config``,
+``docker-compose.yml``) and keeps ``python -m serving.server`` / ``python -m
+serving.client`` working from a checkout; import from ``atl_keras.serving`` in new code.
 """
 
-from __future__ import annotations
-
-from serving.model_config import (
-    ServedModel,
-    TLSConfig,
-    VersionPolicy,
-    list_version_dirs,
-    load_model_config_file,
-    parse_model_config,
-    single_model,
-)
-
-__all__ = [
-    "ModelServer",
-    "ServerConfig",
-    "ServedModel",
-    "TLSConfig",
-    "VersionPolicy",
-    "list_version_dirs",
-    "load_model_config_file",
-    "parse_model_config",
-    "single_model",
-]
-
-
-def __getattr__(name: str):
-    if name in ("ModelServer", "ServerConfig"):
-        from serving import server
-
-        return getattr(server, name)
-    raise AttributeError(f"module 'serving' has no attribute {name!r}")
+from atl_keras.serving import *  # noqa: F401,F403
+from atl_keras.serving import __all__, __getattr__  # noqa: F401

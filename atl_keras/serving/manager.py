@@ -1,0 +1,208 @@
+"""The model manager (TF Serving's AspiredVersionsManager + file-system source).
+
+Polls each model's base path, loads aspired versions in the background, swaps them in
+atomically and unloads old ones once nothing runs on them (availability preserving).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from typing import Iterator, Sequence
+
+import grpc
+from tensorflow_serving.apis import get_model_status_pb2
+
+from atl_keras.serving.errors import RequestError, invalid_argument, not_found
+from atl_keras.serving.loader import LoadedVersion, import_custom_ops
+from atl_keras.serving.model_config import ServedModel, dir_fingerprint, list_version_dirs
+
+logger = logging.getLogger(__name__)
+
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+@dataclasses.dataclass
+class _VersionState:
+    state: int
+    error: str = ""
+
+
+class ModelManager:
+    """Loads, swaps and unloads versions of the configured models; thread-safe.
+
+    ``poll()`` syncs every model with its base path once; ``start()`` polls once
+    synchronously, then every ``poll_wait_seconds`` in a daemon thread.
+    """
+
+    def __init__(self, models: Sequence[ServedModel], poll_wait_seconds: float = 1.0, on_change=None):
+        self.models = {m.name: m for m in models}
+        self.poll_wait_seconds = poll_wait_seconds
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._served: dict[str, dict[int, LoadedVersion]] = {m.name: {} for m in models}
+        self._draining: list[LoadedVersion] = []
+        self._states: dict[str, dict[int, _VersionState]] = {m.name: {} for m in models}
+        self._failed: dict[tuple[str, int], tuple] = {}
+        self._warned_missing: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_lock = threading.Lock()
+
+    # -- lifecycle
+    def start(self) -> "ModelManager":
+        import_custom_ops()
+        self.poll()
+        if self.poll_wait_seconds > 0:
+            self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_wait_seconds):
+            try:
+                self.poll()
+            except Exception:  # never let the poller die
+                logger.exception("model poll failed; retrying in %ss", self.poll_wait_seconds)
+
+    # -- syncing with disk
+    def poll(self) -> None:
+        with self._poll_lock:
+            for model in self.models.values():
+                if self._stop.is_set():
+                    return
+                self._sync(model)
+            self._finish_draining()
+        if self._on_change is not None:
+            self._on_change()
+
+    def _set_state(self, name: str, version: int, state: int, error: str = "") -> None:
+        with self._lock:
+            self._states[name][version] = _VersionState(state, error)
+
+    def _sync(self, model: ServedModel) -> None:
+        on_disk = list_version_dirs(model.base_path)
+        if not on_disk and model.name not in self._warned_missing:
+            self._warned_missing.add(model.name)
+            logger.warning(
+                "model %r: no version directories <int>/ with a saved_model.pb under %s yet",
+                model.name, model.base_path,
+            )
+        aspired = model.version_policy.select(on_disk)
+        for version in aspired:  # highest first: the newest version becomes available first
+            if version in self._served[model.name] or self._stop.is_set():
+                continue
+            path = on_disk[version]
+            fingerprint = dir_fingerprint(path)
+            if self._failed.get((model.name, version)) == fingerprint:
+                continue  # failed before and unchanged since: skip until it changes
+            self._set_state(model.name, version, State.LOADING)
+            logger.info("model %r: loading version %d from %s", model.name, version, path)
+            try:
+                loaded = LoadedVersion(model.name, version, path)
+            except Exception as err:
+                self._failed[(model.name, version)] = fingerprint
+                message = f"failed to load version {version} from {path}: {type(err).__name__}: {err}"
+                logger.error("model %r: %s", model.name, message)
+                self._set_state(model.name, version, State.END, message)
+                continue
+            self._failed.pop((model.name, version), None)
+            with self._lock:  # copy-on-write swap: readers see either the old or the new map
+                served = dict(self._served[model.name])
+                served[version] = loaded
+                self._served[model.name] = served
+                self._states[model.name][version] = _VersionState(State.AVAILABLE)
+            logger.info("model %r: version %d AVAILABLE", model.name, version)
+        # Availability preserving: unload versions that are no longer aspired only once an
+        # aspired version is serving (or the old version's directory is gone).
+        with self._lock:
+            served = self._served[model.name]
+            aspired_available = any(v in served for v in aspired)
+            drop = [
+                v for v in served
+                if v not in aspired and (aspired_available or v not in on_disk)
+            ]
+            if drop:
+                self._served[model.name] = {v: lv for v, lv in served.items() if v not in drop}
+                for v in drop:
+                    self._draining.append(served[v])
+                    self._states[model.name][v] = _VersionState(State.UNLOADING)
+        for v in drop:
+            logger.info("model %r: unloading version %d", model.name, v)
+
+    def _finish_draining(self) -> None:
+        with self._lock:
+            still = []
+            for lv in self._draining:
+                if lv.in_flight > 0:
+                    still.append(lv)
+                else:
+                    self._states[lv.name][lv.version] = _VersionState(State.END)
+            self._draining = still
+
+    # -- queries
+    def is_ready(self) -> bool:
+        """True when every model has at least one AVAILABLE version."""
+        with self._lock:
+            return all(self._served[name] for name in self.models)
+
+    def has_versions(self, name: str) -> bool:
+        with self._lock:
+            return bool(self._served.get(name))
+
+    def _resolve(self, name: str, version: int | None, label: str) -> LoadedVersion:
+        if not name:
+            raise invalid_argument("model_spec.name is empty; name the model to query")
+        if name not in self.models:
+            raise not_found(f"model {name!r} is not served; served models: {sorted(self.models)}")
+        served = self._served[name]
+        if label:
+            labels = self.models[name].version_labels
+            if label not in labels:
+                raise not_found(
+                    f"model {name!r} has no version label {label!r}; labels: {sorted(labels) or 'none'} "
+                    "(set version_labels in models.config, or ask for model_spec.version)"
+                )
+            version = labels[label]
+        if version is None:
+            if not served:
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE, f"model {name!r} has no version loaded yet; retry later"
+                )
+            return served[max(served)]
+        if version not in served:
+            state = self._states[name].get(version)
+            extra = f" (state {State.Name(state.state)})" if state else ""
+            raise not_found(
+                f"version {version} of model {name!r} is not available{extra}; "
+                f"available versions: {sorted(served)}"
+            )
+        return served[version]
+
+    @contextlib.contextmanager
+    def acquire(self, name: str, version: int | None = None, label: str = "") -> Iterator[LoadedVersion]:
+        """Hold a version for the duration of a request; it is never dropped while held."""
+        with self._lock:
+            loaded = self._resolve(name, version, label)
+            loaded.acquire()
+        try:
+            yield loaded
+        finally:
+            loaded.release()
+            if loaded.in_flight == 0 and any(d is loaded for d in self._draining):
+                self._finish_draining()
+
+    def version_states(self, name: str) -> dict[int, tuple[int, str]]:
+        """``{version: (ModelVersionStatus.State, error message)}`` of everything seen so far."""
+        if name not in self.models:
+            raise not_found(f"model {name!r} is not served; served models: {sorted(self.models)}")
+        with self._lock:
+            return {v: (s.state, s.error) for v, s in self._states[name].items()}
+

@@ -1,0 +1,164 @@
+"""Request handling for Predict: validate TensorProto inputs against a signature, run it.
+
+Everything here is independent of the transport: :func:`prepare_inputs` and
+:func:`run_signature` raise :class:`RequestError` with the status to answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, types_pb2
+
+from atl_keras.serving.errors import RequestError, invalid_argument
+from atl_keras.serving.loader import SignatureInfo
+
+MAX_TENSOR_ELEMENTS = 1 << 31
+IMAGE_MAGIC = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+}
+
+
+
+def _proto_shape(proto: tensor_pb2.TensorProto, key: str) -> tuple[int, ...]:
+    if proto.tensor_shape.unknown_rank:
+        raise invalid_argument(f"inputs[{key!r}] has an unknown rank; set tensor_shape (use tf.make_tensor_proto)")
+    dims = tuple(int(d.size) for d in proto.tensor_shape.dim)
+    if any(d < 0 for d in dims):
+        raise invalid_argument(f"inputs[{key!r}] has a negative dimension in tensor_shape {list(dims)}")
+    return dims
+
+
+def _check_value_count(proto: tensor_pb2.TensorProto, key: str, dims: tuple[int, ...]) -> None:
+    """The values a TensorProto holds must fill its shape (``make_ndarray`` would silently pad)."""
+    n = int(np.prod(dims, dtype=np.int64))
+    if proto.tensor_content:
+        itemsize = tf.dtypes.as_dtype(proto.dtype).size
+        if len(proto.tensor_content) != n * itemsize:
+            raise invalid_argument(
+                f"inputs[{key!r}] has {len(proto.tensor_content)} bytes of tensor_content but its shape "
+                f"{list(dims)} needs {n * itemsize}; build it with tf.make_tensor_proto"
+            )
+        return
+    count = 0
+    for field, values in proto.ListFields():
+        if field.name.endswith("_val") and field.name not in ("resource_handle_val", "variant_val"):
+            count += len(values) // (2 if "complex" in field.name else 1)
+    is_string = proto.dtype == types_pb2.DT_STRING
+    if count == n or (count == 1 and n > 0) or (count == 0 and not is_string):
+        return  # exact, a broadcast scalar, or all zeros (TensorFlow's own encodings)
+    raise invalid_argument(
+        f"inputs[{key!r}] holds {count} values but its shape {list(dims)} needs {n}; "
+        "build it with tf.make_tensor_proto"
+    )
+
+
+def _check_image_bytes(key: str, values: np.ndarray) -> None:
+    for i, data in enumerate(values.reshape(-1)):
+        data = bytes(data)
+        if not any(data.startswith(magic) for magic in IMAGE_MAGIC):
+            raise invalid_argument(
+                f"inputs[{key!r}][{i}] is not an encoded JPEG, PNG, GIF or BMP image "
+                f"({len(data)} bytes starting {data[:8]!r}); send the encoded file bytes"
+            )
+
+
+def prepare_inputs(
+    signature: SignatureInfo,
+    inputs: Mapping[str, tensor_pb2.TensorProto],
+    *,
+    max_batch_size: int = 0,
+    manifest: Mapping[str, Any] | None = None,
+) -> dict[str, tf.Tensor]:
+    """Validate a Predict request's ``inputs`` against a signature; TensorProtos -> tensors.
+
+    Generic checks (any signature): exact input names, dtype, rank and static dims,
+    one consistent batch size ``B`` over the batched inputs, ``0 < B <= max_batch_size``.
+    atl checks: a ``tf.string`` input named ``images`` must hold encoded images; a scalar
+    integer input named ``k`` must be in ``[1, manifest["gallery_size"]]``.
+    Raises ``RequestError`` (INVALID_ARGUMENT) naming what was wrong.
+    """
+    expected, given = set(signature.inputs), set(inputs)
+    if expected != given:
+        parts = []
+        if expected - given:
+            parts.append(f"missing inputs {sorted(expected - given)}")
+        if given - expected:
+            parts.append(f"unexpected inputs {sorted(given - expected)}")
+        raise invalid_argument(
+            f"signature {signature.name!r}: {' and '.join(parts)}; it takes exactly {sorted(expected)}"
+        )
+    batch_sizes: dict[str, int] = {}
+    for key, spec in signature.inputs.items():
+        proto = inputs[key]
+        if proto.dtype != spec.dtype.as_datatype_enum:
+            got = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else proto.dtype
+            raise invalid_argument(
+                f"inputs[{key!r}] has dtype {got}, signature {signature.name!r} expects "
+                f"{types_pb2.DataType.Name(spec.dtype.as_datatype_enum)} ({spec.dtype.name})"
+            )
+        dims = _proto_shape(proto, key)
+        if spec.shape.rank is not None:
+            if len(dims) != spec.shape.rank:
+                raise invalid_argument(
+                    f"inputs[{key!r}] has rank {len(dims)} (shape {list(dims)}), signature "
+                    f"{signature.name!r} expects rank {spec.shape.rank} (shape {spec.shape})"
+                )
+            if not spec.shape.is_compatible_with(dims):
+                raise invalid_argument(
+                    f"inputs[{key!r}] has shape {list(dims)}, signature {signature.name!r} expects "
+                    f"{spec.shape} (None = any size)"
+                )
+            if spec.shape.rank >= 1 and spec.shape[0] is None:
+                batch_sizes[key] = dims[0]
+        if int(np.prod(dims, dtype=np.int64)) > MAX_TENSOR_ELEMENTS:
+            raise invalid_argument(f"inputs[{key!r}] with shape {list(dims)} is too large")
+        _check_value_count(proto, key, dims)
+    if len(set(batch_sizes.values())) > 1:
+        raise invalid_argument(f"batched inputs disagree on the batch size: {batch_sizes}")
+    if batch_sizes:
+        batch = next(iter(batch_sizes.values()))
+        if batch == 0:
+            raise invalid_argument(f"empty batch: inputs {sorted(batch_sizes)} have batch size 0; send at least one example")
+        if max_batch_size and batch > max_batch_size:
+            raise invalid_argument(
+                f"batch size {batch} exceeds --max_batch_size={max_batch_size}; split the request"
+            )
+    tensors: dict[str, tf.Tensor] = {}
+    for key, spec in signature.inputs.items():
+        try:
+            array = tf.make_ndarray(inputs[key])
+        except Exception as err:
+            raise invalid_argument(f"inputs[{key!r}] is not a valid TensorProto: {err}") from err
+        if key == "images" and spec.dtype == tf.string:
+            _check_image_bytes(key, array)
+        if key == "k" and spec.dtype.is_integer and spec.shape.rank == 0:
+            k = int(array)
+            gallery_size = (manifest or {}).get("gallery_size")
+            if k <= 0 or (gallery_size is not None and k > int(gallery_size)):
+                upper = f" and <= gallery_size {gallery_size}" if gallery_size is not None else ""
+                raise invalid_argument(f"inputs['k'] = {k} is out of range; k must be >= 1{upper}")
+        tensors[key] = tf.convert_to_tensor(array, dtype=spec.dtype)
+    return tensors
+
+
+def run_signature(signature: SignatureInfo, tensors: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Call a signature, mapping TensorFlow errors onto gRPC status codes."""
+    try:
+        return signature.function(**tensors)
+    except tf.errors.OpError as err:
+        code = grpc.StatusCode.INVALID_ARGUMENT
+        for status in grpc.StatusCode:
+            if status.value[0] == err.error_code:
+                code = status
+        lines = (err.message or str(err)).strip().splitlines()
+        first_line = lines[0] if lines else ""
+        raise RequestError(code, f"signature {signature.name!r} failed: {type(err).__name__}: {first_line}") from err
+
