@@ -77,6 +77,8 @@ class TrainConfig:
     data_dir: str | None = None
     image_size: int | None = None
     synthetic_items: int = 300
+    synthetic_variants: float = 0.0  # share of designs listed several times (weak-label testbed)
+    synthetic_street_views: int = 3
     unseen_classes: tuple[str, ...] = ()
     strict: bool = False
     output_dir: str = "runs/main"
@@ -87,6 +89,8 @@ class TrainConfig:
     min_margin: float = 0.05
     max_margin: float = 0.4
     semantic_threshold: float | None = None
+    margin_source: str = "text"  # ATL margins from: text | shuffled_text | permuted | fixed | oracle
+    margin_mapping: str = "linear"  # text distance -> margin: linear | paper | catalog
     missing_text_margin: float | None = None  # items without a description; None = midpoint
     text_encoder: str = "use-m3"
     text_cache_dir: str = "saved_models/text_encoders/cache"
@@ -187,6 +191,8 @@ def load_data(config: TrainConfig) -> RetrievalData:
         unseen_classes=config.unseen_classes,
         strict=config.strict,
         seed=config.seed,
+        synthetic_variants=config.synthetic_variants,
+        synthetic_street_views=config.synthetic_street_views,
     )
 
 

@@ -17,7 +17,7 @@ Protocols (`EvalSet.protocol`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -75,6 +75,7 @@ class RetrievalData:
     validation: EvalSet
     test: EvalSet
     item_ids: list[str] = field(default_factory=list)
+    item_attributes: list[dict[str, Any]] | None = None  # [M] per item (synthetic shop, catalogs)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -131,6 +132,7 @@ def _from_catalog(name: str, catalog: Catalog, test_split: str | None, seed: int
         validation=_eval_set(catalog, "val"),
         test=_eval_set(catalog, test_split),
         item_ids=list(catalog.item_ids),
+        item_attributes=None if catalog.item_attributes is None else [dict(a) for a in catalog.item_attributes],
     )
 
 
@@ -177,6 +179,8 @@ def load_retrieval_data(
     unseen_classes: Sequence[str] = (),
     strict: bool = False,
     seed: int = 0,
+    synthetic_variants: float = 0.0,
+    synthetic_street_views: int = 3,
 ) -> RetrievalData:
     """Load the dataset named by `spec` (see `DATASET_SPECS`) as train / val / test sets.
 
@@ -186,7 +190,10 @@ def load_retrieval_data(
         data_dir: Fashion-MNIST IDX directory (default: the Debian package's).
         image_size: square size for decoded files (default 64; synthetic shop 32).
         validation_size: Fashion-MNIST validation images held out of training.
-        synthetic_items: number of items of the synthetic shop.
+        synthetic_items: number of items (listings) of the synthetic shop.
+        synthetic_variants: share of the shop's designs listed several times under
+            different item ids (the weak-label testbed; `make_synthetic_shop`).
+        synthetic_street_views: street photos per item (the test queries).
         unseen_classes: Fashion-MNIST / synthetic-shop classes (categories) kept out of
             training and used as the test set.
         strict: stop at the first corrupt or missing image instead of skipping it.
@@ -200,6 +207,8 @@ def load_retrieval_data(
             image_size=image_size or 32,
             seed=seed,
             unseen_categories=tuple(unseen_classes),
+            variant_fraction=synthetic_variants,
+            street_per_item=synthetic_street_views,
         )
         return _from_catalog("synthetic-shop", catalog, "test", seed)
     if name == "deepfashion-inshop":

@@ -43,8 +43,10 @@ __all__ = [
     "CATEGORIES",
     "COLOURS",
     "PATTERNS",
+    "add_variant_listings",
     "contact_sheet",
     "describe_item",
+    "design_ids",
     "make_synthetic_shop",
     "render_item",
 ]
@@ -611,6 +613,60 @@ def _sample_items(num_items: int, categories: Sequence[str], rng: np.random.Gene
     return items
 
 
+def add_variant_listings(
+    items: Sequence[dict[str, str]], fraction: float, max_listings: int, rng: np.random.Generator
+) -> list[dict[str, str]]:
+    """Turn distinct designs into a catalog where some designs are listed several times.
+
+    Walks `items` in order; each design becomes a *variant design* with probability
+    `fraction` and then takes 2..`max_listings` listings (uniform), which replace the next
+    items of the list, so the number of listings stays ``len(items)``. Each extra listing is,
+    with equal probability, a ``"relisting"`` (the same attributes: the same product under a
+    new id, its description a fresh paraphrase) or a ``"colour variant"`` (another colour, a
+    combination not otherwise in the catalog). Item-id supervision calls these listings
+    negatives of each other; their descriptions say they are (nearly) the same product.
+
+    Returns:
+        ``len(items)`` attribute dicts, each with ``"design"`` (``"design_00000"``...) and
+        ``"listing"``; listings of one design are adjacent.
+    """
+    items = [dict(a) for a in items]
+    taken = {tuple(sorted(a.items())) for a in items}
+    out: list[dict[str, str]] = []
+    source = iter(items)
+    design = 0
+    while len(out) < len(items):
+        base = next(source)
+        tag = f"design_{design:05d}"
+        design += 1
+        out.append({**base, "design": tag, "listing": "original"})
+        if rng.random() >= fraction:
+            continue
+        for _ in range(int(rng.integers(2, max_listings + 1)) - 1):
+            if len(out) == len(items):
+                break
+            next(source)  # this listing replaces the next sampled design
+            variant = dict(base)
+            kind = "relisting"
+            if rng.random() < 0.5:
+                free = [c for c in COLOURS if tuple(sorted({**base, "colour": c}.items())) not in taken]
+                if free:
+                    variant["colour"] = str(rng.choice(free))
+                    taken.add(tuple(sorted(variant.items())))
+                    kind = "colour variant"
+            out.append({**variant, "design": tag, "listing": kind})
+    return out
+
+
+def design_ids(catalog: Catalog) -> np.ndarray:
+    """``[M]`` int64 design group of each item: listings of one design share it (see
+    `add_variant_listings`); without variant listings every item is its own design."""
+    attributes = catalog.item_attributes or [{} for _ in catalog.item_ids]
+    names = [a.get("design", f"item:{i}") for i, a in enumerate(attributes)]
+    _, groups = np.unique(np.asarray(names, dtype=object).astype(str), return_inverse=True)
+    return groups.astype(np.int64)
+
+
 def make_synthetic_shop(
     num_items: int = 200,
     catalog_per_item: int = 3,
@@ -620,6 +676,8 @@ def make_synthetic_shop(
     splits: Sequence[float] = (0.6, 0.1, 0.3),
     unseen_categories: Sequence[str] = (),
     categories: Sequence[str] | None = None,
+    variant_fraction: float = 0.0,
+    max_listings: int = 3,
 ) -> Catalog:
     """Build a seeded synthetic shop (see the module docstring).
 
@@ -631,11 +689,18 @@ def make_synthetic_shop(
         splits: train / val / test fractions over items (summing to 1).
         unseen_categories: categories whose items all go to test (never trained on).
         categories: categories to draw from (default: all of `CATEGORIES`).
+        variant_fraction: share of *designs* listed 2..`max_listings` times under different
+            item ids (the weak-label testbed, see `add_variant_listings`); 0 (default) gives
+            the classic shop, one listing per design, bit-identical to earlier versions.
+        max_listings: most listings of one variant design (>= 2).
     Returns:
         `Catalog` with ``images`` uint8 ``[N, S, S, 3]``, ``N = num_items * (catalog_per_item +
         street_per_item)``, rows grouped by item (catalog views first), item ids
         ``"item_00000"``..., domains ``"catalog"`` / ``"street"``, splits ``"train"`` / ``"val"``
-        / ``"test"``, and ``item_attributes`` (category, colour, pattern, ... per item).
+        / ``"test"``, and ``item_attributes`` (category, colour, pattern, ... per item; with
+        variants also ``"design"``, shared by the listings of one design, and ``"listing"``:
+        ``"original"``, ``"relisting"`` or ``"colour variant"``). All listings of a design are
+        in the same split.
     """
     categories = list(CATEGORIES) if categories is None else list(categories)
     unknown = [c for c in [*categories, *unseen_categories] if c not in CATEGORIES]
@@ -654,9 +719,15 @@ def make_synthetic_shop(
         )
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}.")
+    if not 0.0 <= variant_fraction <= 1.0:
+        raise ValueError(f"variant_fraction must be in [0, 1], got {variant_fraction}.")
+    if max_listings < 2:
+        raise ValueError(f"max_listings must be >= 2, got {max_listings}.")
 
     rng = np.random.default_rng(seed)
     items = _sample_items(num_items, categories, rng)
+    if variant_fraction > 0:  # own generator: the classic shop's draws stay unchanged
+        items = add_variant_listings(items, variant_fraction, max_listings, np.random.default_rng([seed, 7]))
     item_ids = [f"item_{i:05d}" for i in range(num_items)]
     descriptions: list[str] = []
     seen: set[str] = set()
@@ -669,9 +740,14 @@ def make_synthetic_shop(
         descriptions.append(text)
 
     unseen = set(unseen_categories)
-    seen_ids = [i for i, attrs in zip(item_ids, items) if attrs["category"] not in unseen]
-    assignment = assign_splits(seen_ids, splits, seed=seed)
-    assignment.update({i: "test" for i, attrs in zip(item_ids, items) if attrs["category"] in unseen})
+    if variant_fraction > 0:  # split by design: a design's listings never straddle splits
+        designs = sorted({a["design"] for a in items if a["category"] not in unseen})
+        by_design = assign_splits(designs, splits, seed=seed)
+        assignment = {i: by_design.get(a["design"], "test") for i, a in zip(item_ids, items)}
+    else:
+        seen_ids = [i for i, attrs in zip(item_ids, items) if attrs["category"] not in unseen]
+        assignment = assign_splits(seen_ids, splits, seed=seed)
+        assignment.update({i: "test" for i, attrs in zip(item_ids, items) if attrs["category"] in unseen})
 
     views = [("catalog", k) for k in range(catalog_per_item)] + [("street", k) for k in range(street_per_item)]
     n = num_items * len(views)
