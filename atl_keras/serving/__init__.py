@@ -15,6 +15,10 @@ Laid out as TF Serving is:
 
 from __future__ import annotations
 
+from atl_keras._optional import require_extra
+
+require_extra("serving", "atl_keras.serving (gRPC server and client)")
+
 from atl_keras.serving.model_config import (
     ServedModel,
     TLSConfig,
