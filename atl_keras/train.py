@@ -123,6 +123,16 @@ class TrainConfig:
             )
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        from atl_keras.margin_sources import MAPPINGS, SOURCES
+
+        if self.margin_source not in SOURCES:
+            raise ValueError(f"Unknown margin_source {self.margin_source!r}; choose one of {', '.join(SOURCES)}.")
+        if self.margin_mapping not in MAPPINGS:
+            raise ValueError(f"Unknown margin_mapping {self.margin_mapping!r}; choose one of {', '.join(MAPPINGS)}.")
+        if not 0.0 <= self.synthetic_variants <= 1.0:
+            raise ValueError(f"synthetic_variants must be in [0, 1], got {self.synthetic_variants}.")
+        if self.synthetic_street_views < 1:
+            raise ValueError(f"synthetic_street_views must be >= 1, got {self.synthetic_street_views}.")
         default_p, default_k = DEFAULT_PK.get(self.dataset, DEFAULT_PK_CATALOG)
         self.p = default_p if self.p is None else self.p
         self.k = default_k if self.k is None else self.k
@@ -166,8 +176,19 @@ class TrainResult:
     replicas: int = 1
 
 
-def build_loss(config: TrainConfig) -> keras.losses.Loss:
-    """The loss named by `config.loss`, with the config's margins and mining."""
+def build_loss(
+    config: TrainConfig, data: RetrievalData | None = None, item_text: np.ndarray | None = None
+) -> keras.losses.Loss:
+    """The loss named by `config.loss`, with the config's margins and mining.
+
+    ATL with a `margin_source` other than ``text`` or a `margin_mapping` other than
+    ``linear`` trains through a precomputed item x item margin table
+    (`atl_keras.margin_sources`), which needs `data` and the items' `item_text` [M, T].
+    """
+    if config.loss == "atl" and (config.margin_source != "text" or config.margin_mapping != "linear"):
+        if data is None or item_text is None:
+            raise ValueError("margin_source/margin_mapping other than text/linear need the data and item text embeddings.")
+        return margin_table_loss(config, data, item_text)
     if config.loss == "triplet":
         return TripletLoss(margin=config.margin, mining=config.mining, distance=config.distance)
     return AdaptiveTripletLoss(
@@ -178,6 +199,26 @@ def build_loss(config: TrainConfig) -> keras.losses.Loss:
         semantic_threshold=config.semantic_threshold,
         missing_text_margin=config.missing_text_margin,
     )
+
+
+def margin_table_loss(config: TrainConfig, data: RetrievalData, item_text: np.ndarray) -> keras.losses.Loss:
+    """ATL through a margin table: `config.margin_source` + `config.margin_mapping` over the
+    training items (see `atl_keras.margin_sources.margin_table`); `semantic_threshold` masks
+    pairs whose description distance is below it, as `AdaptiveTripletLoss` does."""
+    from atl_keras.margin_sources import MarginTableTripletLoss, margin_table, text_distance_table
+
+    train_items = np.unique(data.train_labels)
+    table = margin_table(
+        config.margin_source, text_embeddings=item_text, item_attributes=data.item_attributes,
+        train_items=train_items, mapping=config.margin_mapping, min_margin=config.min_margin,
+        max_margin=config.max_margin, distance=config.distance,
+        missing_text_margin=config.missing_text_margin, seed=config.seed,
+    )
+    negatives = None
+    if config.semantic_threshold is not None:
+        distances = text_distance_table(item_text, config.distance)
+        negatives = ~(np.isfinite(distances) & (distances < config.semantic_threshold))
+    return MarginTableTripletLoss(table, mining=config.mining, distance=config.distance, negative_table=negatives)
 
 
 def load_data(config: TrainConfig) -> RetrievalData:
@@ -387,7 +428,7 @@ def _train(
         optimizer = keras.optimizers.Adam(config.learning_rate)
         if keras.config.dtype_policy().name == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        model.compile(optimizer=optimizer, loss=build_loss(config))
+        model.compile(optimizer=optimizer, loss=build_loss(config, data, item_text))
 
     val = data.validation
     callbacks = [

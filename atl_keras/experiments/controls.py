@@ -8,15 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-def derangement(n: int, seed: int) -> np.ndarray:
-    """A random permutation of ``range(n)`` without fixed points (n >= 2): ``[n]`` int64."""
-    if n < 2:
-        raise ValueError(f"A derangement needs n >= 2 items, got {n}.")
-    order = np.random.default_rng(seed).permutation(n)
-    out = np.empty(n, np.int64)
-    out[order] = np.roll(order, -1)  # each item points to the next one in a random cycle
-    return out
-
+from atl_keras.margin_sources import derangement
 
 class ShuffledTextEncoder:
     """CONTROL encoder: each description is encoded as a *different* item's description.
