@@ -23,6 +23,7 @@ from atl_keras.metrics import RetrievalEvaluation, format_metrics_table, retriev
 from atl_keras.model import ATLModel
 from atl_keras.projector import write_projector
 from atl_keras.search import ExactSearcher, exact_search
+from atl_keras.semantic_metrics import attribute_agreement_at_k, semantic_retrieval_metrics, variant_recall_at_k
 from atl_keras.text import (
     DescriptionCache,
     HashingTextEncoder,
@@ -41,6 +42,7 @@ __all__ = [
     "TextEncoder",
     "TripletLoss",
     "adaptive_triplet_loss",
+    "attribute_agreement_at_k",
     "available_backbones",
     "build_backbone",
     "data",
@@ -51,7 +53,9 @@ __all__ = [
     "load_text_encoder",
     "pairwise_distances",
     "retrieval_metrics",
+    "semantic_retrieval_metrics",
     "triplet_loss",
     "triplet_statistics",
+    "variant_recall_at_k",
     "write_projector",
 ]
