@@ -11,8 +11,9 @@ order, grayscale -> RGB), so a caller never needs to know which family it is fee
 The output is the backbone's last feature map ``[batch, h, w, channels]`` (no pooling);
 `atl_keras.model.ATLModel` adds pooling, projection and L2 normalisation.
 
-Weights: ``None`` (random init), ``"imagenet"`` (only from Keras' local cache: these machines
-cannot download), or a path to a local weights file (``.h5`` / ``.weights.h5``).
+Weights: ``None`` (random init), ``"imagenet"`` (from Keras' local cache; downloaded into it
+only with ``allow_download=True`` or `download_imagenet_weights`), or a path to a local
+weights file (``.h5`` / ``.weights.h5``). Nothing downloads unless asked to.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "PixelPreprocessing",
     "available_backbones",
     "build_backbone",
+    "download_imagenet_weights",
     "find_cached_imagenet_weights",
     "imagenet_weights_filename",
     "small_cnn",
@@ -255,25 +257,62 @@ def small_cnn(
     return keras.Model(inputs, x, name=name)
 
 
+def download_imagenet_weights(name: str, input_shape: Sequence[int]) -> str:
+    """Path of the no-top ImageNet weights of ``name`` in Keras' cache, downloading them
+    with Keras' normal mechanism (``keras.utils.get_file``) when they are not there yet.
+
+    Raises:
+        ValueError: unknown name (or ``"small_cnn"``, which has no ImageNet weights).
+        ConnectionError: the weights are not cached and the download failed (offline?).
+    """
+    if name == SMALL_CNN:
+        raise ValueError("There are no ImageNet weights for 'small_cnn'.")
+    cached = find_cached_imagenet_weights(name, input_shape)
+    if cached is not None:
+        return cached
+    app = _get_application(name)
+    try:
+        app.constructor(include_top=False, weights="imagenet", input_shape=_rgb_shape(input_shape),
+                        **app.kwargs)
+    except Exception as err:  # get_file raises a bare Exception on URL/HTTP errors
+        raise ConnectionError(
+            f"Could not download the ImageNet weights of {name!r} "
+            f"({imagenet_weights_filename(name, input_shape)!r}): {err}. Without network access, "
+            f"copy that file into {_keras_cache_dirs()[0]} or pass its path as weights."
+        ) from err
+    cached = find_cached_imagenet_weights(name, input_shape)
+    if cached is None:  # pragma: no cover - Keras stored it under a name we do not know
+        raise FileNotFoundError(
+            f"Keras downloaded the ImageNet weights of {name!r} but they are not at "
+            f"{imagenet_weights_filename(name, input_shape)!r} in {', '.join(_keras_cache_dirs())}."
+        )
+    return cached
+
+
 def build_backbone(
     name: str,
     input_shape: Sequence[int],
     weights: str | os.PathLike | None = None,
+    allow_download: bool = False,
 ) -> keras.Model:
     """Build backbone ``name``: ``[B, H, W, C]`` float32 pixels in [0, 255] -> ``[B, h, w, F]``.
 
     Args:
         name: ``"small_cnn"`` or a keras.applications name (see `available_backbones`).
         input_shape: ``(H, W, C)`` with C = 1 (repeated to RGB for applications) or 3.
-        weights: ``None`` (random), ``"imagenet"`` (must already be in Keras' local cache,
-            nothing is downloaded), or a path to a local ``.weights.h5`` file saved from a
-            backbone built here (``backbone.save_weights``) or, for applications, a
-            keras.applications-format no-top ``.h5`` file.
+        weights: ``None`` (random), ``"imagenet"`` (from Keras' local cache), or a path to a
+            local ``.weights.h5`` file saved from a backbone built here
+            (``backbone.save_weights``) or, for applications, a keras.applications-format
+            no-top ``.h5`` file.
+        allow_download: with ``weights="imagenet"`` not in the cache, let Keras download
+            them (its normal behaviour); by default fail fast instead.
 
     Raises:
         ValueError: unknown name, bad input shape (e.g. smaller than 32x32 for applications),
             bad ``weights`` value.
-        FileNotFoundError: ImageNet weights not cached, or the weights file does not exist.
+        FileNotFoundError: ImageNet weights not cached (and ``allow_download`` is False), or
+            the weights file does not exist.
+        ConnectionError: ``allow_download`` and the download failed.
     """
     shape = _check_input_shape(input_shape)
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
@@ -305,14 +344,17 @@ def build_backbone(
     wrapper_weights: str | None = None
     if weights == "imagenet":
         app_weights = find_cached_imagenet_weights(name, shape)
-        if app_weights is None:
+        if app_weights is None and allow_download:
+            app_weights = download_imagenet_weights(name, shape)
+        elif app_weights is None:
             filename = imagenet_weights_filename(name, shape)
             raise FileNotFoundError(
                 f"ImageNet weights for {name!r} are not available offline: {filename!r} is not in "
-                f"Keras' cache ({', '.join(_keras_cache_dirs())}) and this library never downloads. "
-                f"Copy that file into {_keras_cache_dirs()[0]}, or pass weights='/path/to/{filename}' "
-                "(or any '.weights.h5' saved from this backbone), or use weights=None to train from "
-                "scratch."
+                f"Keras' cache ({', '.join(_keras_cache_dirs())}), and downloads are off by default. "
+                "To let Keras download them, pass allow_download=True (`atl train --allow-download` "
+                f"or ATL_ALLOW_DOWNLOAD=1); or copy that file into {_keras_cache_dirs()[0]}, or pass "
+                f"weights='/path/to/{filename}' (or any '.weights.h5' saved from this backbone), or "
+                "use weights=None to train from scratch."
             )
     elif weights is not None:
         path = _check_weights_path(weights)

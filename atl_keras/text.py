@@ -359,8 +359,12 @@ class HashingTextEncoder:
 
 def load_text_encoder(name_or_handle: str | os.PathLike | TextEncoderLike,
                       cache_dir: str | os.PathLike = "saved_models/text_encoders",
-                      batch_size: int = 256) -> TextEncoderLike:
+                      batch_size: int = 256,
+                      progress: Callable[[str], None] | None = None) -> TextEncoderLike:
     """Returns a text encoder by name.
+
+    ``progress`` (e.g. ``print``) is called with a one-line message before and after a
+    long first-use step (building ``use-m3``); the library itself never prints.
 
     - ``"use-m3"``: the offline Universal Sentence Encoder multilingual v3 (512-d),
       built into ``<cache_dir>/use-m3`` on first use (about 20 s, ~80 MB; needs the
@@ -375,9 +379,16 @@ def load_text_encoder(name_or_handle: str | os.PathLike | TextEncoderLike,
     name = os.fspath(name_or_handle)
     key = name.strip().lower()
     if key in ("use-m3", "use_m3"):
-        from .text_use import USE_M3_MAX_CHARS, build_use_m3
+        from .text_use import USE_M3_MAX_CHARS, build_use_m3, is_valid_use_m3
 
-        path = build_use_m3(Path(cache_dir) / "use-m3")
+        target = Path(cache_dir) / "use-m3"
+        fresh = progress is not None and not is_valid_use_m3(target)
+        if fresh:
+            progress(f"Building the Universal Sentence Encoder (use-m3, ~80 MB) into {target} "
+                     "(first use only, about 30 s)...")
+        path = build_use_m3(target)
+        if fresh:
+            progress(f"Built {path}.")
         return TextEncoder(str(path), batch_size=batch_size, max_length=USE_M3_MAX_CHARS)
     if key == "hashing":
         return HashingTextEncoder()
@@ -489,8 +500,13 @@ class DescriptionCache:
                 os.unlink(tmp)
             raise
 
-    def embed(self, descriptions: Sequence[Any]) -> np.ndarray:
+    def embed(self, descriptions: Sequence[Any],
+              progress: Callable[[int, int], None] | None = None,
+              chunk_size: int = 1024) -> np.ndarray:
         """``descriptions: N items -> float32 [N, T]``.
+
+        ``progress(done, total)`` is called after each chunk of ``chunk_size`` texts sent
+        to the encoder (cache misses only; not called when everything is cached).
 
         Each unique non-empty string is encoded at most once (and not at all if it is
         already cached); new vectors are written to disk before returning. ``None``,
@@ -514,7 +530,14 @@ class DescriptionCache:
             if k not in self._vectors and k not in missing:
                 missing[k] = d
         if missing:
-            new = np.asarray(self.encoder.encode(list(missing.values())), dtype=np.float32)
+            texts = list(missing.values())
+            parts = []
+            for start in range(0, len(texts), max(1, int(chunk_size))):
+                parts.append(np.asarray(self.encoder.encode(texts[start:start + chunk_size]),
+                                        dtype=np.float32))
+                if progress is not None:
+                    progress(min(start + chunk_size, len(texts)), len(texts))
+            new = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
             if new.ndim != 2 or new.shape[0] != len(missing):
                 raise ValueError(f"Encoder {self.identity!r} returned shape {new.shape} for "
                                  f"{len(missing)} texts; expected [N, T].")
@@ -546,13 +569,15 @@ class DescriptionCache:
 
 
 def embed_descriptions(descriptions: Sequence[Any], encoder: TextEncoderLike | str,
-                       cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+                       cache_dir: str | os.PathLike | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """``descriptions: N items -> float32 [N, T]`` via a :class:`DescriptionCache`.
 
     ``encoder`` may be an encoder or a name for :func:`load_text_encoder`. With
     ``cache_dir=None`` nothing touches the disk (unique texts are still encoded once).
     Empty / ``None`` / non-string descriptions give zero rows and a ``UserWarning``.
+    ``progress(done, total)`` reports the texts encoded so far (cache misses only).
     """
     if isinstance(encoder, (str, os.PathLike)):
         encoder = load_text_encoder(encoder)
-    return DescriptionCache(cache_dir, encoder).embed(descriptions)
+    return DescriptionCache(cache_dir, encoder).embed(descriptions, progress=progress)

@@ -39,7 +39,7 @@ import tempfile
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -94,7 +94,11 @@ class TrainConfig:
     missing_text_margin: float | None = None  # items without a description; None = midpoint
     text_encoder: str = "use-m3"
     text_cache_dir: str = "saved_models/text_encoders/cache"
+    text_encoder_dir: str = "saved_models/text_encoders"  # where "use-m3" is built on first use
     backbone: str = "small_cnn"
+    weights: str | None = None  # backbone init: None, "imagenet" (Keras' cache) or a weights file
+    allow_download: bool = False  # weights="imagenet" may download into Keras' cache when missing
+    pooling: str = "avg"  # avg | max | gem
     embedding_dim: int = 64
     p: int | None = None
     k: int | None = None
@@ -335,7 +339,11 @@ def worker_output_dir(output_dir: str, strategy: tf.distribute.Strategy) -> str:
     return os.path.join(output_dir, "workers", f"{task_type}-{task_index}")
 
 
-def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResult:
+def run_training(
+    config: TrainConfig,
+    verbose: int | str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Train an `ATLModel` as configured, evaluate it and write it to `config.output_dir`.
 
     Writes `model.keras`, `metrics.json`, `config.json`, `training_log.csv`, TensorBoard logs
@@ -346,6 +354,9 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
     Process-wide state it touches is restored on return: the Keras dtype policy
     (`mixed_precision`) and TensorFlow op determinism (`deterministic`). `logical_cpus`
     cannot be undone (TensorFlow fixes devices at initialisation).
+
+    ``progress`` (e.g. ``print``) gets one-line messages about long steps before training
+    (the first-use build of the text encoder, embedding the catalog's descriptions).
     """
     start = time.perf_counter()
     if config.logical_cpus:
@@ -362,7 +373,7 @@ def run_training(config: TrainConfig, verbose: int | str = "auto") -> TrainResul
             tf.config.experimental.enable_op_determinism()
         if config.mixed_precision:
             keras.config.set_dtype_policy(mixed_precision_policy(strategy))
-        return _train(config, strategy, replicas, output_dir, start, verbose)
+        return _train(config, strategy, replicas, output_dir, start, verbose, progress)
     finally:
         keras.config.set_dtype_policy(previous_policy)
         if config.deterministic and not previously_deterministic:
@@ -390,11 +401,16 @@ def _train(
     output_dir: str,
     start: float,
     verbose: int | str,
+    progress: Callable[[str], None] | None = None,
 ) -> TrainResult:
     keras.utils.set_random_seed(config.seed)
     data = load_data(config)
-    encoder = load_text_encoder(config.text_encoder)
-    item_text = embed_descriptions(data.descriptions, encoder, cache_dir=config.text_cache_dir)
+    encoder = load_text_encoder(config.text_encoder, cache_dir=config.text_encoder_dir, progress=progress)
+    item_text = embed_descriptions(
+        data.descriptions, encoder, cache_dir=config.text_cache_dir,
+        progress=None if progress is None else (
+            lambda done, total: progress(f"Embedded {done}/{total} descriptions with {config.text_encoder}")),
+    )
 
     os.makedirs(output_dir, exist_ok=True)
     backup_dir = os.path.join(output_dir, BACKUP_DIR)
@@ -418,11 +434,17 @@ def _train(
         dataset = dataset.skip(resume_epoch * config.steps_per_epoch)
     dataset = distribute_batches(strategy, dataset)
 
+    if config.weights == "imagenet" and config.allow_download:
+        from atl_keras.backbones import download_imagenet_weights
+
+        download_imagenet_weights(config.backbone, data.image_shape)
     with strategy.scope():
         model = ATLModel(
             backbone=config.backbone,
             input_shape=data.image_shape,
             embedding_dim=config.embedding_dim,
+            pooling=config.pooling,
+            weights=config.weights,
             cross_replica_mining=config.cross_replica_mining,
         )
         optimizer = keras.optimizers.Adam(config.learning_rate)
