@@ -25,6 +25,7 @@ from keras import layers, ops
 from atl_keras.backbones import build_backbone
 from atl_keras.distribute import gather_replicas, in_multi_replica_context
 from atl_keras.losses import AdaptiveTripletLoss, TripletLoss, triplet_statistics
+from atl_keras.proxies import ProxyHead
 
 __all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS", "TRIPLET_STATISTICS"]
 
@@ -132,6 +133,10 @@ class ATLModel(keras.Model):
             ``fraction_active`` (violating / valid triplets) and ``mean_active_margin``
             (mean margin of violating triplets) of each (global) batch as metrics, shown
             in History and TensorBoard. ``O(B^2 log B)``, no gradient.
+        num_proxies: C > 0 adds a `atl_keras.proxies.ProxyHead` of C class proxies (labels
+            0..C-1) for proxy losses (`atl_keras.proxy_losses`); ``compute_loss`` passes them
+            as ``loss(y, y_pred, proxies=...)``. Not on the inference path (``call``).
+        proxy_learning_rate_multiplier: the head's learning-rate multiplier (see `ProxyHead`).
 
     The model is built in ``__init__``, so weights exist before ``fit``/``save``. Under a
     ``mixed_float16`` / ``mixed_bfloat16`` policy the backbone and projection run in half
@@ -148,6 +153,8 @@ class ATLModel(keras.Model):
         dropout: float = 0.0,
         cross_replica_mining: bool = True,
         track_triplet_statistics: bool = True,
+        num_proxies: int = 0,
+        proxy_learning_rate_multiplier: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -192,6 +199,13 @@ class ATLModel(keras.Model):
         self.dropout = layers.Dropout(self.dropout_rate, name="dropout") if self.dropout_rate else None
         self.projection = layers.Dense(embedding_dim, name="projection")
         self.l2_normalize = L2Normalization(name="l2_normalize")
+        self.num_proxies = int(num_proxies)
+        self.proxy_learning_rate_multiplier = float(proxy_learning_rate_multiplier)
+        self.proxy_head = (
+            ProxyHead(self.num_proxies, embedding_dim, self.proxy_learning_rate_multiplier, name="proxy_head")
+            if self.num_proxies
+            else None
+        )
         self.build((None, *self.image_shape))
 
     def build(self, input_shape):
@@ -201,6 +215,8 @@ class ATLModel(keras.Model):
             features = self.pool.compute_output_shape(features)
         self.projection.build(features)
         self.l2_normalize.build((None, self.embedding_dim))
+        if self.proxy_head is not None:
+            self.proxy_head.build()
         self.built = True
 
     def call(self, images, training: bool | None = None):
@@ -260,10 +276,18 @@ class ATLModel(keras.Model):
             y_pred, y = gather_replicas((y_pred, y))
         if self.statistics:
             self._update_triplet_statistics(loss_fn, y, y_pred)
+        extra = {}
+        if getattr(loss_fn, "needs_proxies", False):  # atl_keras.proxy_losses
+            if self.proxy_head is None:
+                raise ValueError(
+                    f"{type(loss_fn).__name__} needs class proxies: build "
+                    "ATLModel(..., num_proxies=<number of training classes>)."
+                )
+            extra["proxies"] = self.proxy_head.proxies
         if sample_weight is None:
-            value = loss_fn(y, y_pred)
+            value = loss_fn(y, y_pred, **extra)
         else:
-            value = loss_fn(y, y_pred, sample_weight)
+            value = loss_fn(y, y_pred, sample_weight, **extra)
         total = ops.cast(value, "float32")
         for extra in self.losses:
             total = total + ops.cast(self._aggregate_additional_loss(extra), "float32")
@@ -392,6 +416,8 @@ class ATLModel(keras.Model):
             dropout=self.dropout_rate,
             cross_replica_mining=self.cross_replica_mining,
             track_triplet_statistics=self.track_triplet_statistics,
+            num_proxies=self.num_proxies,
+            proxy_learning_rate_multiplier=self.proxy_learning_rate_multiplier,
         )
         return config
 

@@ -1,0 +1,466 @@
+"""Proxy losses: one learnable proxy per training class instead of in-batch triplets.
+
+Two losses, each a pure function of tensors written with `keras.ops` plus a thin
+`keras.losses.Loss` that holds the configuration (``B`` = batch, ``C`` = classes,
+``D`` = embedding size; ``f_i`` and ``p_c`` are L2-normalised here, ``cos`` is their dot):
+
+- **Adaptive proxy loss** (`adaptive_proxy_loss`, `AdaptiveProxyLoss`): a normalised
+  softmax over the proxies with scale ``s`` and an additive margin on each *negative* logit,
+
+      L_i = -log( e^{s cos(f_i, p_{y_i})}
+                  / (e^{s cos(f_i, p_{y_i})} + sum_{c != y_i} e^{s (cos(f_i, p_c) + m_{y_i c})}) )
+
+  mean over the batch. ``m_{y c}`` comes from the distance between the text embeddings of
+  classes ``y`` and ``c`` through ATL's margin mapping,
+  ``m = min_margin + (max_margin - min_margin) * d(g_y, g_c) / d_max`` (see
+  `atl_keras.losses`), or from any precomputed ``[C, C]`` margin matrix (other mappings plug
+  in there), or is a constant ``margin`` (the plain additive-margin normalised softmax). This
+  is *our reading of the abstract* of Fehervari & Macedo, "Adaptive additive
+  classification-based loss for deep metric learning" (arXiv 2006.14693): a margin per
+  (sample, negative proxy) pair from precomputed class text distances. Its method section was
+  not available to us; the scale, margin range, distance and proxy learning rate are
+  parameters, not the paper's values.
+- **ProxyAnchor** (`proxy_anchor_loss`, `ProxyAnchorLoss`; Kim et al., CVPR 2020) with
+  PyTorch Metric Learning's semantics (``margin`` delta, ``alpha``):
+
+      L = 1/|P+| sum_{p in P+} log(1 + sum_{i: y_i = p}  e^{-alpha (cos(f_i, p) - delta)})
+        + 1/C    sum_{p}       log(1 + sum_{i: y_i != p} e^{ alpha (cos(f_i, p) + delta)})
+
+  ``P+`` = proxies with at least one positive in the batch.
+
+Classes are dense ids ``0..C-1`` (labels outside that range are an error on the device).
+The proxies ``[C, D]`` are model weights (`atl_keras.proxies.ProxyHead`, created by
+``ATLModel(num_proxies=C)``), passed to the loss as ``loss(y_true, y_pred, proxies=...)``;
+`ATLModel.compute_loss` does that. Text embeddings and margins are constants (no gradient).
+Math runs in float32 (float64 inputs stay float64). Identical embeddings and proxies, and
+classes absent from a batch, give finite values and gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from atl_keras.distances import compute_dtype, l2_normalize, max_distance, validate_distance
+from atl_keras.losses import _prepare_labels, _scale_for_distribution, _split_targets
+
+__all__ = [
+    "AdaptiveProxyLoss",
+    "ProxyAnchorLoss",
+    "adaptive_proxy_loss",
+    "class_margin_matrix",
+    "proxy_anchor_loss",
+]
+
+
+# --------------------------------------------------------------------------
+# Margins between classes.
+# --------------------------------------------------------------------------
+
+
+def _validate_range(min_margin: float, max_margin: float) -> tuple[float, float]:
+    min_margin, max_margin = float(min_margin), float(max_margin)
+    if not (np.isfinite(min_margin) and np.isfinite(max_margin)) or not 0.0 <= min_margin <= max_margin:
+        raise ValueError(
+            f"Need 0 <= min_margin <= max_margin (finite), got min_margin={min_margin}, "
+            f"max_margin={max_margin}."
+        )
+    return min_margin, max_margin
+
+
+def _midpoint(missing_text_margin: float | None, min_margin: float, max_margin: float) -> float:
+    if missing_text_margin is None:
+        return (min_margin + max_margin) / 2.0
+    value = float(missing_text_margin)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"missing_text_margin must be a finite number >= 0, got {missing_text_margin!r}.")
+    return value
+
+
+def _normalised_classes(class_text_embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``[C, T]`` -> (float32 unit rows, zero rows stay zero; bool ``[C]`` missing)."""
+    g = np.asarray(class_text_embeddings, dtype=np.float64)
+    if g.ndim != 2 or g.shape[0] < 1:
+        raise ValueError(
+            f"class_text_embeddings must have shape [classes, text_dim], got {g.shape}; row c "
+            "is the text embedding of class (label) c."
+        )
+    if not np.all(np.isfinite(g)):
+        raise ValueError("class_text_embeddings contains NaN or Inf; fix the text cache.")
+    norms = np.linalg.norm(g, axis=1, keepdims=True)
+    missing = norms[:, 0] == 0
+    return (g / np.where(norms == 0, 1.0, norms)).astype(np.float32), missing
+
+
+def _distance_from_cosine(cosine: Any, distance: str) -> Any:
+    if distance == "cosine":
+        return 1.0 - cosine
+    squared = ops.maximum(2.0 - 2.0 * cosine, 0.0)
+    return ops.sqrt(squared) if distance == "l2" else squared
+
+
+def class_margin_matrix(
+    class_text_embeddings: Any,
+    min_margin: float = 0.05,
+    max_margin: float = 0.4,
+    distance: str = "squared_l2",
+    missing_text_margin: float | None = None,
+) -> np.ndarray:
+    """ATL's margin mapping between all classes, as a float32 numpy ``[C, C]`` matrix.
+
+    ``M[y, c] = min_margin + (max_margin - min_margin) * d(g_y, g_c) / d_max`` for the
+    L2-normalised class text embeddings ``g`` (``[C, T]``, row c = class c); pairs where
+    either row is all-zero (missing description) get ``missing_text_margin`` (None = midpoint).
+    The diagonal is never used by `adaptive_proxy_loss`. ``C^2`` floats: for large C let
+    `AdaptiveProxyLoss` compute the rows a batch needs from ``class_text_embeddings`` instead.
+    """
+    distance = validate_distance(distance)
+    min_margin, max_margin = _validate_range(min_margin, max_margin)
+    missing_margin = _midpoint(missing_text_margin, min_margin, max_margin)
+    g, missing = _normalised_classes(class_text_embeddings)
+    g = g.astype(np.float64)
+    cosine = np.clip(g @ g.T, -1.0, 1.0)
+    if distance == "cosine":
+        d = 1.0 - cosine
+    else:
+        squared = np.maximum(2.0 - 2.0 * cosine, 0.0)
+        d = np.sqrt(squared) if distance == "l2" else squared
+    margins = min_margin + (max_margin - min_margin) * d / max_distance(distance)
+    margins[missing, :] = missing_margin
+    margins[:, missing] = missing_margin
+    return margins.astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# The losses as functions.
+# --------------------------------------------------------------------------
+
+
+def _prepare(labels: Any, embeddings: Any, proxies: Any) -> tuple[Any, Any, Any, str]:
+    embeddings = ops.convert_to_tensor(embeddings)
+    proxies = ops.convert_to_tensor(proxies)
+    if len(embeddings.shape) != 2 or len(proxies.shape) != 2:
+        raise ValueError(
+            f"embeddings must be [batch, dim] and proxies [classes, dim]; got "
+            f"{tuple(embeddings.shape)} and {tuple(proxies.shape)}."
+        )
+    if embeddings.shape[1] is not None and proxies.shape[1] is not None and embeddings.shape[1] != proxies.shape[1]:
+        raise ValueError(
+            f"embeddings have dim {embeddings.shape[1]} but proxies have dim {proxies.shape[1]}; "
+            "build the proxies with the model's embedding_dim."
+        )
+    dtype = compute_dtype(embeddings)
+    labels = _prepare_labels(labels, embeddings.shape[0])
+    return labels, ops.cast(embeddings, dtype), ops.cast(proxies, dtype), dtype
+
+
+def _cosines(embeddings: Any, proxies: Any) -> Any:
+    """``[B, D] x [C, D] -> [B, C]`` cosines of the normalised rows."""
+    return ops.matmul(l2_normalize(embeddings), ops.transpose(l2_normalize(proxies)))
+
+
+def adaptive_proxy_loss(
+    labels: Any,
+    embeddings: Any,
+    proxies: Any,
+    margins: Any,
+    scale: float = 16.0,
+    sample_weight: Any | None = None,
+) -> Any:
+    """Normalised softmax over proxies with an additive margin on each negative logit.
+
+    Args:
+        labels: ``[B]`` (or ``[B, 1]``) int class ids in ``[0, C)``.
+        embeddings: ``[B, D]`` float (normalised here).
+        proxies: ``[C, D]`` float (normalised here).
+        margins: ``m_{y_i c}`` as a ``[B, C]`` tensor (row i = margins of sample i's class
+            against every class; entry ``y_i`` is ignored) or a scalar.
+        scale: ``s > 0``.
+        sample_weight: optional ``[B]`` weights; the result is ``sum_i w_i L_i / B``.
+
+    Returns:
+        Scalar: the mean of ``L_i`` (see the module docstring).
+    """
+    labels, embeddings, proxies, dtype = _prepare(labels, embeddings, proxies)
+    positive = ops.one_hot(ops.cast(labels, "int32"), ops.shape(proxies)[0], dtype=dtype)
+    margins = ops.stop_gradient(ops.cast(margins, dtype))
+    logits = float(scale) * (_cosines(embeddings, proxies) + margins * (1.0 - positive))
+    per_sample = ops.logsumexp(logits, axis=1) - ops.sum(logits * positive, axis=1)
+    if sample_weight is not None:
+        per_sample = per_sample * ops.reshape(ops.cast(sample_weight, dtype), (-1,))
+    return ops.mean(per_sample)
+
+
+def _log1p_sum_exp(x: Any, mask: Any, axis: int) -> Any:
+    """``log(1 + sum_{mask} exp(x))`` along ``axis``, stable; 0 where the mask is empty."""
+    very_negative = ops.full_like(x, -1e30 if x.dtype != "float64" else -1e300)
+    x = ops.where(mask, x, very_negative)
+    shift = ops.stop_gradient(ops.maximum(ops.max(x, axis=axis, keepdims=True), 0.0))
+    total = ops.exp(-shift) + ops.sum(ops.where(mask, ops.exp(x - shift), 0.0), axis=axis, keepdims=True)
+    return ops.squeeze(shift + ops.log(total), axis=axis)
+
+
+def proxy_anchor_loss(
+    labels: Any,
+    embeddings: Any,
+    proxies: Any,
+    margin: float = 0.1,
+    alpha: float = 32.0,
+) -> Any:
+    """ProxyAnchor (Kim et al. 2020) as PyTorch Metric Learning 2.x computes it.
+
+    Args:
+        labels: ``[B]`` int class ids in ``[0, C)``.
+        embeddings: ``[B, D]``; proxies: ``[C, D]`` (both normalised here).
+        margin: delta; alpha: the scale.
+
+    Returns:
+        Scalar: mean positive term over proxies with a positive in the batch plus the mean
+        negative term over all C proxies (see the module docstring).
+    """
+    labels, embeddings, proxies, dtype = _prepare(labels, embeddings, proxies)
+    cosine = _cosines(embeddings, proxies)
+    positive = ops.cast(ops.one_hot(ops.cast(labels, "int32"), ops.shape(proxies)[0]), "bool")
+    pos_term = _log1p_sum_exp(-float(alpha) * (cosine - float(margin)), positive, axis=0)
+    neg_term = _log1p_sum_exp(float(alpha) * (cosine + float(margin)), ops.logical_not(positive), axis=0)
+    with_positive = ops.sum(ops.cast(ops.any(positive, axis=0), dtype))
+    classes = ops.cast(ops.shape(proxies)[0], dtype)
+    return ops.sum(pos_term) / ops.maximum(with_positive, 1.0) + ops.sum(neg_term) / classes
+
+
+# --------------------------------------------------------------------------
+# keras.losses.Loss wrappers.
+# --------------------------------------------------------------------------
+
+_PROXIES_HELP = (
+    "build the model with ATLModel(..., num_proxies=C) (it passes its proxies to the loss), "
+    "or call loss(y_true, y_pred, proxies=P) with P [C, D]"
+)
+
+
+def _check_proxies(loss_name: str, proxies: Any, num_classes: int | None) -> None:
+    if proxies is None:
+        raise ValueError(f"{loss_name} needs the class proxies: {_PROXIES_HELP}.")
+    rows = proxies.shape[0]
+    if num_classes is not None and rows is not None and rows != num_classes:
+        raise ValueError(
+            f"{loss_name} has margins for {num_classes} classes but got {rows} proxies; use "
+            f"ATLModel(num_proxies={num_classes}) (one proxy per class)."
+        )
+
+
+class _ProxyLossBase(keras.losses.Loss):
+    """Shared ``__call__``: labels keep their integer dtype, proxies come as a keyword."""
+
+    #: `ATLModel.compute_loss` passes ``proxies=`` to losses that set this.
+    needs_proxies = True
+    supports_sample_weight = False
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None, proxies: Any = None) -> Any:
+        """Loss of a batch.
+
+        Args:
+            y_true: labels ``[B]`` or a dict ``{"label": [B], "text_embedding": [B, T]}``
+                (only ``label`` is read).
+            y_pred: ``[B, D]`` embeddings.
+            sample_weight: ``[B]`` (AdaptiveProxyLoss only).
+            proxies: ``[C, D]`` class proxies (`ATLModel` passes its own).
+
+        Returns:
+            Float32 scalar (divided by the replica count under tf.distribute, like Keras'
+            mean losses).
+        """
+        name = type(self).__name__
+        if proxies is not None:
+            proxies = ops.convert_to_tensor(proxies)
+        _check_proxies(name, proxies, self.num_classes)
+        if sample_weight is not None and not self.supports_sample_weight:
+            raise ValueError(
+                f"{name} does not support sample_weight (it is a sum over proxies, not "
+                "samples). Remove sample_weight/class_weight from fit()."
+            )
+        labels, _ = _split_targets(y_true, need_text=False, loss_name=name)
+        with keras.name_scope(self.name):
+            loss = ops.cast(self.compute(labels, y_pred, proxies, sample_weight), self.dtype)
+            if self.reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
+                loss = _scale_for_distribution(loss)
+            return loss
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        raise ValueError(f"{type(self).__name__} needs the class proxies: {_PROXIES_HELP}.")
+
+    @property
+    def num_classes(self) -> int | None:
+        return None
+
+    def compute(self, labels: Any, embeddings: Any, proxies: Any, sample_weight: Any) -> Any:
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "reduction": self.reduction, "dtype": self.dtype}
+
+
+@keras.saving.register_keras_serializable(package="atl_keras")
+class AdaptiveProxyLoss(_ProxyLossBase):
+    """Additive-margin normalised softmax with a margin per negative proxy; see `adaptive_proxy_loss`.
+
+    Exactly one margin source:
+
+    - ``class_text_embeddings`` ``[C, T]`` (row c = text embedding of class c, all-zero =
+      missing description): margins through ATL's mapping with ``min_margin``,
+      ``max_margin``, ``distance`` and ``missing_text_margin`` (None = midpoint), computed for
+      the batch's rows (``[B, T] x [T, C]``, no ``[C, C]`` matrix is stored);
+    - ``margin_matrix`` ``[C, C]`` (any mapping, e.g. `class_margin_matrix`, a catalog-scaled
+      or a permuted control): row ``y`` are the margins of class ``y`` against every class;
+    - ``margin`` (a float): the same margin for every negative, which is the plain
+      additive-margin normalised softmax and needs no text.
+
+    Args:
+        scale: ``s > 0``, the softmax temperature's inverse.
+
+    ``y_true`` is the labels ``[B]`` or the P x K target dict (only ``label`` is read: the
+    class texts are given here, once per catalog). Arrays are stored in ``get_config`` as
+    lists, so a saved model carries them (``C x T`` or ``C x C`` floats).
+
+    Example:
+        >>> model = ATLModel("small_cnn", input_shape=(32, 32, 3), num_proxies=len(texts))
+        >>> model.compile("adam", loss=AdaptiveProxyLoss(class_text_embeddings=texts))
+    """
+
+    supports_sample_weight = True
+
+    def __init__(
+        self,
+        class_text_embeddings: Any | None = None,
+        margin_matrix: Any | None = None,
+        margin: float | None = None,
+        min_margin: float = 0.05,
+        max_margin: float = 0.4,
+        scale: float = 16.0,
+        distance: str = "squared_l2",
+        missing_text_margin: float | None = None,
+        name: str = "adaptive_proxy_loss",
+        reduction: str | None = "sum_over_batch_size",
+        dtype: Any = "float32",
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        sources = [s for s, v in (("class_text_embeddings", class_text_embeddings),
+                                  ("margin_matrix", margin_matrix), ("margin", margin)) if v is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                "AdaptiveProxyLoss needs exactly one margin source: class_text_embeddings "
+                "[C, T], margin_matrix [C, C] or a constant margin; got "
+                f"{', '.join(sources) if sources else 'none'}."
+            )
+        self.scale = float(scale)
+        if not np.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
+        self.distance = validate_distance(distance)
+        self.min_margin, self.max_margin = _validate_range(min_margin, max_margin)
+        self.missing_text_margin = None if missing_text_margin is None else float(missing_text_margin)
+        self._missing_margin = _midpoint(missing_text_margin, self.min_margin, self.max_margin)
+        self.margin = None if margin is None else float(margin)
+        if self.margin is not None and (not np.isfinite(self.margin) or self.margin < 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}.")
+        self.class_text_embeddings = None
+        self.margin_matrix = None
+        if class_text_embeddings is not None:
+            self.class_text_embeddings = np.asarray(class_text_embeddings, np.float32)
+            self._unit_text, self._missing = _normalised_classes(self.class_text_embeddings)
+        if margin_matrix is not None:
+            matrix = np.asarray(margin_matrix, np.float32)
+            if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not np.all(np.isfinite(matrix)):
+                raise ValueError(
+                    f"margin_matrix must be a finite square [C, C] matrix, got shape {matrix.shape}."
+                )
+            self.margin_matrix = matrix
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.class_text_embeddings is not None:
+            return int(self.class_text_embeddings.shape[0])
+        if self.margin_matrix is not None:
+            return int(self.margin_matrix.shape[0])
+        return None
+
+    def batch_margins(self, labels: Any) -> Any:
+        """``[B]`` labels -> ``[B, C]`` margins (or a scalar for a constant margin)."""
+        if self.margin is not None:
+            return self.margin
+        labels = ops.cast(labels, "int32")
+        if self.margin_matrix is not None:
+            return ops.take(ops.convert_to_tensor(self.margin_matrix), labels, axis=0)
+        unit = ops.convert_to_tensor(self._unit_text)
+        cosine = ops.matmul(ops.take(unit, labels, axis=0), ops.transpose(unit))
+        distances = _distance_from_cosine(ops.clip(cosine, -1.0, 1.0), self.distance)
+        scale = (self.max_margin - self.min_margin) / max_distance(self.distance)
+        margins = self.min_margin + scale * distances
+        missing = ops.convert_to_tensor(self._missing)
+        missing_pair = ops.logical_or(ops.expand_dims(ops.take(missing, labels), 1), ops.expand_dims(missing, 0))
+        return ops.where(missing_pair, ops.full_like(margins, self._missing_margin), margins)
+
+    def compute(self, labels: Any, embeddings: Any, proxies: Any, sample_weight: Any) -> Any:
+        labels = _prepare_labels(labels, None)
+        return adaptive_proxy_loss(
+            labels, embeddings, proxies, self.batch_margins(labels), self.scale, sample_weight
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "class_text_embeddings": None
+            if self.class_text_embeddings is None
+            else self.class_text_embeddings.tolist(),
+            "margin_matrix": None if self.margin_matrix is None else self.margin_matrix.tolist(),
+            "margin": self.margin,
+            "min_margin": self.min_margin,
+            "max_margin": self.max_margin,
+            "scale": self.scale,
+            "distance": self.distance,
+            "missing_text_margin": self.missing_text_margin,
+        }
+
+
+@keras.saving.register_keras_serializable(package="atl_keras")
+class ProxyAnchorLoss(_ProxyLossBase):
+    """ProxyAnchor with PyTorch Metric Learning's ``margin`` (delta) and ``alpha``; see
+    `proxy_anchor_loss`. ``num_classes`` (optional) checks the proxies' count.
+
+    ``y_true`` is the labels ``[B]`` or the P x K target dict (only ``label`` is read).
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.1,
+        alpha: float = 32.0,
+        num_classes: int | None = None,
+        name: str = "proxy_anchor_loss",
+        reduction: str | None = "sum_over_batch_size",
+        dtype: Any = "float32",
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.margin = float(margin)
+        self.alpha = float(alpha)
+        if not np.isfinite(self.margin) or not np.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"Need a finite margin and alpha > 0, got margin={margin!r}, alpha={alpha!r}.")
+        if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}.")
+        self._num_classes = None if num_classes is None else int(num_classes)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self._num_classes
+
+    def compute(self, labels: Any, embeddings: Any, proxies: Any, sample_weight: Any) -> Any:
+        return proxy_anchor_loss(labels, embeddings, proxies, margin=self.margin, alpha=self.alpha)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "alpha": self.alpha,
+            "num_classes": self._num_classes,
+        }
