@@ -45,7 +45,7 @@ from atl_keras.search import DISTANCES, Distance, ExactSearcher
 
 __all__ = ["attribute_agreement_at_k", "semantic_retrieval_metrics", "variant_recall_at_k"]
 
-# Elements of the [chunk, distinct gallery items, keys] block of the chance level.
+# Elements of the [chunk, distinct gallery items] block of the chance level.
 _CHANCE_BLOCK = 1 << 22
 
 
@@ -161,9 +161,14 @@ def _check_has_attributes(codes: np.ndarray, labels: np.ndarray) -> None:
 
 def _agreement(codes_a: np.ndarray, codes_b: np.ndarray) -> np.ndarray:
     """Shared-attribute fraction of broadcast code arrays ``[..., num_keys] -> [...]``."""
-    present_a, present_b = codes_a >= 0, codes_b >= 0
-    shared = np.sum((codes_a == codes_b) & present_a, axis=-1)
-    union = np.sum(present_a | present_b, axis=-1)
+    shape = np.broadcast_shapes(codes_a.shape[:-1], codes_b.shape[:-1])
+    shared = np.zeros(shape, np.int32)
+    union = np.zeros(shape, np.int32)
+    for key in range(codes_a.shape[-1]):  # one 2-D pass per key: no [..., num_keys] temporaries
+        a, b = codes_a[..., key], codes_b[..., key]
+        present_a = a >= 0
+        shared += (a == b) & present_a
+        union += present_a | (b >= 0)
     return shared / union
 
 
@@ -174,7 +179,7 @@ def _chance_level(query_labels: np.ndarray, gallery_labels: np.ndarray, codes: n
     unique_q, q_inverse = np.unique(query_labels, return_inverse=True)
     unique_g, g_counts = np.unique(gallery_labels, return_counts=True)
     per_label = np.empty(unique_q.shape[0], np.float64)
-    step = max(1, _CHANCE_BLOCK // max(1, unique_g.shape[0] * codes.shape[1]))
+    step = max(1, _CHANCE_BLOCK // unique_g.shape[0])
     gallery_codes = codes[unique_g][None, :, :]
     for start in range(0, unique_q.shape[0], step):
         labels = unique_q[start : start + step]
