@@ -181,3 +181,29 @@ def build_fixture_model(
     final = base / str(version)
     os.rename(tmp, final)
     return FixtureModel(final, name, version, projection, gallery, ids, tuple(image_shape))
+
+
+def replace_version(base_path: str | os.PathLike, version: int, *, seed: int, name: str = "atl") -> FixtureModel:
+    """Replace ``base_path/<version>/`` as ``atl export --force`` does.
+
+    The new version is written beside the base, the old directory is renamed to
+    ``.old-<version>-*`` and the new one renamed into place (``atl_keras/export.py``).
+    """
+    base = pathlib.Path(base_path)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=base.parent))
+    model = build_fixture_model(staging, version, name=name, seed=seed)
+    final = base / str(version)
+    os.rename(final, base / f".old-{version}-{os.urandom(4).hex()}")
+    os.rename(model.path, final)
+    os.rmdir(staging)
+    return dataclasses.replace(model, path=final)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk claiming ``width x height`` RGB pixels, without pixel data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))

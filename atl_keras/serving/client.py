@@ -46,15 +46,26 @@ def make_channel(
     server: str,
     *,
     root_certificates: bytes | None = None,
+    private_key: bytes | None = None,
+    certificate_chain: bytes | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> grpc.Channel:
-    """A channel to ``host:port``; TLS when ``root_certificates`` (PEM) is given."""
+    """A channel to ``host:port``.
+
+    TLS when ``root_certificates`` (PEM CA) or a client certificate is given; mutual TLS
+    when ``private_key`` and ``certificate_chain`` (PEM) are given (a server started
+    with ``--ssl_ca`` requires them).
+    """
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("mutual TLS needs both the client private key and its certificate chain")
     options = [
         ("grpc.max_receive_message_length", max_message_size),
         ("grpc.max_send_message_length", max_message_size),
     ]
-    if root_certificates is not None:
-        creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    if root_certificates is not None or private_key is not None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=root_certificates, private_key=private_key, certificate_chain=certificate_chain
+        )
         return grpc.secure_channel(server, creds, options=options)
     return grpc.insecure_channel(server, options=options)
 
@@ -248,6 +259,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-ready", action="store_true",
                    help="wait up to --timeout for the server to come up instead of failing fast")
     p.add_argument("--tls-ca", default=None, help="CA certificate PEM: connect with TLS")
+    p.add_argument("--tls-cert", default=None,
+                   help="client certificate PEM for mutual TLS (a server started with --ssl_ca); needs --tls-key")
+    p.add_argument("--tls-key", default=None, help="client private key PEM for mutual TLS; needs --tls-cert")
     p.add_argument("--grid", default=None, help="write a PNG grid of queries and results here")
     p.add_argument("--gallery-dir", default=None, help="gallery images named <id>.jpg|png for --grid")
     return p
@@ -260,8 +274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot read query image: {err}", file=sys.stderr)
         return 2
-    root = pathlib.Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    channel = make_channel(args.server, root_certificates=root)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: mutual TLS needs both --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    try:
+        root = pathlib.Path(args.tls_ca).read_bytes() if args.tls_ca else None
+        cert = pathlib.Path(args.tls_cert).read_bytes() if args.tls_cert else None
+        key = pathlib.Path(args.tls_key).read_bytes() if args.tls_key else None
+    except OSError as err:
+        print(f"error: cannot read a TLS file: {err}", file=sys.stderr)
+        return 2
+    channel = make_channel(args.server, root_certificates=root, private_key=key, certificate_chain=cert)
     try:
         results = retrieve(
             channel, args.model, images, args.k, signature=args.signature,

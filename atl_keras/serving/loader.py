@@ -77,6 +77,8 @@ class LoadedVersion:
         self.signature_defs = read_signature_defs(path)
         manifest_path = path / "assets" / "manifest.json"
         self.manifest: dict = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        self.identity: tuple = ()  # model_config.version_identity(path) when it was loaded
+        self.replaced = False  # set when a reload of the same version number took over
         self._lock = threading.Lock()
         self._in_flight = 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import pathlib
 import threading
 from typing import Iterator, Sequence
 
@@ -17,7 +18,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 
 from atl_keras.serving.errors import RequestError, invalid_argument, not_found
 from atl_keras.serving.loader import LoadedVersion, import_custom_ops
-from atl_keras.serving.model_config import ServedModel, dir_fingerprint, list_version_dirs
+from atl_keras.serving.model_config import ServedModel, dir_fingerprint, list_version_dirs, version_identity
 
 logger = logging.getLogger(__name__)
 
@@ -89,37 +90,23 @@ class ModelManager:
 
     def _sync(self, model: ServedModel) -> None:
         on_disk = list_version_dirs(model.base_path)
-        if not on_disk and model.name not in self._warned_missing:
-            self._warned_missing.add(model.name)
-            logger.warning(
-                "model %r: no version directories <int>/ with a saved_model.pb under %s yet",
-                model.name, model.base_path,
-            )
-        aspired = model.version_policy.select(on_disk)
-        for version in aspired:  # highest first: the newest version becomes available first
-            if version in self._served[model.name] or self._stop.is_set():
-                continue
-            path = on_disk[version]
-            fingerprint = dir_fingerprint(path)
-            if self._failed.get((model.name, version)) == fingerprint:
-                continue  # failed before and unchanged since: skip until it changes
-            self._set_state(model.name, version, State.LOADING)
-            logger.info("model %r: loading version %d from %s", model.name, version, path)
-            try:
-                loaded = LoadedVersion(model.name, version, path)
-            except Exception as err:
-                self._failed[(model.name, version)] = fingerprint
-                message = f"failed to load version {version} from {path}: {type(err).__name__}: {err}"
-                logger.error("model %r: %s", model.name, message)
-                self._set_state(model.name, version, State.END, message)
-                continue
-            self._failed.pop((model.name, version), None)
-            with self._lock:  # copy-on-write swap: readers see either the old or the new map
-                served = dict(self._served[model.name])
-                served[version] = loaded
-                self._served[model.name] = served
-                self._states[model.name][version] = _VersionState(State.AVAILABLE)
-            logger.info("model %r: version %d AVAILABLE", model.name, version)
+        if not on_disk:
+            # A base path that is briefly missing or empty (a redeploy, an NFS hiccup, a
+            # directory being swapped) must not take the model down: keep what is loaded,
+            # as TF Serving's file-system source does, until versions reappear.
+            if model.name not in self._warned_missing:
+                self._warned_missing.add(model.name)
+                loaded = sorted(self._served[model.name])
+                logger.warning(
+                    "model %r: no version directories <int>/ with a saved_model.pb under %s%s",
+                    model.name, model.base_path,
+                    f"; still serving loaded versions {loaded}" if loaded else " yet",
+                )
+            return
+        self._warned_missing.discard(model.name)
+        aspired = self._load_aspired(model, on_disk)
+        if self._stop.is_set():
+            return
         # Availability preserving: unload versions that are no longer aspired only once an
         # aspired version is serving (or the old version's directory is gone).
         with self._lock:
@@ -137,13 +124,75 @@ class ModelManager:
         for v in drop:
             logger.info("model %r: unloading version %d", model.name, v)
 
+    def _load_aspired(self, model: ServedModel, on_disk: dict[int, pathlib.Path]) -> list[int]:
+        """Load (or reload, when its directory was replaced) the versions to serve; returns them.
+
+        ``latest {num_versions: n}`` serves the n newest versions *that load*: a broken
+        newest version falls back to the next older loadable one.
+        """
+        policy = model.version_policy
+        if policy.kind == "latest":
+            candidates, wanted = sorted(on_disk, reverse=True), policy.num_versions
+        else:
+            candidates = policy.select(on_disk)
+            wanted = len(candidates)
+        aspired: list[int] = []
+        for version in candidates:  # highest first: the newest version becomes available first
+            if len(aspired) >= wanted or self._stop.is_set():
+                break
+            path = on_disk[version]
+            current = self._served[model.name].get(version)
+            if current is not None and current.identity == version_identity(path):
+                aspired.append(version)
+            elif self._load(model, version, path, replacing=current) or current is not None:
+                aspired.append(version)  # loaded, or a failed reload: keep the copy in memory
+        return aspired
+
+    def _load(
+        self, model: ServedModel, version: int, path: pathlib.Path, replacing: LoadedVersion | None
+    ) -> bool:
+        """Load one version and swap it in; False if it failed (remembered until its files change)."""
+        key = (model.name, version)
+        fingerprint = dir_fingerprint(path)
+        if self._failed.get(key) == fingerprint:
+            return False  # failed before and unchanged since: skip until it changes
+        identity = version_identity(path)
+        if replacing is None:
+            self._set_state(model.name, version, State.LOADING)
+            logger.info("model %r: loading version %d from %s", model.name, version, path)
+        else:
+            logger.info("model %r: version %d was replaced on disk; reloading %s", model.name, version, path)
+        try:
+            loaded = LoadedVersion(model.name, version, path)
+            loaded.identity = identity
+        except Exception as err:
+            self._failed[key] = fingerprint
+            message = f"failed to load version {version} from {path}: {type(err).__name__}: {err}"
+            if replacing is None:
+                logger.error("model %r: %s", model.name, message)
+                self._set_state(model.name, version, State.END, message)
+            else:
+                logger.error("model %r: %s; still serving the copy loaded before", model.name, message)
+            return False
+        self._failed.pop(key, None)
+        with self._lock:  # copy-on-write swap: readers see either the old or the new map
+            served = dict(self._served[model.name])
+            served[version] = loaded
+            self._served[model.name] = served
+            self._states[model.name][version] = _VersionState(State.AVAILABLE)
+            if replacing is not None:
+                replacing.replaced = True
+                self._draining.append(replacing)
+        logger.info("model %r: version %d AVAILABLE", model.name, version)
+        return True
+
     def _finish_draining(self) -> None:
         with self._lock:
             still = []
             for lv in self._draining:
                 if lv.in_flight > 0:
                     still.append(lv)
-                else:
+                elif not lv.replaced:  # a replaced copy's version number lives on
                     self._states[lv.name][lv.version] = _VersionState(State.END)
             self._draining = still
 

@@ -207,6 +207,25 @@ def dir_fingerprint(path: pathlib.Path) -> tuple:
     return tuple(sorted(items))
 
 
+def version_identity(path: pathlib.Path) -> tuple:
+    """Cheaper than :func:`dir_fingerprint`: changes when a version directory is replaced.
+
+    ``atl export --force`` renames a new directory over the old one, so the directory's
+    inode and its ``saved_model.pb`` (inode, size, mtime) change. Missing files give ``()``.
+    """
+    try:
+        st = path.stat()
+        identity: tuple = (st.st_dev, st.st_ino)
+        for name in SAVED_MODEL_FILES:
+            pb = path / name
+            if pb.exists():
+                s = pb.stat()
+                identity += (name, s.st_ino, s.st_size, s.st_mtime_ns)
+        return identity
+    except FileNotFoundError:
+        return ()
+
+
 # --- TLS: TF Serving's --ssl_config_file holds a text-format tensorflow.serving.SSLConfig.
 # Its proto (tensorflow_serving/config/ssl_config.proto) is not shipped in the pip wheel,
 # so the same four-field message is declared here and parsed with text_format.

@@ -1,7 +1,8 @@
 """Request handling for Predict: validate TensorProto inputs against a signature, run it.
 
-Everything here is independent of the transport: :func:`prepare_inputs` and
-:func:`run_signature` raise :class:`RequestError` with the status to answer.
+Independent of the transport: gRPC goes through :func:`arrays_from_protos`, REST through
+its JSON decoder, both then through :func:`check_arrays` and :func:`run_signature`, which
+raise :class:`RequestError` with the status to answer.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from atl_keras.serving.errors import RequestError, invalid_argument
-from atl_keras.serving.loader import SignatureInfo
+from atl_keras.serving.image_header import image_dimensions
+from atl_keras.serving.loader import LoadedVersion, SignatureInfo
 
+DEFAULT_SIGNATURE = "serving_default"
 MAX_TENSOR_ELEMENTS = 1 << 31
 IMAGE_MAGIC = {
     b"\xff\xd8\xff": "JPEG",
@@ -60,7 +63,7 @@ def _check_value_count(proto: tensor_pb2.TensorProto, key: str, dims: tuple[int,
     )
 
 
-def _check_image_bytes(key: str, values: np.ndarray) -> None:
+def _check_image_bytes(key: str, values: np.ndarray, max_pixels: int = 0) -> None:
     for i, data in enumerate(values.reshape(-1)):
         data = bytes(data)
         if not any(data.startswith(magic) for magic in IMAGE_MAGIC):
@@ -68,24 +71,18 @@ def _check_image_bytes(key: str, values: np.ndarray) -> None:
                 f"inputs[{key!r}][{i}] is not an encoded JPEG, PNG, GIF or BMP image "
                 f"({len(data)} bytes starting {data[:8]!r}); send the encoded file bytes"
             )
+        if max_pixels:
+            size = image_dimensions(data)
+            if size is not None and size[0] * size[1] > max_pixels:
+                raise invalid_argument(
+                    f"inputs[{key!r}][{i}] is a {size[0]}x{size[1]} image ({size[0] * size[1]} pixels), "
+                    f"over the server's budget of {max_pixels} pixels (--max_image_pixels); "
+                    "resize it before sending"
+                )
 
 
-def prepare_inputs(
-    signature: SignatureInfo,
-    inputs: Mapping[str, tensor_pb2.TensorProto],
-    *,
-    max_batch_size: int = 0,
-    manifest: Mapping[str, Any] | None = None,
-) -> dict[str, tf.Tensor]:
-    """Validate a Predict request's ``inputs`` against a signature; TensorProtos -> tensors.
-
-    Generic checks (any signature): exact input names, dtype, rank and static dims,
-    one consistent batch size ``B`` over the batched inputs, ``0 < B <= max_batch_size``.
-    atl checks: a ``tf.string`` input named ``images`` must hold encoded images; a scalar
-    integer input named ``k`` must be in ``[1, manifest["gallery_size"]]``.
-    Raises ``RequestError`` (INVALID_ARGUMENT) naming what was wrong.
-    """
-    expected, given = set(signature.inputs), set(inputs)
+def _check_names(signature: SignatureInfo, given: set[str]) -> None:
+    expected = set(signature.inputs)
     if expected != given:
         parts = []
         if expected - given:
@@ -95,16 +92,62 @@ def prepare_inputs(
         raise invalid_argument(
             f"signature {signature.name!r}: {' and '.join(parts)}; it takes exactly {sorted(expected)}"
         )
-    batch_sizes: dict[str, int] = {}
+
+
+def _dtype_name(enum: int) -> str:
+    return types_pb2.DataType.Name(enum) if enum in types_pb2.DataType.values() else str(enum)
+
+
+def arrays_from_protos(
+    signature: SignatureInfo, inputs: Mapping[str, tensor_pb2.TensorProto]
+) -> dict[str, np.ndarray]:
+    """A Predict request's TensorProtos -> numpy arrays, checking what only the proto shows.
+
+    Exact input names, dtype, a known non-negative shape, a value count that fills the
+    shape (``make_ndarray`` would silently pad). Shapes against the signature are
+    checked by :func:`check_arrays`.
+    """
+    _check_names(signature, set(inputs))
+    arrays: dict[str, np.ndarray] = {}
     for key, spec in signature.inputs.items():
         proto = inputs[key]
         if proto.dtype != spec.dtype.as_datatype_enum:
-            got = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else proto.dtype
             raise invalid_argument(
-                f"inputs[{key!r}] has dtype {got}, signature {signature.name!r} expects "
-                f"{types_pb2.DataType.Name(spec.dtype.as_datatype_enum)} ({spec.dtype.name})"
+                f"inputs[{key!r}] has dtype {_dtype_name(proto.dtype)}, signature {signature.name!r} expects "
+                f"{_dtype_name(spec.dtype.as_datatype_enum)} ({spec.dtype.name})"
             )
         dims = _proto_shape(proto, key)
+        if int(np.prod(dims, dtype=np.int64)) > MAX_TENSOR_ELEMENTS:
+            raise invalid_argument(f"inputs[{key!r}] with shape {list(dims)} is too large")
+        _check_value_count(proto, key, dims)
+        try:
+            arrays[key] = tf.make_ndarray(proto)
+        except Exception as err:
+            raise invalid_argument(f"inputs[{key!r}] is not a valid TensorProto: {err}") from err
+    return arrays
+
+
+def check_arrays(
+    signature: SignatureInfo,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    max_batch_size: int = 0,
+    max_image_pixels: int = 0,
+    manifest: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Validate input arrays (of the signature's dtypes) against the signature's shapes.
+
+    Generic checks: exact input names, rank and static dims, one consistent batch size
+    ``B`` over the batched inputs, ``0 < B <= max_batch_size`` (0 = no limit).
+    atl checks: a ``tf.string`` input named ``images`` must hold encoded images of at most
+    ``max_image_pixels`` pixels by their header (0 = no limit); a scalar integer input
+    named ``k`` must be in ``[1, manifest["gallery_size"]]``.
+    Raises ``RequestError`` (INVALID_ARGUMENT) naming what was wrong.
+    """
+    _check_names(signature, set(arrays))
+    batch_sizes: dict[str, int] = {}
+    for key, spec in signature.inputs.items():
+        dims = tuple(arrays[key].shape)
         if spec.shape.rank is not None:
             if len(dims) != spec.shape.rank:
                 raise invalid_argument(
@@ -118,9 +161,6 @@ def prepare_inputs(
                 )
             if spec.shape.rank >= 1 and spec.shape[0] is None:
                 batch_sizes[key] = dims[0]
-        if int(np.prod(dims, dtype=np.int64)) > MAX_TENSOR_ELEMENTS:
-            raise invalid_argument(f"inputs[{key!r}] with shape {list(dims)} is too large")
-        _check_value_count(proto, key, dims)
     if len(set(batch_sizes.values())) > 1:
         raise invalid_argument(f"batched inputs disagree on the batch size: {batch_sizes}")
     if batch_sizes:
@@ -131,28 +171,45 @@ def prepare_inputs(
             raise invalid_argument(
                 f"batch size {batch} exceeds --max_batch_size={max_batch_size}; split the request"
             )
-    tensors: dict[str, tf.Tensor] = {}
     for key, spec in signature.inputs.items():
-        try:
-            array = tf.make_ndarray(inputs[key])
-        except Exception as err:
-            raise invalid_argument(f"inputs[{key!r}] is not a valid TensorProto: {err}") from err
+        array = arrays[key]
         if key == "images" and spec.dtype == tf.string:
-            _check_image_bytes(key, array)
+            _check_image_bytes(key, array, max_image_pixels)
         if key == "k" and spec.dtype.is_integer and spec.shape.rank == 0:
             k = int(array)
             gallery_size = (manifest or {}).get("gallery_size")
             if k <= 0 or (gallery_size is not None and k > int(gallery_size)):
                 upper = f" and <= gallery_size {gallery_size}" if gallery_size is not None else ""
                 raise invalid_argument(f"inputs['k'] = {k} is out of range; k must be >= 1{upper}")
-        tensors[key] = tf.convert_to_tensor(array, dtype=spec.dtype)
-    return tensors
+    return dict(arrays)
 
 
-def run_signature(signature: SignatureInfo, tensors: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Call a signature, mapping TensorFlow errors onto gRPC status codes."""
+def prepare_inputs(
+    signature: SignatureInfo,
+    inputs: Mapping[str, tensor_pb2.TensorProto],
+    *,
+    max_batch_size: int = 0,
+    max_image_pixels: int = 0,
+    manifest: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """Validate a Predict request's ``inputs`` against a signature; TensorProtos -> arrays.
+
+    :func:`arrays_from_protos` then :func:`check_arrays`; raises ``RequestError``.
+    """
+    return check_arrays(
+        signature, arrays_from_protos(signature, inputs),
+        max_batch_size=max_batch_size, max_image_pixels=max_image_pixels, manifest=manifest,
+    )
+
+
+def run_signature(signature: SignatureInfo, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Call a signature on checked input arrays; outputs as numpy arrays.
+
+    TensorFlow errors become :class:`RequestError` with the matching status code.
+    """
     try:
-        return signature.function(**tensors)
+        tensors = {key: tf.convert_to_tensor(arrays[key], dtype=spec.dtype) for key, spec in signature.inputs.items()}
+        return {key: value.numpy() for key, value in signature.function(**tensors).items()}
     except tf.errors.OpError as err:
         code = grpc.StatusCode.INVALID_ARGUMENT
         for status in grpc.StatusCode:
@@ -162,3 +219,40 @@ def run_signature(signature: SignatureInfo, tensors: Mapping[str, tf.Tensor]) ->
         first_line = lines[0] if lines else ""
         raise RequestError(code, f"signature {signature.name!r} failed: {type(err).__name__}: {first_line}") from err
 
+
+
+def find_signature(loaded: LoadedVersion, name: str) -> SignatureInfo:
+    """The signature ``name`` of a loaded version; FAILED_PRECONDITION if it has none (as TF Serving)."""
+    signature = loaded.signatures.get(name or DEFAULT_SIGNATURE)
+    if signature is None:
+        raise RequestError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"model {loaded.name!r} version {loaded.version} has no signature {name!r}; "
+            f"signatures: {sorted(loaded.signatures)}"
+        )
+    return signature
+
+
+_NUMERIC_DTYPES = {
+    np.dtype(np.float32): types_pb2.DT_FLOAT,
+    np.dtype(np.float64): types_pb2.DT_DOUBLE,
+    np.dtype(np.int32): types_pb2.DT_INT32,
+    np.dtype(np.int64): types_pb2.DT_INT64,
+    np.dtype(np.uint8): types_pb2.DT_UINT8,
+}
+
+
+def tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
+    """numpy array -> TensorProto, as ``tf.make_tensor_proto`` builds it but cheaper.
+
+    Common numeric dtypes are written as ``tensor_content`` bytes in one copy; anything
+    else (strings, bool, ...) goes through ``tf.make_tensor_proto``.
+    """
+    dtype = _NUMERIC_DTYPES.get(array.dtype)
+    if dtype is None:
+        return tf.make_tensor_proto(array)
+    proto = tensor_pb2.TensorProto(dtype=dtype)
+    for size in array.shape:
+        proto.tensor_shape.dim.add(size=size)
+    proto.tensor_content = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return proto

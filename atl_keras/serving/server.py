@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+#: 25 megapixels: a 24 MP camera photo passes; decoded RGB costs up to 75 MB (float: 300 MB).
+DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
 
 
 # --------------------------------------------------------------------------- config
@@ -66,9 +68,12 @@ MODEL_SERVICE = "tensorflow.serving.ModelService"
 class ServerConfig:
     """Everything the server needs; the CLI flags map one-to-one onto these fields.
 
-    ``port=0`` binds a free port (read it back from ``ModelServer.port``).
+    ``port=0`` binds a free port (read it back from ``ModelServer.port``); a port another
+    process is bound to is refused unless ``reuse_port`` (gRPC's SO_REUSEPORT).
     ``file_system_poll_wait_seconds=0`` loads once at start and never polls.
-    ``max_batch_size=0`` disables the batch-size limit.
+    ``max_batch_size=0`` disables the per-request batch-size limit.
+    ``max_image_pixels``: encoded images whose header claims more pixels are refused
+    before decoding (0 = no limit).
     """
 
     models: Sequence[ServedModel]
@@ -80,6 +85,8 @@ class ServerConfig:
     max_message_size: int = 64 * 1024 * 1024
     channel_arguments: Sequence[tuple[str, int | str]] = ()
     tls: TLSConfig | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -93,10 +100,17 @@ class ServerConfig:
             raise ValueError(f"max_batch_size must be >= 0 (0 = no limit), got {self.max_batch_size}")
         if self.file_system_poll_wait_seconds < 0:
             raise ValueError("file_system_poll_wait_seconds must be >= 0 (0 = load once, no polling)")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 1..65535, or 0 for a free port; got {self.port}")
+        if self.max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be >= 0 (0 = no limit), got {self.max_image_pixels}")
 
 
 
 # --------------------------------------------------------------------------- the server
+
+
+_REUSE_HINT = " (pick another --port, stop the other server, or pass --reuse_port to share it)"
 
 
 class ModelServer:
@@ -142,6 +156,8 @@ class ModelServer:
         """Load the initial versions (blocking), bind, start serving and polling."""
         size = self.config.max_message_size
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        if not self.config.reuse_port:  # gRPC sets SO_REUSEPORT by default: two servers would share a port
+            options.append(("grpc.so_reuseport", 0))
         options += list(self.config.channel_arguments)
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(
@@ -150,7 +166,11 @@ class ModelServer:
             options=options,
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.manager, self.config.max_batch_size, self._state), server
+            PredictionServicer(
+                self.manager, self._state, max_batch_size=self.config.max_batch_size,
+                max_image_pixels=self.config.max_image_pixels,
+            ),
+            server,
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(self.manager, self._state), server
@@ -170,9 +190,9 @@ class ModelServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as err:
-            raise OSError(f"could not bind {address}: {err}; is the port in use?") from err
+            raise OSError(f"could not bind {address}: {err}; is the port in use?{_REUSE_HINT}") from err
         if not port:
-            raise OSError(f"could not bind {address}; is the port in use?")
+            raise OSError(f"could not bind {address}; is the port in use?{_REUSE_HINT}")
         self._port = port
         self._update_health()
         self.manager.start()
@@ -232,7 +252,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssl_config_file", default="", help="TF Serving SSLConfig text file (PEM contents)")
     p.add_argument("--ssl_cert", default="", help="server certificate PEM file (alternative to --ssl_config_file)")
     p.add_argument("--ssl_key", default="", help="server private key PEM file")
-    p.add_argument("--ssl_ca", default="", help="CA PEM file; with it, clients must present a certificate")
+    p.add_argument("--ssl_ca", default="",
+                   help="CA PEM file; with it (and --ssl_cert/--ssl_key), clients must present a certificate")
+    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="refuse encoded images whose header claims more pixels, before decoding (0 = no limit)")
+    p.add_argument("--reuse_port", action="store_true",
+                   help="allow binding a port another server already uses (SO_REUSEPORT); off by default")
     p.add_argument("--shutdown_grace_seconds", type=float, default=10.0,
                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -252,9 +277,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     tls = None
     if args.ssl_config_file:
         tls = parse_ssl_config(pathlib.Path(args.ssl_config_file).read_text())
-    elif args.ssl_cert or args.ssl_key:
+    elif args.ssl_cert or args.ssl_key or args.ssl_ca:
         if not (args.ssl_cert and args.ssl_key):
-            raise ValueError("TLS needs both --ssl_cert and --ssl_key")
+            given = [f"--{n}" for n in ("ssl_cert", "ssl_key", "ssl_ca") if getattr(args, n)]
+            raise ValueError(
+                f"TLS needs both --ssl_cert and --ssl_key (got only {' and '.join(given)}); "
+                "refusing to serve plaintext when TLS was asked for"
+            )
         ca = pathlib.Path(args.ssl_ca).read_bytes() if args.ssl_ca else None
         tls = TLSConfig(
             pathlib.Path(args.ssl_key).read_bytes(), pathlib.Path(args.ssl_cert).read_bytes(),
@@ -270,6 +299,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_message_size=args.max_message_size,
         channel_arguments=parse_channel_arguments(args.grpc_channel_arguments),
         tls=tls,
+        max_image_pixels=args.max_image_pixels,
+        reuse_port=args.reuse_port,
     )
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from typing import Callable, Mapping
 
 import grpc
-import tensorflow as tf
+import numpy as np
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -21,13 +22,11 @@ from tensorflow_serving.apis import (
 )
 
 from atl_keras.serving.errors import RequestError, invalid_argument, not_found
+from atl_keras.serving.loader import LoadedVersion, SignatureInfo
 from atl_keras.serving.manager import ModelManager
-from atl_keras.serving.requests import prepare_inputs, run_signature
+from atl_keras.serving.requests import DEFAULT_SIGNATURE, find_signature, prepare_inputs, run_signature, tensor_proto
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SIGNATURE = "serving_default"
-
 
 def _fail(context: grpc.ServicerContext, err: RequestError) -> None:
     context.abort(err.code, err.message)
@@ -74,41 +73,50 @@ def _version_arg(model_spec) -> int | None:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """``tensorflow.serving.PredictionService`` over a :class:`ModelManager`."""
+    """``tensorflow.serving.PredictionService`` over a :class:`ModelManager`.
 
-    def __init__(self, manager: ModelManager, max_batch_size: int, server_state: ServerState):
+    ``run(loaded, signature, arrays) -> outputs`` executes a checked request (the
+    batcher when batching is on, :func:`run_signature` otherwise).
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        server_state: ServerState,
+        *,
+        max_batch_size: int = 0,
+        max_image_pixels: int = 0,
+        run: Callable[[LoadedVersion, SignatureInfo, Mapping[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None,
+    ):
         self._manager = manager
         self._max_batch_size = max_batch_size
+        self._max_image_pixels = max_image_pixels
         self._server_state = server_state
+        self._run = run or (lambda loaded, signature, arrays: run_signature(signature, arrays))
 
     @_rpc
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         spec = request.model_spec
         with self._manager.acquire(spec.name, _version_arg(spec), spec.version_label) as loaded:
             name = spec.signature_name or DEFAULT_SIGNATURE
-            signature = loaded.signatures.get(name)
-            if signature is None:  # TF Serving answers FAILED_PRECONDITION here, not NOT_FOUND
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"model {loaded.name!r} version {loaded.version} has no signature {name!r}; "
-                    f"signatures: {sorted(loaded.signatures)}"
-                )
+            signature = find_signature(loaded, name)
             unknown = set(request.output_filter) - set(signature.outputs)
             if unknown:
                 raise invalid_argument(
                     f"output_filter names {sorted(unknown)} that signature {name!r} does not have; "
                     f"outputs: {sorted(signature.outputs)}"
                 )
-            tensors = prepare_inputs(
-                signature, request.inputs, max_batch_size=self._max_batch_size, manifest=loaded.manifest
+            arrays = prepare_inputs(
+                signature, request.inputs, max_batch_size=self._max_batch_size,
+                max_image_pixels=self._max_image_pixels, manifest=loaded.manifest,
             )
-            outputs = run_signature(signature, tensors)
+            outputs = self._run(loaded, signature, arrays)
             response = predict_pb2.PredictResponse()
             response.model_spec.name = loaded.name
             response.model_spec.version.value = loaded.version
             response.model_spec.signature_name = name
             for key in request.output_filter or outputs:
-                response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key].numpy()))
+                response.outputs[key].CopyFrom(tensor_proto(outputs[key]))
             return response
 
     @_rpc
