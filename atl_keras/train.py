@@ -61,9 +61,12 @@ from atl_keras.losses import AdaptiveTripletLoss, TripletLoss
 from atl_keras.metrics import RetrievalEvaluation, retrieval_metrics
 from atl_keras.model import ATLModel
 from atl_keras.projector import write_projector
+from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss
 from atl_keras.text import embed_descriptions, load_text_encoder
 
-LOSSES = ("atl", "triplet")
+LOSSES = ("atl", "triplet", "adaptive_proxy", "proxy_anchor")
+#: Losses with one learnable proxy per training item (atl_keras.proxy_losses).
+PROXY_LOSSES = ("adaptive_proxy", "proxy_anchor")
 #: Labels x samples per batch when not given: Fashion-MNIST has only 10 labels (classes).
 DEFAULT_PK = {"fashion-mnist": (10, 12)}
 DEFAULT_PK_CATALOG = (16, 4)
@@ -92,6 +95,9 @@ class TrainConfig:
     margin_source: str = "text"  # ATL margins from: text | shuffled_text | permuted | fixed | oracle
     margin_mapping: str = "linear"  # text distance -> margin: linear | paper | catalog
     missing_text_margin: float | None = None  # items without a description; None = midpoint
+    proxy_scale: float | None = None  # proxy losses' scale s / alpha; None: 16 adaptive_proxy, 32 proxy_anchor
+    proxy_anchor_margin: float = 0.1  # ProxyAnchor's delta
+    proxy_lr_multiplier: float = 10.0  # proxies' learning rate / the model's (Adam)
     text_encoder: str = "use-m3"
     text_cache_dir: str = "saved_models/text_encoders/cache"
     text_encoder_dir: str = "saved_models/text_encoders"  # where "use-m3" is built on first use
@@ -185,10 +191,17 @@ def build_loss(
 ) -> keras.losses.Loss:
     """The loss named by `config.loss`, with the config's margins and mining.
 
+    Proxy losses (`PROXY_LOSSES`) need `data` and `item_text`: their classes are the training
+    items in `proxy_classes` order; ``adaptive_proxy`` takes margins from the items' text
+    (``margin_source`` text + ``linear``) or from the margin table of `margin_source` /
+    `margin_mapping` restricted to the training items.
+
     ATL with a `margin_source` other than ``text`` or a `margin_mapping` other than
     ``linear`` trains through a precomputed item x item margin table
     (`atl_keras.margin_sources`), which needs `data` and the items' `item_text` [M, T].
     """
+    if config.loss in PROXY_LOSSES:
+        return proxy_loss(config, data, item_text)
     if config.loss == "atl" and (config.margin_source != "text" or config.margin_mapping != "linear"):
         if data is None or item_text is None:
             raise ValueError("margin_source/margin_mapping other than text/linear need the data and item text embeddings.")
@@ -223,6 +236,35 @@ def margin_table_loss(config: TrainConfig, data: RetrievalData, item_text: np.nd
         distances = text_distance_table(item_text, config.distance)
         negatives = ~(np.isfinite(distances) & (distances < config.semantic_threshold))
     return MarginTableTripletLoss(table, mining=config.mining, distance=config.distance, negative_table=negatives)
+
+
+def proxy_classes(data: RetrievalData) -> np.ndarray:
+    """The training items, sorted: proxy ``c`` belongs to item ``proxy_classes(data)[c]``."""
+    return np.unique(data.train_labels)
+
+
+def proxy_loss(config: TrainConfig, data: RetrievalData | None, item_text: np.ndarray | None) -> keras.losses.Loss:
+    """`AdaptiveProxyLoss` / `ProxyAnchorLoss` over the training items (labels = `proxy_classes` index)."""
+    if data is None or item_text is None:
+        raise ValueError(f"loss {config.loss!r} needs the data and the item text embeddings [M, T].")
+    classes = proxy_classes(data)
+    if config.loss == "proxy_anchor":
+        alpha = 32.0 if config.proxy_scale is None else config.proxy_scale
+        return ProxyAnchorLoss(margin=config.proxy_anchor_margin, alpha=alpha, num_classes=len(classes))
+    scale = 16.0 if config.proxy_scale is None else config.proxy_scale
+    common = dict(min_margin=config.min_margin, max_margin=config.max_margin, scale=scale,
+                  distance=config.distance, missing_text_margin=config.missing_text_margin)
+    if config.margin_source == "text" and config.margin_mapping == "linear":
+        return AdaptiveProxyLoss(class_text_embeddings=item_text[classes], **common)
+    from atl_keras.margin_sources import margin_table
+
+    table = margin_table(
+        config.margin_source, text_embeddings=item_text, item_attributes=data.item_attributes,
+        train_items=classes, mapping=config.margin_mapping, min_margin=config.min_margin,
+        max_margin=config.max_margin, distance=config.distance,
+        missing_text_margin=config.missing_text_margin, seed=config.seed,
+    )
+    return AdaptiveProxyLoss(margin_matrix=table[np.ix_(classes, classes)], **common)
 
 
 def load_data(config: TrainConfig) -> RetrievalData:
@@ -419,9 +461,13 @@ def _train(
     if resume_epoch is None and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run: do not append to an old run's log
 
+    train_labels, num_proxies = data.train_labels, 0
+    if config.loss in PROXY_LOSSES:  # one proxy per training item: labels 0..C-1
+        classes = proxy_classes(data)
+        train_labels, num_proxies = np.searchsorted(classes, data.train_labels), len(classes)
     dataset = pk_dataset(
         data.train_images,
-        data.train_labels,
+        train_labels,
         text_embeddings=item_text[data.train_labels],
         p=config.p,
         k=config.k,
@@ -446,6 +492,8 @@ def _train(
             pooling=config.pooling,
             weights=config.weights,
             cross_replica_mining=config.cross_replica_mining,
+            num_proxies=num_proxies,
+            proxy_learning_rate_multiplier=config.proxy_lr_multiplier,
         )
         optimizer = keras.optimizers.Adam(config.learning_rate)
         if keras.config.dtype_policy().name == "mixed_float16":

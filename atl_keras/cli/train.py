@@ -19,7 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", dest="config_file", help="YAML file of TrainConfig fields")
     add_data_arguments(p)
     p.add_argument("--output", dest="output_dir")
-    p.add_argument("--loss", choices=["atl", "triplet"])
+    p.add_argument("--loss", choices=["atl", "triplet", "adaptive_proxy", "proxy_anchor"],
+                   help="adaptive_proxy / proxy_anchor: one learned proxy per training item "
+                   "(docs/proxy_losses.md)")
     p.add_argument("--mining", choices=["batch_all", "batch_hard", "semi_hard"])
     p.add_argument("--distance", choices=["squared_l2", "l2", "cosine"])
     p.add_argument("--margin", type=float, help="triplet loss margin")
@@ -29,6 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="negatives whose description distance is below this are not negatives")
     p.add_argument("--missing-text-margin", type=float,
                    help="margin for pairs where an item has no description (default: midpoint)")
+    p.add_argument("--proxy-scale", type=float,
+                   help="proxy losses' scale (default 16 adaptive_proxy, 32 proxy_anchor's alpha)")
+    p.add_argument("--proxy-anchor-margin", type=float, help="ProxyAnchor's delta (default 0.1)")
+    p.add_argument("--proxy-lr-multiplier", type=float,
+                   help="proxies' learning rate over the model's (default 10)")
     p.add_argument("--text-encoder",
                    help="use-m3 (built-in, offline), hashing, a local TF-Hub SavedModel dir or a URL")
     p.add_argument("--text-cache-dir")
