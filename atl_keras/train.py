@@ -32,11 +32,17 @@ Training at scale (see docs/distributed.md):
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import errno
+import io
 import json
 import os
-import tempfile
+import re
 import time
+import types
+import typing
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -45,6 +51,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from atl_keras.backup import (
+    BackupWriteError,
+    TrainingBackup,
+    read_backup_state,
+    remove_backup,
+    restore_backup,
+    write_bytes_atomically,
+)
 from atl_keras.data.datasets import DATASET_SPECS, EvalSet, RetrievalData, load_retrieval_data
 from atl_keras.data.augment import make_augmenter
 from atl_keras.data.sampler import pk_dataset
@@ -57,7 +71,8 @@ from atl_keras.distribute import (
     mixed_precision_policy,
     worker_info,
 )
-from atl_keras.losses import AdaptiveTripletLoss, TripletLoss
+from atl_keras.distances import DISTANCES
+from atl_keras.losses import MINING_MODES, AdaptiveTripletLoss, TripletLoss
 from atl_keras.metrics import RetrievalEvaluation, retrieval_metrics
 from atl_keras.model import ATLModel
 from atl_keras.projector import write_projector
@@ -126,6 +141,7 @@ class TrainConfig:
     projector_size: int = 500
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         name = self.dataset.partition(":")[0]
         if name not in {spec.partition(":")[0] for spec in DATASET_SPECS}:
             raise ValueError(
@@ -169,6 +185,83 @@ class TrainConfig:
             )
         if self.projector_size < 0:
             raise ValueError(f"projector_size must be >= 0 (0 disables the export), got {self.projector_size}.")
+        _check_field_ranges(self)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What `value` should have been to match the type `hint` (None: it matches)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        problems = [_type_problem(value, a) for a in options]
+        if any(p is None for p in problems):
+            return None
+        return " or ".join(p for p in problems if p) + (" (or null)" if len(options) < len(args) else "")
+    if hint is bool:
+        return None if isinstance(value, (bool, np.bool_)) else "true or false"
+    if hint is int:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        return None if ok else "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+        return None if ok and np.isfinite(value) else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            return f"a list of {'integers' if args[0] is int else 'strings'}"
+        if any(_type_problem(v, args[0]) for v in value):
+            return f"a list of {'integers' if args[0] is int else 'strings'}"
+        return None
+    return None  # other types: checked by their own rules
+
+
+def _check_field_types(config: "TrainConfig") -> None:
+    """Every field has the type its annotation says (YAML and JSON give any type)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "save_freq" and isinstance(value, str):
+            continue  # 'epoch' or digits, checked below
+        problem = _type_problem(value, hints.get(f.name))
+        if problem:
+            raise ValueError(f"{f.name} must be {problem}, got {value!r}.")
+
+
+def _check_field_ranges(config: "TrainConfig") -> None:
+    """Ranges and choices of the fields the other checks in `__post_init__` leave out."""
+    from atl_keras.backbones import available_backbones
+
+    choices = {
+        "mining": MINING_MODES,
+        "distance": DISTANCES,
+        "backbone": available_backbones(),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"Unknown {name} {getattr(config, name)!r}; choose one of {', '.join(allowed)}.")
+    at_least = {"image_size": 8, "synthetic_items": 1, "validation_size": 0, "test_size": 1, "seed": 0}
+    for name, low in at_least.items():
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}.")
+    if config.seed >= 2**32:
+        raise ValueError(f"seed must be < 2**32, got {config.seed}.")
+    for name in ("margin", "min_margin", "max_margin", "semantic_threshold", "missing_text_margin"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}.")
+    if config.max_margin < config.min_margin:
+        raise ValueError(f"max_margin ({config.max_margin}) must be >= min_margin ({config.min_margin}).")
+    if config.learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}.")
+    if not config.ks or any(k < 1 for k in config.ks):
+        raise ValueError(f"ks must be a non-empty list of integers >= 1 (e.g. [1, 10, 20]), got {list(config.ks)}.")
+    for name in ("output_dir", "text_encoder", "text_cache_dir"):
+        if not getattr(config, name).strip():
+            raise ValueError(f"{name} must not be empty.")
 
 
 @dataclass
@@ -329,44 +422,134 @@ def _embed(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.
 
 
 def save_model_atomically(model: keras.Model, path: str) -> None:
-    """Write a `.keras` file so a crash never leaves a truncated file at `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(suffix=".keras", dir=directory)
-    os.close(handle)
-    try:
-        model.save(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    """Write a `.keras` file so a crash never leaves a truncated file at `path`.
+
+    Serialised in memory, then `path.tmp` + fsync + rename (mode 0666 minus the umask);
+    a full disk raises `OSError` with the tmp file removed and any old `path` intact.
+    """
+    from keras.src.saving import saving_lib
+
+    buffer = io.BytesIO()
+    saving_lib.save_model(model, buffer)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_bytes_atomically(buffer.getvalue(), path)
 
 
 def write_json_atomically(payload: Any, path: str) -> None:
-    """Write JSON via a temporary file and rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp_path, path)
+    """Write JSON via a temporary file, fsync and rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_bytes_atomically(json.dumps(payload, indent=2, sort_keys=True).encode("utf-8"), path)
 
 
 BACKUP_DIR = "backup"
 TRAINING_LOG = "training_log.csv"
 PROJECTOR_DIR = os.path.join("logs", "projector")
+#: Temporary files a killed write can leave in the output directory (this module's `.tmp`
+#: files, and the ``tmpXXXXXXXX.keras`` of `tempfile.mkstemp` used by earlier versions).
+_STALE_TMP = re.compile(r"^(?:(?:model\.keras|metrics\.json|config\.json|training_log\.csv)\.tmp|tmp[a-z0-9_]{8}\.keras)$")
+#: Named moments of `run_training`, in order, passed to its ``on_phase`` hook.
+PHASES = ("data", "restored", "trained", "evaluated", "projector", "model", "metrics", "published")
 
 
 def backup_epoch(backup_dir: str) -> int | None:
-    """The epoch a `BackupAndRestore` backup in `backup_dir` resumes at (None: no backup)."""
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return int(json.load(f)["epoch"])
-    except (OSError, ValueError, KeyError):
-        return None  # a torn write: Keras falls back to the weights alone
+    """The number of finished epochs the backup in `backup_dir` resumes after (None: no backup)."""
+    state = read_backup_state(backup_dir)
+    return None if state is None else state.epoch
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Raise `ValueError` now (before anything is written) if `output_dir` cannot be a
+    run directory: it, or a parent of it, is an existing file, or it is not writable."""
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        what = "is an existing file" if path == os.path.abspath(output_dir) else f"is inside the file {path!r}"
+        raise ValueError(
+            f"output_dir {output_dir!r} {what}, not a directory; choose another output directory."
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {output_dir!r}: {path!r} is not writable; choose another output directory.")
+
+
+def check_evaluation_sizes(data: RetrievalData, config: TrainConfig) -> RetrievalData:
+    """Fail before training when the test set cannot give Recall@max(ks); drop (with a
+    warning) a validation set that cannot, so a small catalog still trains."""
+    need = max(config.ks)
+    for split in ("test", "validation"):
+        evaluation = getattr(data, split)
+        if evaluation is None:
+            continue
+        limit = config.test_size if split == "test" else None
+        if evaluation.gallery_images is None:
+            queries = len(evaluation.query_images) if limit is None else min(limit, len(evaluation.query_images))
+            have, what = queries - 1, "other images (leave-one-out)"
+        else:
+            have, what = len(evaluation.gallery_images), "gallery images"
+        if have >= need:
+            continue
+        fits = ",".join(str(k) for k in config.ks if k <= have) or "none"
+        message = (
+            f"recall_at_{need} needs at least {need} {what} in the {split} set "
+            f"({evaluation.protocol}) of {config.dataset}, but it has {have}"
+        )
+        if split == "test":
+            raise ValueError(
+                f"{message}. Use smaller ks (ks that fit: {fits}; `atl train --ks ...`) or a "
+                "larger catalog."
+            )
+        warnings.warn(f"{message}; training without validation metrics (ks that fit: {fits}).",
+                      stacklevel=2)
+        data = dataclasses.replace(data, validation=None)
+    return data
+
+
+def _remove_stale_tmp_files(output_dir: str) -> None:
+    for name in os.listdir(output_dir):
+        if _STALE_TMP.match(name) and os.path.isfile(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
+
+
+def _trim_log(log_path: str, epochs_done: int) -> None:
+    """Keep the log rows of the epochs a backup holds (a rerun repeats the later ones)."""
+    if not os.path.exists(log_path):
+        return
+    with open(log_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epochs_done]
+    if len(kept) != len(rows):
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(kept)
+        write_bytes_atomically(out.getvalue().encode("utf-8"), log_path)
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES)
+    if isinstance(exc, tf.errors.OpError):
+        text = str(exc).lower()
+        return any(s in text for s in ("no space left", "disk quota", "read-only file system", "file too large"))
+    return False
+
+
+def _storage_error(exc: BaseException, where: str, backup_dir: str, finishing: bool) -> BackupWriteError:
+    state = read_backup_state(backup_dir)
+    cause = "no space left on device" if "space" in str(exc).lower() or getattr(exc, "errno", None) == errno.ENOSPC \
+        else str(exc).splitlines()[0][:200]
+    if state is None:
+        kept = "there is no backup yet, so a rerun starts over"
+    elif finishing:
+        kept = (f"training is finished and its backup ({state.epoch} epochs) in {backup_dir} is kept: "
+                "a rerun only evaluates and writes the final files")
+    else:
+        kept = f"the last complete backup ({state.epoch} epochs done) in {backup_dir} is kept"
+    error = BackupWriteError(
+        f"Writing {where} failed: {cause}; {kept}. Free space and rerun the same command to resume."
+    )
+    error.errno = getattr(exc, "errno", None) or errno.ENOSPC
+    return error
 
 
 def worker_output_dir(output_dir: str, strategy: tf.distribute.Strategy) -> str:
@@ -385,6 +568,7 @@ def run_training(
     config: TrainConfig,
     verbose: int | str = "auto",
     progress: Callable[[str], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train an `ATLModel` as configured, evaluate it and write it to `config.output_dir`.
 
@@ -398,9 +582,17 @@ def run_training(
     cannot be undone (TensorFlow fixes devices at initialisation).
 
     ``progress`` (e.g. ``print``) gets one-line messages about long steps before training
-    (the first-use build of the text encoder, embedding the catalog's descriptions).
+    (the first-use build of the text encoder, embedding the catalog's descriptions) and
+    "Resuming ..." when a backup is restored.
+
+    Durability: the backup (see `atl_keras.backup`) is written atomically at every epoch end
+    (and every `save_freq` steps) and removed only after the final files are written, so a run
+    killed at any moment, or stopped by a full disk (`atl_keras.backup.BackupWriteError`),
+    resumes on a rerun; a torn backup falls back to the previous one, or starts over with
+    a warning. ``on_phase(name)`` is called at each of `PHASES` (fault-injection tests).
     """
     start = time.perf_counter()
+    check_output_dir(config.output_dir)
     if config.logical_cpus:
         logical_cpu_devices(config.logical_cpus)
     strategy = get_strategy(config.strategy, tpu=config.tpu)
@@ -415,7 +607,7 @@ def run_training(
             tf.config.experimental.enable_op_determinism()
         if config.mixed_precision:
             keras.config.set_dtype_policy(mixed_precision_policy(strategy))
-        return _train(config, strategy, replicas, output_dir, start, verbose, progress)
+        return _train(config, strategy, replicas, output_dir, start, verbose, progress, on_phase)
     finally:
         keras.config.set_dtype_policy(previous_policy)
         if config.deterministic and not previously_deterministic:
@@ -444,9 +636,11 @@ def _train(
     start: float,
     verbose: int | str,
     progress: Callable[[str], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> TrainResult:
+    phase = on_phase or (lambda name: None)
     keras.utils.set_random_seed(config.seed)
-    data = load_data(config)
+    data = check_evaluation_sizes(load_data(config), config)
     encoder = load_text_encoder(config.text_encoder, cache_dir=config.text_encoder_dir, progress=progress)
     item_text = embed_descriptions(
         data.descriptions, encoder, cache_dir=config.text_cache_dir,
@@ -454,12 +648,12 @@ def _train(
             lambda done, total: progress(f"Embedded {done}/{total} descriptions with {config.text_encoder}")),
     )
 
+    phase("data")
+
     os.makedirs(output_dir, exist_ok=True)
+    _remove_stale_tmp_files(output_dir)
     backup_dir = os.path.join(output_dir, BACKUP_DIR)
     log_path = os.path.join(output_dir, TRAINING_LOG)
-    resume_epoch = backup_epoch(backup_dir)
-    if resume_epoch is None and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run: do not append to an old run's log
 
     train_labels, num_proxies = data.train_labels, 0
     if config.loss in PROXY_LOSSES:  # one proxy per training item: labels 0..C-1
@@ -474,11 +668,6 @@ def _train(
         seed=config.seed,
         augment=make_augmenter() if config.augment else None,
     )
-    if resume_epoch:
-        # Batch b of the P x K stream depends only on (seed, b): continue the stream where
-        # the completed epochs left it (Keras reruns the interrupted epoch from its start).
-        dataset = dataset.skip(resume_epoch * config.steps_per_epoch)
-    dataset = distribute_batches(strategy, dataset)
 
     if config.weights == "imagenet" and config.allow_download:
         from atl_keras.backbones import download_imagenet_weights
@@ -499,42 +688,109 @@ def _train(
         if keras.config.dtype_policy().name == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         model.compile(optimizer=optimizer, loss=build_loss(config, data, item_text))
+        restored = restore_backup(model, backup_dir)
+    resume_epoch = None if restored is None else min(restored.epoch, config.epochs)
+    if resume_epoch is None:
+        if os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run: do not append to an old run's log
+    else:
+        _trim_log(log_path, resume_epoch)
+        if progress is not None:
+            progress(f"Resuming from epoch {resume_epoch + 1} of {config.epochs} ({resume_epoch} done; "
+                     f"backup in {backup_dir})" if resume_epoch < config.epochs else
+                     f"All {config.epochs} epochs were done (backup in {backup_dir}); "
+                     "writing the final files")
+    phase("restored")
+    if resume_epoch:
+        # Batch b of the P x K stream depends only on (seed, b): continue the stream where
+        # the completed epochs left it (like Keras, an interrupted epoch reruns from its start).
+        dataset = dataset.skip(resume_epoch * config.steps_per_epoch)
+    dataset = distribute_batches(strategy, dataset)
 
     val = data.validation
-    callbacks = [
-        keras.callbacks.BackupAndRestore(
-            backup_dir, save_freq=config.save_freq, delete_checkpoint=True
-        ),
-        RetrievalEvaluation(
+    callbacks: list[keras.callbacks.Callback] = []
+    if val is not None:
+        callbacks.append(RetrievalEvaluation(
             val.query_images,
             val.query_labels,
             val.gallery_images,
             val.gallery_labels,
             ks=config.ks,
             distance=config.distance,
-        ),
+        ))
+    callbacks += [
         keras.callbacks.CSVLogger(log_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
+        TrainingBackup(backup_dir, save_freq=config.save_freq),  # last: commits the epoch's logs
     ]
-    history = model.fit(
-        dataset,
-        epochs=config.epochs,
-        steps_per_epoch=config.steps_per_epoch,
-        callbacks=callbacks,
-        verbose=verbose,
-        shuffle=False,  # the P x K sampler already randomises batches
-    )
-    initial_epoch = int(history.epoch[0]) if history.epoch else config.epochs
+    initial_epoch = resume_epoch or 0
+    history = keras.callbacks.History()
+    history.epoch, history.history = [], {}
+    if initial_epoch < config.epochs:
+        try:
+            history = model.fit(
+                dataset,
+                epochs=config.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=config.steps_per_epoch,
+                callbacks=callbacks,
+                verbose=verbose,
+                shuffle=False,  # the P x K sampler already randomises batches
+            )
+        except BackupWriteError:
+            raise
+        except (OSError, tf.errors.OpError) as exc:
+            if _is_storage_error(exc):
+                raise _storage_error(exc, f"the training logs in {output_dir}", backup_dir, False) from exc
+            raise
+    phase("trained")
     test_metrics = evaluate_embeddings(
         model, data.test, ks=config.ks, distance=config.distance, limit=config.test_size
     )
-    if config.projector_size:
-        export_projector(model, data, os.path.join(output_dir, PROJECTOR_DIR), config.projector_size)
-
+    phase("evaluated")
     model_path = os.path.join(output_dir, "model.keras")
-    save_model_atomically(model, model_path)
-    seconds = time.perf_counter() - start
     history_dict = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    try:
+        if config.projector_size:
+            export_projector(model, data, os.path.join(output_dir, PROJECTOR_DIR), config.projector_size)
+        phase("projector")
+        save_model_atomically(model, model_path)
+        phase("model")
+        seconds = time.perf_counter() - start
+        _write_run_files(config, data, output_dir, test_metrics, history, history_dict,
+                         initial_epoch, resume_epoch, replicas, seconds)
+    except (OSError, tf.errors.OpError) as exc:
+        if _is_storage_error(exc):
+            raise _storage_error(exc, f"the final files in {output_dir}", backup_dir, True) from exc
+        raise
+    phase("metrics")
+    remove_backup(backup_dir)  # only now: the final files are complete
+    phase("published")
+    return TrainResult(
+        model=model,
+        test_metrics=test_metrics,
+        history=history_dict,
+        output_dir=output_dir,
+        model_path=model_path,
+        seconds=seconds,
+        data=data,
+        initial_epoch=initial_epoch,
+        replicas=replicas,
+    )
+
+
+def _write_run_files(
+    config: TrainConfig,
+    data: RetrievalData,
+    output_dir: str,
+    test_metrics: dict[str, float],
+    history: keras.callbacks.History,
+    history_dict: dict[str, list[float]],
+    initial_epoch: int,
+    resume_epoch: int | None,
+    replicas: int,
+    seconds: float,
+) -> None:
     write_json_atomically(
         {
             "test": test_metrics,
@@ -551,17 +807,6 @@ def _train(
     )
     write_json_atomically(
         dataclasses.asdict(config), os.path.join(output_dir, "config.json")
-    )
-    return TrainResult(
-        model=model,
-        test_metrics=test_metrics,
-        history=history_dict,
-        output_dir=output_dir,
-        model_path=model_path,
-        seconds=seconds,
-        data=data,
-        initial_epoch=initial_epoch,
-        replicas=replicas,
     )
 
 
@@ -603,5 +848,7 @@ def evaluate_saved_model(
         raise FileNotFoundError(f"No model at {model_path!r}; train one with `atl train`.")
     model = keras.models.load_model(model_path)
     evaluation = getattr(load_data(config), split)
+    if evaluation is None:
+        raise ValueError(f"{config.dataset} has no {split} set (too few items to carve one); use split='test'.")
     metrics = evaluate_embeddings(model, evaluation, config.ks, config.distance, limit)
     return metrics, evaluation.protocol

@@ -16,6 +16,7 @@ Protocols (`EvalSet.protocol`):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -72,7 +73,7 @@ class RetrievalData:
     train_images: np.ndarray
     train_labels: np.ndarray
     descriptions: list[str | None]
-    validation: EvalSet
+    validation: EvalSet | None  # None: too few items to carve one (a warning says so)
     test: EvalSet
     item_ids: list[str] = field(default_factory=list)
     item_attributes: list[dict[str, Any]] | None = None  # [M] per item (synthetic shop, catalogs)
@@ -106,6 +107,12 @@ def _eval_set(catalog: Catalog, split: str | Sequence[str] | None) -> EvalSet:
     return EvalSet(rows.images, rows.labels, None, None, "leave-one-out", _row_ids(rows))
 
 
+#: Share of the training items carved out for validation when a catalog has no "val" split,
+#: and the fewest training items for which that carve holds at least one item.
+VALIDATION_FRACTION = 0.1
+MIN_ITEMS_FOR_VALIDATION = 5
+
+
 def _with_validation_split(catalog: Catalog, fraction: float, seed: int) -> Catalog:
     """Carve validation items out of the training items when the catalog has none."""
     if "val" in set(catalog.splits.tolist()):
@@ -122,14 +129,25 @@ def _with_validation_split(catalog: Catalog, fraction: float, seed: int) -> Cata
 
 
 def _from_catalog(name: str, catalog: Catalog, test_split: str | None, seed: int) -> RetrievalData:
-    catalog = _with_validation_split(catalog, 0.1, seed)
+    catalog = _with_validation_split(catalog, VALIDATION_FRACTION, seed)
     train = catalog.split("train")
+    validation = None
+    if "val" in set(catalog.splits.tolist()):
+        validation = _eval_set(catalog, "val")
+    else:
+        items = len(np.unique(train.labels))
+        warnings.warn(
+            f"{name}: {items} training items are too few to carve a validation split "
+            f"({VALIDATION_FRACTION:.0%} of them rounds to 0 items; it needs at least "
+            f"{MIN_ITEMS_FOR_VALIDATION}); training without validation metrics.",
+            stacklevel=3,
+        )
     return RetrievalData(
         name=name,
         train_images=train.images,
         train_labels=train.labels,
         descriptions=list(catalog.descriptions),
-        validation=_eval_set(catalog, "val"),
+        validation=validation,
         test=_eval_set(catalog, test_split),
         item_ids=list(catalog.item_ids),
         item_attributes=None if catalog.item_attributes is None else [dict(a) for a in catalog.item_attributes],
@@ -204,7 +222,7 @@ def load_retrieval_data(
     if name == "synthetic-shop":
         catalog = make_synthetic_shop(
             num_items=synthetic_items,
-            image_size=image_size or 32,
+            image_size=32 if image_size is None else image_size,
             seed=seed,
             unseen_categories=tuple(unseen_classes),
             variant_fraction=synthetic_variants,
@@ -214,11 +232,11 @@ def load_retrieval_data(
     if name == "deepfashion-inshop":
         if not argument:
             raise ValueError("Give the dataset root: deepfashion-inshop:/path/to/In-shop.")
-        catalog = read_deepfashion_inshop(argument).with_images(image_size or 64, strict=strict)
+        catalog = read_deepfashion_inshop(argument).with_images(64 if image_size is None else image_size, strict=strict)
         return _from_catalog("deepfashion-inshop", catalog, ["query", "gallery"], seed)
     if name == "catalog":
         if not argument:
             raise ValueError("Give the catalog file: catalog:/path/to/catalog.csv (or .jsonl).")
-        catalog = read_catalog(argument).with_images(image_size or 64, strict=strict)
+        catalog = read_catalog(argument).with_images(64 if image_size is None else image_size, strict=strict)
         return _from_catalog(f"catalog:{argument}", catalog, "test", seed)
     raise ValueError(f"Unknown dataset {spec!r}; available: {', '.join(DATASET_SPECS)}.")
