@@ -1,35 +1,53 @@
-"""SavedModel export: image model + ScaNN gallery index + id map + manifest, one version.
+"""SavedModel export: image model + tuned ScaNN gallery index + id map + manifest, one version.
 
-`export_model` writes `<export_base>/<version>/` exactly as TF Serving expects, so the
-model and its index can never drift apart. Signatures:
+`export_model` (pixels in memory) and `export_embeddings` (gallery already embedded, as
+`atl_keras.catalog_index` streams it) write `<export_base>/<version>/` exactly as TF
+Serving expects, so the model and its index can never drift apart. Signatures:
 
 - `serving_default`: `images` tf.string [B] (encoded JPEG/PNG/GIF/BMP) -> `embeddings` [B, D]
 - `embed_pixels`:    `pixels` float32 [B, H, W, C] in [0, 255] -> `embeddings` [B, D]
 - `retrieve`:        `images` tf.string [B], `k` int32 [] -> `ids` tf.string [B, k],
                      `scores` float32 [B, k] (dot product = cosine), `indices` int32 [B, k]
-                     (ScaNN: the server needs ScaNN's ops; `import scann` before loading)
+                     (ScaNN, parallel batched search; the server needs ScaNN's ops:
+                     `import scann` before loading)
 - `retrieve_exact`:  same, pure TensorFlow brute-force top-k
+
+Catalog exports (`gallery_rows=`) add `image_ids` tf.string [B, k] (the row's image id) and
+`metadata` tf.string [B, k] (the row's metadata columns as a JSON object) to both retrieve
+signatures, read from the assets `gallery_image_ids.txt` / `gallery_metadata.jsonl`.
+
+Encoded images are decoded with `atl_keras.preprocessing` (the same function as the
+training decode), configured by `preprocessing=` and recorded in the manifest.
 
 Stock TF Serving loads every function of a SavedModel, so an export holding ScaNN's
 custom ops does not load there at all. `include_scann=False` writes the portable
-variant (no `retrieve`, no ScaNN ops) that stock TF Serving serves via `retrieve_exact`.
+variant (no `retrieve`, no ScaNN ops) that stock TF Serving serves via `retrieve_exact`;
+`portable_export_base=` writes both from one embedding pass and publishes them as a pair.
 
-Assets: `assets/gallery_ids.txt` (one id per line) and `assets/manifest.json`.
-Writes go to a hidden temporary directory that is renamed to the version number only
-once complete and verified, so a crash never leaves a half-written version.
+Durability:
+- The version number is reserved before any work (an exclusive `.reserved-N` file in the
+  base, and in the portable base), so concurrent exports get distinct versions, and an
+  explicit `version=` already being written by another export fails at once.
+- Writes go to hidden `.tmp-*` directories renamed to the version number only once
+  complete, so a crash never leaves a half-written version.
+- A main + portable pair is published through a journal (`.pair-N.json` in both bases,
+  written once both temporaries are complete): a kill between the two renames is rolled
+  forward by the next export into either base (`repair_pairs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -37,19 +55,25 @@ import tensorflow as tf
 
 from atl_keras.index import (
     ScannConfig,
-    build_scann_searcher,
-    scann_config_for,
+    TunedIndex,
+    fixed_index,
+    held_out_queries,
     scann_ops,
-    scann_recall,
+    tune_index,
 )
+from atl_keras.preprocessing import Preprocessing, decode_batch
 
 MANIFEST_NAME = "manifest.json"
 IDS_NAME = "gallery_ids.txt"
+IMAGE_IDS_NAME = "gallery_image_ids.txt"
+METADATA_NAME = "gallery_metadata.jsonl"
 SIGNATURES = ("serving_default", "embed_pixels", "retrieve", "retrieve_exact")
 PORTABLE_SIGNATURES = ("serving_default", "embed_pixels", "retrieve_exact")
 #: Temporary export directories (`.tmp-*`, `.old-*`) left by a killed export are removed by
 #: the next export into the same base once they are this old (a live export is never that slow).
 STALE_TEMPORARY_SECONDS = 6 * 3600
+RESERVATION_PREFIX = ".reserved-"
+JOURNAL_PREFIX = ".pair-"
 
 
 class ExportError(ValueError):
@@ -63,8 +87,33 @@ class ExportResult:
     path: str
     version: int
     manifest: dict[str, Any]
+    portable_path: str | None = None
 
 
+@dataclass(frozen=True)
+class IndexOptions:
+    """Knobs the user fixes; ``None`` = tuned at export time (see `atl_keras.index.tune_index`).
+
+    ``quantize``: True = asymmetric hashing + exact re-rank in the searched leaves, False =
+    exact scoring in the leaves. ``num_leaves=0`` scores the whole gallery exactly.
+    """
+
+    num_leaves: int | None = None
+    leaves_to_search: int | None = None
+    reorder: int | None = None
+    quantize: bool | None = None
+    num_queries: int = 1000
+
+
+@dataclass
+class GalleryRows:
+    """Per-row catalog data returned with search results: image ids and metadata objects."""
+
+    image_ids: list[str]
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------- versions
 def existing_versions(export_base: str) -> list[int]:
     """Integer version directories under `export_base`, ascending."""
     if not os.path.isdir(export_base):
@@ -76,12 +125,122 @@ def existing_versions(export_base: str) -> list[int]:
     )
 
 
-def next_version(export_base: str) -> int:
-    """One more than the largest existing version, or 1."""
-    versions = existing_versions(export_base)
-    return versions[-1] + 1 if versions else 1
+def _reservations(export_base: str) -> dict[int, str]:
+    if not os.path.isdir(export_base):
+        return {}
+    out = {}
+    for name in os.listdir(export_base):
+        number = name[len(RESERVATION_PREFIX):]
+        if name.startswith(RESERVATION_PREFIX) and number.isdigit():
+            out[int(number)] = os.path.join(export_base, name)
+    return out
 
 
+def next_version(export_base: str, *more_bases: str) -> int:
+    """One more than the largest existing or reserved version in the bases, or 1."""
+    used = [0]
+    for base in (export_base, *more_bases):
+        used += existing_versions(base)
+        used += [number for number, path in _reservations(base).items() if _reservation_is_live(path)]
+    return max(used) + 1
+
+
+def _reservation_is_live(path: str) -> bool:
+    """A reservation is live unless its owner process is gone (or it is very old)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            owner = json.load(f)
+        age = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # being written right now
+    if age > STALE_TEMPORARY_SECONDS:
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError):
+        return True
+    return True
+
+
+def _try_reserve(export_base: str, version: int) -> str | None:
+    """Create `.reserved-<version>` exclusively; None when another live export holds it."""
+    path = os.path.join(export_base, f"{RESERVATION_PREFIX}{version}")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _reservation_is_live(path):
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # its export was killed
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "created": time.time()}, f)
+        return path
+    return None
+
+
+@contextlib.contextmanager
+def reserve_version(
+    export_base: str,
+    version: int | None = None,
+    *,
+    force: bool = False,
+    portable_export_base: str | None = None,
+) -> Iterator[int]:
+    """Reserve a version number in `export_base` (and the portable base) for one export.
+
+    ``version=None`` takes the next number no other export has published or reserved. An
+    explicit `version` that exists (without `force`) or that another live export holds
+    raises `ExportError` before any work. The reservation is released on exit.
+    """
+    bases = [export_base] + ([portable_export_base] if portable_export_base else [])
+    for base in bases:
+        if os.path.exists(base) and not os.path.isdir(base):
+            raise ExportError(f"{base} exists and is not a directory; choose another output base.")
+        os.makedirs(base, exist_ok=True)
+        repair_pairs(base)
+    held: list[str] = []
+    try:
+        candidate = version if version is not None else next_version(*bases)
+        while True:
+            for base in bases:
+                if os.path.exists(os.path.join(base, str(candidate))) and not (force and version is not None):
+                    if version is not None:
+                        raise ExportError(
+                            f"{os.path.join(base, str(candidate))} already exists; choose another "
+                            "version or pass force=True (--force) to replace it."
+                        )
+                    break
+                path = _try_reserve(base, candidate)
+                if path is None:
+                    if version is not None:
+                        raise ExportError(
+                            f"Another export is writing version {candidate} of {base} right now; "
+                            "wait for it or choose another version. Nothing was written."
+                        )
+                    break
+                held.append(path)
+            else:
+                break
+            for path in held:
+                os.unlink(path)
+            held = []
+            candidate = max(candidate + 1, next_version(*bases))
+        yield candidate
+    finally:
+        for path in held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+# ------------------------------------------------------------------------------- module
 def model_fingerprint(model: keras.Model) -> str:
     """sha256 over the model's weights (order, shapes and bytes)."""
     digest = hashlib.sha256()
@@ -93,8 +252,20 @@ def model_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
+def _line_table(asset: tf.saved_model.Asset) -> tf.lookup.StaticHashTable:
+    """Line number (int64) -> line text of an asset file."""
+    initializer = tf.lookup.TextFileInitializer(
+        asset, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE
+    )
+    return tf.lookup.StaticHashTable(initializer, default_value="")
+
+
 class RetrievalModule(tf.Module):
-    """The exported object: decode -> embed -> search, over one fixed gallery."""
+    """The exported object: decode -> embed -> search, over one fixed gallery.
+
+    The gallery vectors are stored once: inside the ScaNN state when there is one (its
+    `dataset` variable, original row order), else as `gallery_embeddings`.
+    """
 
     def __init__(
         self,
@@ -102,19 +273,29 @@ class RetrievalModule(tf.Module):
         gallery_embeddings: np.ndarray,
         gallery_ids: Sequence[str],
         scann_state: tf.Module | None,
-        image_shape: tuple[int, int, int],
+        preprocessing: Preprocessing,
+        scann_config: ScannConfig | None = None,
+        row_assets: dict[str, str] | None = None,
     ) -> None:
         super().__init__(name="atl_retrieval")
         self.model = model
         self.scann_state = scann_state
-        self.gallery_embeddings = tf.Variable(
-            gallery_embeddings.astype(np.float32), trainable=False, name="gallery_embeddings"
-        )
+        self.preprocessing = preprocessing
+        self.embedding_dim = int(gallery_embeddings.shape[1])
+        # ScaNN keeps the float rows (original order) unless it only holds hashed codes.
+        self._in_scann = scann_state is not None and tuple(scann_state.dataset.shape) == tuple(gallery_embeddings.shape)
+        if not self._in_scann:
+            self.gallery_embeddings = tf.Variable(
+                gallery_embeddings.astype(np.float32), trainable=False, name="gallery_embeddings"
+            )
         self.gallery_ids = tf.Variable(
             tf.constant(list(gallery_ids), dtype=tf.string), trainable=False, name="gallery_ids"
         )
-        self.image_shape = tuple(int(x) for x in image_shape)
-        height, width, channels = self.image_shape
+        self.row_tables = {
+            name: _line_table(tf.saved_model.Asset(path)) for name, path in (row_assets or {}).items()
+        }
+        search = (scann_config or ScannConfig()).search_kwargs
+        height, width, channels = preprocessing.image_shape
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def serving_default(images):
@@ -137,7 +318,9 @@ class RetrievalModule(tf.Module):
         def retrieve(images, k):
             embeddings = self._embed(self._decode(images))
             searcher = scann_ops.searcher_from_module(self.scann_state)
-            indices, scores = searcher.search_batched(embeddings, final_num_neighbors=k)
+            indices, scores = searcher.search_batched_parallel(
+                embeddings, final_num_neighbors=k, **search
+            )
             return self._results(indices, scores)
 
         @tf.function(
@@ -148,7 +331,7 @@ class RetrievalModule(tf.Module):
         )
         def retrieve_exact(images, k):
             embeddings = self._embed(self._decode(images))
-            scores = tf.matmul(embeddings, self.gallery_embeddings, transpose_b=True)
+            scores = tf.matmul(embeddings, self._gallery(), transpose_b=True)
             scores, indices = tf.math.top_k(scores, k=k)
             return self._results(indices, scores)
 
@@ -159,47 +342,44 @@ class RetrievalModule(tf.Module):
         if scann_state is not None:
             self.retrieve = retrieve
 
+    def _gallery(self) -> tf.Tensor:
+        if self._in_scann:
+            return tf.reshape(self.scann_state.dataset, [-1, self.embedding_dim])
+        return self.gallery_embeddings
+
     def _decode(self, images: tf.Tensor) -> tf.Tensor:
-        """Encoded images [B] -> float32 pixels [B, H, W, C] in [0, 255]."""
-        height, width, channels = self.image_shape
-
-        def decode_one(data):
-            image = tf.io.decode_image(data, channels=channels, expand_animations=False)
-            image = tf.ensure_shape(image, [None, None, channels])
-            size = tf.shape(image)[:2]
-            same = tf.reduce_all(tf.equal(size, [height, width]))
-            image = tf.cast(image, tf.float32)
-            return tf.cond(
-                same,
-                lambda: image,
-                lambda: tf.image.resize(image, [height, width], antialias=True),
-            )
-
-        return tf.map_fn(
-            decode_one,
-            images,
-            fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32),
-        )
+        """Encoded images [B] -> float32 pixels [B, H, W, C] in [0, 255] (`preprocessing`)."""
+        return decode_batch(images, self.preprocessing)
 
     def _embed(self, pixels: tf.Tensor) -> tf.Tensor:
         return tf.cast(self.model(pixels, training=False), tf.float32)
 
     def _results(self, indices: tf.Tensor, scores: tf.Tensor) -> dict[str, tf.Tensor]:
         indices = tf.cast(indices, tf.int32)
-        return {
-            "ids": tf.gather(self.gallery_ids, indices),
+        safe = tf.maximum(indices, 0)  # ScaNN pads with -1 when it finds fewer than k
+        out = {
+            "ids": tf.where(indices >= 0, tf.gather(self.gallery_ids, safe), ""),
             "scores": tf.cast(scores, tf.float32),
             "indices": indices,
         }
+        for name, table in self.row_tables.items():
+            out[name] = table.lookup(tf.cast(indices, tf.int64))
+        return out
 
     def signatures(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.signature_names}
 
 
+# ------------------------------------------------------------------------------- checks
 def _embed(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
     if hasattr(model, "embed"):
         return np.asarray(model.embed(images, batch_size=batch_size), dtype=np.float32)
     return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def _model_image_shape(model: keras.Model) -> tuple | None:
+    shape = getattr(model, "image_shape", None) or (model.input_shape[1:] if hasattr(model, "input_shape") else None)
+    return tuple(shape) if shape else None
 
 
 def _validate_gallery(
@@ -217,18 +397,46 @@ def _validate_gallery(
             f"{len(gallery_ids)} gallery ids for {len(images)} gallery images; "
             "give exactly one id per image."
         )
-    expected = tuple(model.input_shape[1:]) if hasattr(model, "input_shape") else None
+    expected = _model_image_shape(model)
     if expected and all(d is not None for d in expected) and tuple(images.shape[1:]) != expected:
         raise ExportError(
             f"Gallery images have shape {images.shape[1:]}, the model expects {expected}."
         )
-    for item in gallery_ids:
-        text = str(item)
-        if "\n" in text or text == "":
-            raise ExportError(f"Gallery id {item!r} is empty or contains a newline.")
+    _validate_ids(gallery_ids)
     return tuple(int(x) for x in images.shape[1:])
 
 
+def _validate_ids(ids: Sequence[Any], what: str = "Gallery id") -> None:
+    for item in ids:
+        text = str(item)
+        if "\n" in text or "\r" in text or text == "":
+            raise ExportError(f"{what} {item!r} is empty or contains a newline.")
+
+
+def _check_options(version: int | None, k: int, min_recall: float) -> None:
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise ExportError(f"version must be a positive integer, got {version!r}.")
+    if k < 1:
+        raise ExportError(f"k must be >= 1, got {k}.")
+    if not 0.0 <= min_recall <= 1.0:
+        raise ExportError(f"min_recall must be in [0, 1], got {min_recall}.")
+
+
+def _resolve_preprocessing(model: keras.Model, preprocessing: Preprocessing | None, image_shape=None) -> Preprocessing:
+    if preprocessing is None:
+        shape = image_shape or _model_image_shape(model)
+        if not shape or len(shape) != 3 or any(d is None for d in shape):
+            raise ExportError("Cannot tell the model's input image size; pass preprocessing=Preprocessing(...).")
+        return Preprocessing(image_size=(int(shape[0]), int(shape[1])), channels=int(shape[2]))
+    expected = _model_image_shape(model)
+    if expected and all(d is not None for d in expected) and tuple(preprocessing.image_shape) != tuple(expected):
+        raise ExportError(
+            f"preprocessing gives images of shape {preprocessing.image_shape}, the model expects {expected}."
+        )
+    return preprocessing
+
+
+# ------------------------------------------------------------------------------- export
 def export_model(
     model: keras.Model,
     gallery_images: np.ndarray,
@@ -240,62 +448,142 @@ def export_model(
     k: int = 10,
     min_recall: float = 0.95,
     scann_config: ScannConfig | None = None,
+    index_options: IndexOptions | None = None,
     force: bool = False,
     batch_size: int = 256,
     extra_manifest: dict[str, Any] | None = None,
     seed: int = 0,
     include_scann: bool = True,
+    preprocessing: Preprocessing | None = None,
+    portable_export_base: str | None = None,
 ) -> ExportResult:
-    """Export `model` with a ScaNN index over `gallery_images [N, H, W, C]`.
+    """Export `model` with a tuned ScaNN index over `gallery_images [N, H, W, C]`.
 
     Args:
         model: a trained embedding model (`ATLModel` or any Keras model mapping pixels in
             [0, 255] to unit-norm embeddings [B, D]).
         gallery_images: catalog images; `gallery_ids` (length N) names each one.
         export_base: e.g. `saved_models/NAME`; the version lands in `export_base/<version>`.
-        version: integer version; default the next one.
-        query_images: held-out queries for measuring ScaNN recall@k against exact search;
-            default a random sample of up to 1000 gallery images.
-        min_recall: refuse the export (nothing written) when ScaNN's recall@k is lower.
-            Pass 0 to accept any recall.
+        version: integer version; default the next free one (reserved before any work).
+        query_images: held-out queries for measuring set recall@k against exact search;
+            default 1000 gallery images, each excluded from its own results.
+        min_recall: refuse the export (nothing written) when the index's set recall@k is
+            lower. Pass 0 to accept any recall.
+        scann_config: a complete index configuration (no tuning); else `index_options`
+            (knobs to fix, the rest tuned to `min_recall`).
         force: replace an existing version directory.
-        include_scann: False writes the portable variant for stock TF Serving (no
+        include_scann: False writes only the portable variant for stock TF Serving (no
             `retrieve` signature, no ScaNN ops, no recall check).
+        preprocessing: how encoded images are decoded in the signatures (default: the
+            model's input size, ``resize="pad"``, ``pad_value=255``, as training decodes).
+        portable_export_base: also write the portable variant as the same version there;
+            the two are published as a pair.
 
     Returns:
-        `ExportResult(path, version, manifest)`.
+        `ExportResult(path, version, manifest, portable_path)`.
     """
-    if version is not None and (not isinstance(version, int) or version < 1):
-        raise ExportError(f"version must be a positive integer, got {version!r}.")
-    if k < 1:
-        raise ExportError(f"k must be >= 1, got {k}.")
-    if not 0.0 <= min_recall <= 1.0:
-        raise ExportError(f"min_recall must be in [0, 1], got {min_recall}.")
+    _check_options(version, k, min_recall)
     image_shape = _validate_gallery(model, gallery_images, gallery_ids)
-    version = version if version is not None else next_version(export_base)
-    final_path = os.path.join(export_base, str(version))
-    if os.path.exists(final_path) and not force:
-        raise ExportError(
-            f"{final_path} already exists; choose another version or pass force=True "
-            "(--force) to replace it."
+    preprocessing = _resolve_preprocessing(model, preprocessing, image_shape)
+    with reserve_version(export_base, version, force=force, portable_export_base=portable_export_base) as number:
+        gallery = _embed(model, np.asarray(gallery_images, dtype=np.float32), batch_size)
+        queries = None
+        if query_images is not None and include_scann:
+            queries = _embed(model, np.asarray(query_images, dtype=np.float32), batch_size)
+        return _export_reserved(
+            model, gallery, [str(i) for i in gallery_ids], export_base, number,
+            query_embeddings=queries, k=k, min_recall=min_recall, scann_config=scann_config,
+            index_options=index_options, force=force, extra_manifest=extra_manifest, seed=seed,
+            include_scann=include_scann, preprocessing=preprocessing,
+            portable_export_base=portable_export_base, gallery_rows=None,
         )
 
-    gallery_ids = [str(item) for item in gallery_ids]
-    gallery = _embed(model, np.asarray(gallery_images, dtype=np.float32), batch_size)
+
+def export_embeddings(
+    model: keras.Model,
+    gallery_embeddings: np.ndarray,
+    gallery_ids: Sequence[Any],
+    export_base: str,
+    version: int | None = None,
+    *,
+    reserved: bool = False,
+    query_embeddings: np.ndarray | None = None,
+    k: int = 10,
+    min_recall: float = 0.95,
+    scann_config: ScannConfig | None = None,
+    index_options: IndexOptions | None = None,
+    force: bool = False,
+    extra_manifest: dict[str, Any] | None = None,
+    seed: int = 0,
+    include_scann: bool = True,
+    preprocessing: Preprocessing | None = None,
+    portable_export_base: str | None = None,
+    gallery_rows: GalleryRows | None = None,
+) -> ExportResult:
+    """`export_model` for a gallery already embedded: `gallery_embeddings [N, D]` float32.
+
+    ``reserved=True`` means the caller holds `reserve_version(...)` for `version` (so it
+    could reserve before embedding). `gallery_rows` adds image ids and metadata per row.
+    """
+    _check_options(version, k, min_recall)
+    if reserved and version is None:
+        raise ExportError("reserved=True needs the reserved version number.")
+    gallery_ids = [str(i) for i in gallery_ids]
+    _validate_ids(gallery_ids)
+    preprocessing = _resolve_preprocessing(model, preprocessing)
+    kwargs = dict(
+        query_embeddings=query_embeddings, k=k, min_recall=min_recall, scann_config=scann_config,
+        index_options=index_options, force=force, extra_manifest=extra_manifest, seed=seed,
+        include_scann=include_scann, preprocessing=preprocessing,
+        portable_export_base=portable_export_base, gallery_rows=gallery_rows,
+    )
+    gallery = np.ascontiguousarray(gallery_embeddings, dtype=np.float32)
+    if reserved:
+        return _export_reserved(model, gallery, gallery_ids, export_base, version, **kwargs)
+    with reserve_version(export_base, version, force=force, portable_export_base=portable_export_base) as number:
+        return _export_reserved(model, gallery, gallery_ids, export_base, number, **kwargs)
+
+
+def _export_reserved(
+    model: keras.Model,
+    gallery: np.ndarray,
+    gallery_ids: list[str],
+    export_base: str,
+    version: int,
+    *,
+    query_embeddings: np.ndarray | None,
+    k: int,
+    min_recall: float,
+    scann_config: ScannConfig | None,
+    index_options: IndexOptions | None,
+    force: bool,
+    extra_manifest: dict[str, Any] | None,
+    seed: int,
+    include_scann: bool,
+    preprocessing: Preprocessing,
+    portable_export_base: str | None,
+    gallery_rows: GalleryRows | None,
+) -> ExportResult:
+    if gallery.ndim != 2 or len(gallery) == 0:
+        raise ExportError(f"The gallery is empty or not [N, D] (shape {gallery.shape}).")
+    if len(gallery_ids) != len(gallery):
+        raise ExportError(f"{len(gallery_ids)} gallery ids for {len(gallery)} embeddings; give one id per row.")
     if not np.all(np.isfinite(gallery)):
         raise ExportError("The model produced NaN/Inf gallery embeddings; check the model.")
-    index_manifest: dict[str, Any] = {"index": "exact (retrieve_exact only)"}
-    scann_state = None
-    if include_scann:
-        index_manifest, scann_state = _build_checked_index(
-            model, gallery, query_images, k, min_recall, scann_config, batch_size, seed
-        )
+    if gallery_rows is not None:
+        if len(gallery_rows.image_ids) != len(gallery):
+            raise ExportError("gallery_rows.image_ids must have one entry per gallery row.")
+        _validate_ids(gallery_rows.image_ids, "Image id")
 
-    module = RetrievalModule(model, gallery, gallery_ids, scann_state, image_shape)
+    index_manifest: dict[str, Any] = {"index": "exact (retrieve_exact only)"}
+    tuned = None
+    if include_scann:
+        tuned = _build_checked_index(gallery, query_embeddings, k, min_recall, scann_config, index_options, seed)
+        index_manifest = _index_manifest(tuned, min_recall)
+
     import atl_keras  # the package version, imported late to avoid a cycle
 
-    manifest = {
-        "name": os.path.basename(os.path.normpath(export_base)),
+    common = {
         "version": version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "package_version": atl_keras.__version__,
@@ -304,67 +592,119 @@ def export_model(
         "model_sha256": model_fingerprint(model),
         "model_class": type(model).__name__,
         "embedding_dim": int(gallery.shape[1]),
-        "image_shape": list(image_shape),
+        "image_shape": list(preprocessing.image_shape),
+        "preprocessing": preprocessing.to_dict(),
         "gallery_size": int(len(gallery)),
         "score": "dot_product (cosine similarity of unit vectors; higher is closer)",
-        **index_manifest,
-        "signatures": list(module.signature_names),
-        **(extra_manifest or {}),
     }
-    _write_version(module, manifest, gallery_ids, export_base, version, force)
-    return ExportResult(path=final_path, version=version, manifest=manifest)
+    staging = os.path.join(export_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}-rows")
+    temporaries: list[str] = [staging]
+    try:
+        row_assets = _write_row_assets(staging, gallery_rows) if gallery_rows is not None else None
+        targets = [(export_base, tuned)]
+        if portable_export_base:
+            targets.append((portable_export_base, None))
+        written = []
+        for base, index in targets:
+            module = RetrievalModule(
+                model, gallery, gallery_ids,
+                index.searcher.serialize_to_module() if index is not None else None,
+                preprocessing, index.config if index is not None else None, row_assets,
+            )
+            manifest = {
+                "name": os.path.basename(os.path.normpath(base)),
+                **common,
+                **(index_manifest if index is not None else {"index": "exact (retrieve_exact only)"}),
+                "signatures": list(module.signature_names),
+                **({"catalog_outputs": sorted(row_assets)} if row_assets else {}),
+                **(extra_manifest or {}),
+            }
+            tmp_path = _write_temporary(module, manifest, gallery_ids, base, version)
+            temporaries.append(tmp_path)
+            written.append((tmp_path, os.path.join(base, str(version)), manifest))
+            del module
+        _publish_all([(tmp, final) for tmp, final, _ in written], force)
+    finally:
+        for path in temporaries:
+            if os.path.exists(path):
+                shutil.rmtree(path, ignore_errors=True)
+    return ExportResult(
+        path=written[0][1], version=version, manifest=written[0][2],
+        portable_path=written[1][1] if len(written) > 1 else None,
+    )
+
+
+def _write_row_assets(staging: str, rows: GalleryRows) -> dict[str, str]:
+    os.makedirs(staging, exist_ok=True)
+    assets = {"image_ids": os.path.join(staging, IMAGE_IDS_NAME)}
+    with open(assets["image_ids"], "w", encoding="utf-8") as f:
+        f.write("\n".join(rows.image_ids) + "\n")
+    assets["metadata"] = os.path.join(staging, METADATA_NAME)
+    with open(assets["metadata"], "w", encoding="utf-8") as f:
+        metadata = rows.metadata or [{} for _ in rows.image_ids]
+        for entry in metadata:
+            f.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+    return assets
 
 
 def _build_checked_index(
-    model: keras.Model,
     gallery: np.ndarray,
-    query_images: np.ndarray | None,
+    query_embeddings: np.ndarray | None,
     k: int,
     min_recall: float,
     scann_config: ScannConfig | None,
-    batch_size: int,
+    index_options: IndexOptions | None,
     seed: int,
-) -> tuple[dict[str, Any], tf.Module]:
-    """Build the ScaNN index and refuse it if its recall@k is below `min_recall`."""
-    config = scann_config or scann_config_for(len(gallery), k)
-    searcher = build_scann_searcher(gallery, config)
-    if query_images is not None:
-        queries = _embed(model, np.asarray(query_images, dtype=np.float32), batch_size)
-        query_source = "held-out query images"
+) -> TunedIndex:
+    """Tune (or build) the ScaNN index and refuse it if its set recall@k is below `min_recall`."""
+    options = index_options or IndexOptions()
+    queries = held_out_queries(gallery, query_embeddings, count=options.num_queries, seed=seed)
+    if scann_config is not None:
+        tuned = fixed_index(gallery, scann_config, k, queries)
     else:
-        rng = np.random.default_rng(seed)
-        sample = rng.choice(len(gallery), size=min(1000, len(gallery)), replace=False)
-        queries = gallery[np.sort(sample)]
-        query_source = "gallery sample"
-    recall_k = min(k, len(gallery))
-    recall = scann_recall(searcher, queries, gallery, k=recall_k)
-    if recall < min_recall:
-        raise ExportError(
-            f"ScaNN recall@{recall_k} against exact search is {recall:.4f}, below "
-            f"min_recall={min_recall}. Search more leaves or a larger reorder_k "
-            "(scann_config), or lower min_recall (--min-recall) to accept it. Nothing "
-            "was written."
+        tuned = tune_index(
+            gallery, k, min_recall, queries, num_leaves=options.num_leaves,
+            leaves_to_search=options.leaves_to_search, reorder=options.reorder,
+            quantize=options.quantize, seed=seed,
         )
+    chosen = tuned.report["chosen"]
+    recall_k = tuned.report.get("k", min(k, len(gallery)))
+    if chosen["set_recall"] < min_recall:
+        raise ExportError(
+            f"Index set recall@{recall_k} against exact search is {chosen['set_recall']:.4f} "
+            f"(tie-aware {chosen['tie_aware_recall']:.4f}) on {len(queries.embeddings)} held-out "
+            f"queries, below min_recall={min_recall}. Search more leaves (--leaves-to-search), "
+            "score exactly in the leaves (--no-quantize), or lower min_recall (--min-recall) to "
+            "accept it. Nothing was written."
+        )
+    return tuned
 
-    manifest = {
+
+def _index_manifest(tuned: TunedIndex, min_recall: float) -> dict[str, Any]:
+    chosen = tuned.report["chosen"]
+    k = tuned.report.get("k", tuned.config.default_k)
+    return {
         "index": "scann",
-        "scann_config": config.to_dict(),
-        f"scann_recall_at_{recall_k}": recall,
-        "scann_recall_queries": {"source": query_source, "count": int(len(queries))},
+        "scann_config": tuned.config.to_dict(),
+        f"scann_recall_at_{k}": chosen["set_recall"],
+        "recall": {
+            "k": k,
+            "set_recall": chosen["set_recall"],
+            "tie_aware_recall": chosen["tie_aware_recall"],
+            "queries": tuned.report.get("queries"),
+            "definition": "plain set recall |ANN top-k ∩ exact top-k| / k; tie-aware counts "
+            "results within 1e-3 of the exact k-th score (reported, not gated)",
+        },
+        "index_tuning": {key: value for key, value in tuned.report.items() if key != "queries"},
         "min_recall": min_recall,
     }
-    return manifest, searcher.serialize_to_module()
 
 
-def _write_version(
-    module: RetrievalModule,
-    manifest: dict[str, Any],
-    gallery_ids: list[str],
-    export_base: str,
-    version: int,
-    force: bool,
-) -> None:
-    """Save into a hidden temporary directory, then rename it to `export_base/version`."""
+# ------------------------------------------------------------------------------- publish
+def _write_temporary(
+    module: RetrievalModule, manifest: dict[str, Any], gallery_ids: list[str], export_base: str, version: int
+) -> str:
+    """Save into a hidden temporary directory of `export_base`; returns its path."""
     os.makedirs(export_base, exist_ok=True)
     remove_stale_temporaries(export_base)
     tmp_path = os.path.join(export_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
@@ -376,10 +716,68 @@ def _write_version(
             f.write("\n".join(gallery_ids) + "\n")
         with open(os.path.join(assets, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
-        _publish(tmp_path, os.path.join(export_base, str(version)), force)
-    finally:
-        if os.path.exists(tmp_path):
-            shutil.rmtree(tmp_path, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        raise
+    return tmp_path
+
+
+def _journal_paths(moves: list[tuple[str, str]]) -> list[str]:
+    name = f"{JOURNAL_PREFIX}{os.path.basename(moves[0][1])}-{uuid.uuid4().hex[:8]}.json"
+    return [os.path.join(os.path.dirname(final), name) for _, final in moves]
+
+
+def _publish_all(moves: list[tuple[str, str]], force: bool) -> None:
+    """Rename every finished temporary into place, as one pair (journaled when > 1)."""
+    for _, final in moves:
+        if os.path.exists(final) and not force:
+            raise ExportError(f"{final} appeared during the export; not overwriting it.")
+    journals = _journal_paths(moves) if len(moves) > 1 else []
+    for journal in journals:
+        tmp = f"{journal}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"moves": [[os.path.abspath(a), os.path.abspath(b)] for a, b in moves]}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, journal)
+    for tmp_path, final in moves:
+        _publish(tmp_path, final, force)
+    for journal in journals:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal)
+
+
+def repair_pairs(export_base: str) -> list[str]:
+    """Finish main + portable pairs whose publish a killed export left half done.
+
+    Every journal names complete temporaries and their final paths; a temporary still
+    there is renamed into place (only if that version does not exist yet), then the
+    journal is removed. Returns the version paths it published.
+    """
+    repaired: list[str] = []
+    if not os.path.isdir(export_base):
+        return repaired
+    for name in sorted(os.listdir(export_base)):
+        if not (name.startswith(JOURNAL_PREFIX) and name.endswith(".json")):
+            continue
+        journal = os.path.join(export_base, name)
+        try:
+            with open(journal, encoding="utf-8") as f:
+                moves = json.load(f)["moves"]
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError):
+            os.unlink(journal)  # torn journal: written before any rename, so nothing moved
+            continue
+        for tmp_path, final in moves:
+            if os.path.isdir(tmp_path) and not os.path.exists(final):
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    os.rename(tmp_path, final)
+                    repaired.append(final)
+        for _, final in moves:  # the twin journal in the other base
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(os.path.dirname(final), name))
+    return repaired
 
 
 def remove_stale_temporaries(export_base: str, max_age_seconds: float = STALE_TEMPORARY_SECONDS) -> list[str]:

@@ -11,8 +11,9 @@ give their first frame, grayscale/RGBA are converted to ``channels``) and resize
   are filled with ``pad_value`` (255 = white, the usual catalog background).
 - ``resize="stretch"``: plain bilinear resize to the target size (aspect ratio changes).
 
-Shrinking uses area averaging (a box-filter antialias, fast); enlarging uses antialiased
-bilinear interpolation.
+Decoding and resizing are `atl_keras.preprocessing` (the one preprocessing shared with the
+export and serving): shrinking uses area averaging (a box-filter antialias, fast); enlarging
+uses antialiased bilinear interpolation.
 
 Bad files (missing, empty, not an image, truncated or corrupt) are **skipped** by default:
 one ``warnings.warn`` per call names the first few and gives the count, and ``kept_mask`` /
@@ -32,6 +33,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from atl_keras.preprocessing import RESIZE_MODES, Preprocessing, decode_raw, resize_image
+
 __all__ = [
     "RESIZE_MODES",
     "ImageDecodeError",
@@ -41,7 +44,6 @@ __all__ = [
 ]
 
 _AUTOTUNE = tf.data.AUTOTUNE
-RESIZE_MODES = ("pad", "stretch")
 _MAX_NAMED = 5  # bad files named in a warning / error message
 
 
@@ -80,35 +82,13 @@ def _check_args(channels: int, resize: str, pad_value: int) -> None:
 
 
 def _decode(contents: tf.Tensor, channels: int) -> tf.Tensor:
-    image = tf.io.decode_image(contents, channels=channels, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, channels])
-    return image
+    return decode_raw(contents, channels)
 
 
 def _resize(image: tf.Tensor, size: tuple[int, int], resize: str, pad_value: int) -> tf.Tensor:
-    """uint8 ``[h, w, C]`` -> uint8 ``[H, W, C]`` (see the module docstring for the modes)."""
-    height, width = size
-    if resize == "stretch":
-        target = tf.constant([height, width], tf.int32)
-    else:
-        shape = tf.cast(tf.shape(image)[:2], tf.float64)
-        scale = tf.minimum(height / shape[0], width / shape[1])
-        target = tf.clip_by_value(tf.cast(tf.round(shape * scale), tf.int32), 1, [height, width])
-    x = tf.cast(image, tf.float32)
-    shrink = tf.reduce_all(target <= tf.shape(image)[:2])
-    # Area averaging is the exact box-filter antialias for shrinking and ~5x faster than
-    # bilinear(antialias=True), which handles enlarging (and mixed) cases.
-    x = tf.cond(
-        shrink,
-        lambda: tf.image.resize(x, target, method="area"),
-        lambda: tf.image.resize(x, target, method="bilinear", antialias=True),
-    )
-    x = tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
-    if resize == "pad":  # centre it; cheaper than tf.image.resize_with_pad (which pads in float)
-        top, left = (height - target[0]) // 2, (width - target[1]) // 2
-        paddings = [[top, height - target[0] - top], [left, width - target[1] - left], [0, 0]]
-        x = tf.pad(x, paddings, constant_values=tf.constant(pad_value, tf.uint8))
-    return x
+    """uint8 ``[h, w, C]`` -> uint8 ``[H, W, C]`` with `atl_keras.preprocessing.resize_image`."""
+    channels = int(image.shape[-1])
+    return resize_image(image, Preprocessing(size, channels=channels, resize=resize, pad_value=pad_value))
 
 
 def _index_path_dataset(paths: Sequence[str], indices: np.ndarray) -> tf.data.Dataset:
