@@ -1,11 +1,14 @@
-"""`atl replicate`: reproduce the paper's claim (ATL vs the triplet baseline), publish the results.
+"""`atl replicate`: the paper's claim (ATL vs triplet baselines) or whether the weak label helps.
 
-    atl replicate --quick                         # CI-sized, < 2 min, hashing encoder
+    atl replicate --quick                         # CI-sized, < 2 min, hashing encoder, into runs/replicate-quick
     atl replicate --seeds 5 --ablations           # the published replication (~80 min, 2 cores)
-    atl replicate --schedule medium --protocols shop,fmnist
+    atl replicate --experiment weak_label         # the pre-registered margin-source experiment (8 seeds)
+    atl replicate --dataset catalog:products.csv --seeds 2 --schedule quick   # does text help on MY catalog?
 
 (`python tools/replicate.py` is the same command.) Writes <output>/replication.md,
-<output>/replication_*.png and replication_records.json. Each run's record is kept in
+<output>/replication_*.png and replication_records.json (the weak-label experiment:
+<output>/weak_label.md and weak_label_records.json). `--quick` never writes over the
+published results/: its default output is runs/replicate-quick. Each run's record is kept in
 <work-dir>/records/ and reused by a rerun with identical settings, so an interrupted
 replication resumes where it stopped (--no-reuse retrains). A thin CLI over
 `atl_keras.experiments`.
@@ -21,6 +24,7 @@ import time
 from atl_keras.experiments import (
     PROTOCOLS,
     SCHEDULES,
+    EXPERIMENTS,
     ReplicationConfig,
     load_result,
     run_replication,
@@ -34,16 +38,25 @@ def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> ar
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized: schedule 'quick', 1 seed, hashing text encoder (same report structure).")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 5; 1 with --quick)")
-    parser.add_argument("--output", default="results", help="report and plot directory (default: results)")
-    parser.add_argument("--protocols", default="shop,fmnist",
-                        help=f"comma-separated, from {', '.join(PROTOCOLS)} (default: shop,fmnist)")
+    parser.add_argument("--output", default=None,
+                        help="report and plot directory (default: results; runs/replicate-quick with --quick)")
+    parser.add_argument("--experiment", choices=EXPERIMENTS, default=None,
+                        help="paper: triplet baselines vs ATL; weak_label: margin sources (fixed, random, text, "
+                             "oracle) x miners (default: paper; weak_label with --dataset)")
+    parser.add_argument("--dataset", default=None, metavar="SPEC",
+                        help="run the weak-label controls on your data: catalog:PATH.csv|.jsonl or "
+                             "deepfashion-inshop:ROOT (implies --experiment weak_label)")
+    parser.add_argument("--protocols", default=None,
+                        help=f"comma-separated, from {', '.join(PROTOCOLS)} (default: shop,fmnist; "
+                             "variant_shop for the weak-label experiment)")
     parser.add_argument("--ablations", action="store_true",
                         help="also run the ATL ablations (margin range, threshold, encoder, shuffled-text control)")
     parser.add_argument("--ablation-protocols", default="shop", help="protocols the ablations run on (default: shop)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
                         help="training budget preset (default: full; quick with --quick)")
     parser.add_argument("--text-encoder", default=None, help="ATL's text encoder (default use-m3; hashing with --quick)")
-    parser.add_argument("--work-dir", default="runs/replication", help="run directories and per-run records")
+    parser.add_argument("--work-dir", default=None,
+                        help="run directories and per-run records (default: runs/replication; runs/weak-label)")
     parser.add_argument("--text-cache-dir", default="saved_models/text_encoders/cache")
     parser.add_argument("--from-records", default=None, metavar="JSON",
                         help="re-render the report from a replication_records.json (no training); give the same "
@@ -59,19 +72,29 @@ def _comma_list(text: str) -> tuple[str, ...]:
 def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
     """Run the replication (or re-render it with --from-records); 0 on success, 2 on bad input."""
     args = parse_args(argv, prog)
-    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    experiment = args.experiment or ("weak_label" if args.dataset else "paper")
+    if args.dataset and experiment != "weak_label":
+        print("error: --dataset runs the weak-label experiment; drop --experiment paper", file=sys.stderr)
+        return 2
+    default_seeds = 8 if experiment == "weak_label" else 5
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else default_seeds)
+    protocols = args.protocols or ("variant_shop" if experiment == "weak_label" else "shop,fmnist")
+    schedule = args.schedule or ("quick" if args.quick else ("weak_label" if experiment == "weak_label" else "full"))
+    output = args.output or ("runs/replicate-quick" if args.quick else "results")
     if seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
     try:
         config = ReplicationConfig(
-            protocols=_comma_list(args.protocols),
+            protocols=_comma_list(protocols),
             seeds=tuple(range(seeds)),
-            schedule=args.schedule or ("quick" if args.quick else "full"),
+            schedule=schedule,
+            experiment=experiment,
+            dataset=args.dataset,
             ablations=args.ablations,
             ablation_protocols=_comma_list(args.ablation_protocols),
             text_encoder=args.text_encoder or ("hashing" if args.quick else "use-m3"),
-            work_dir=args.work_dir,
+            work_dir=args.work_dir or ("runs/weak-label" if experiment == "weak_label" else "runs/replication"),
             text_cache_dir=args.text_cache_dir,
             reuse=not args.no_reuse,
         )
@@ -88,7 +111,7 @@ def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
             return 2
     else:
         result = run_replication(config, progress=lambda msg: print(msg, flush=True), command=command.strip())
-    paths = write_report(result, args.output)
+    paths = write_report(result, output)
     print(f"wrote {paths['report']} ({len(result.records)} runs, {(time.perf_counter() - start) / 60:.1f} min)")
     for name, path in sorted(paths.items()):
         if name != "report":

@@ -27,20 +27,24 @@ The library never prints: pass `progress` to `run_replication` to hear about eac
 
 Modules: `methods` (recipes), `protocols` (datasets, schedules, config), `evaluation`
 (query/gallery settings), `controls` (shuffled text), `runs` (training + records),
-`statistics` (seeds, paired tests), `plots`, `report`.
+`statistics` (seeds, paired tests), `plots`, `report`, `weak_label` (does the weak label
+help? margin-source conditions, pre-registered comparisons, its report).
 """
 from atl_keras.experiments.methods import BASELINES, MAIN_METHODS, Method, ablation_methods
-from atl_keras.experiments.protocols import EVALUATIONS, FMNIST_UNSEEN, METRICS, PROTOCOLS, Protocol, ReplicationConfig, SCHEDULES, Schedule
+from atl_keras.experiments.protocols import EXPERIMENTS, EVALUATIONS, FMNIST_UNSEEN, METRICS, PROTOCOLS, Protocol, ReplicationConfig, SCHEDULES, Schedule
 from atl_keras.experiments.evaluation import query_gallery_split, street_style
 from atl_keras.experiments.controls import ShuffledTextEncoder, derangement, save_lookup_encoder
 from atl_keras.experiments.runs import ReplicationResult, RunRecord, load_result, run_one, run_replication
 from atl_keras.experiments.statistics import aggregate, compare, paired_t_p_value, student_t_two_sided_p
 from atl_keras.experiments.plots import chance_recall, plot_recall_curves, plot_retrieval_grid
 from atl_keras.experiments.report import render_report, write_report
+from atl_keras.experiments.methods import weak_label_methods
+from atl_keras.experiments.weak_label import holm, paired_differences, render_weak_label_report, t_critical
 
 __all__ = [
     "BASELINES",
     "EVALUATIONS",
+    "EXPERIMENTS",
     "FMNIST_UNSEEN",
     "MAIN_METHODS",
     "METRICS",
@@ -70,4 +74,9 @@ __all__ = [
     "street_style",
     "student_t_two_sided_p",
     "write_report",
+    "weak_label_methods",
+    "holm",
+    "paired_differences",
+    "render_weak_label_report",
+    "t_critical",
 ]

@@ -116,11 +116,18 @@ class EvalSetting:
 def evaluation_settings(protocol: Protocol, data: Any, schedule: Schedule) -> list[EvalSetting]:
     """The evaluations of `protocol` built from a run's `RetrievalData` (``result.data``)."""
     test = data.test
-    if protocol.name == "shop":
+    if protocol.name in ("shop", "variant_shop"):
         if test.gallery_images is None:
             raise ValueError("The synthetic-shop test set has no gallery; expected street -> catalog.")
-        return [EvalSetting("shop", test.query_images, np.asarray(test.query_labels),
+        return [EvalSetting(protocol.name, test.query_images, np.asarray(test.query_labels),
                             test.gallery_images, np.asarray(test.gallery_labels))]
+    if protocol.name == "catalog":  # a user's data: its query -> gallery protocol, else a split
+        if test.gallery_images is not None:
+            return [EvalSetting("catalog", test.query_images, np.asarray(test.query_labels),
+                                test.gallery_images, np.asarray(test.gallery_labels))]
+        labels = np.asarray(test.query_labels)
+        q, g = query_gallery_split(labels, EVAL_SEED, schedule.eval_limit)
+        return [EvalSetting("catalog", test.query_images[q], labels[q], test.query_images[g], labels[g])]
     if protocol.name == "fmnist":
         labels = np.asarray(test.query_labels)
         q, g = query_gallery_split(labels, EVAL_SEED, schedule.eval_limit)
@@ -130,7 +137,7 @@ def evaluation_settings(protocol: Protocol, data: Any, schedule: Schedule) -> li
             EvalSetting("fmnist_clean", queries, labels[q], gallery, gallery_labels),
             EvalSetting("fmnist_street", street_style(queries, EVAL_SEED), labels[q], gallery, gallery_labels),
         ]
-    raise ValueError(f"Unknown protocol {protocol.name!r}; choose from {list(PROTOCOLS)}.")
+    raise ValueError(f"Unknown protocol {protocol.name!r}; choose from {list(PROTOCOLS)} or catalog.")
 
 
 def grid_query_rows(num_queries: int, count: int, name: str) -> list[int]:

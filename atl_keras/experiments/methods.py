@@ -34,6 +34,9 @@ class Method:
     shuffle_descriptions: bool = False
     margin_from_text_mean: bool = False  # fixed margin = ATL's mean margin over training item pairs
     ablation: str = ""  # which ablation group this belongs to ("" = main comparison)
+    margin_source: str = "text"  # see atl_keras.margin_sources.SOURCES
+    margin_mapping: str = "linear"  # see atl_keras.margin_sources.MAPPINGS
+    variant_threshold: bool = False  # semantic_threshold = median text distance of training variant pairs
 
     @property
     def is_atl(self) -> bool:
@@ -73,3 +76,46 @@ def method_title(method: Method, config: ReplicationConfig) -> str:
     if method.is_atl and encoder != "use-m3":
         return method.title.replace("USE", encoder)
     return method.title
+
+
+#: The weak-label experiment's margin sources, in report order (see `weak_label_methods`).
+WEAK_LABEL_SOURCES = ("fixed", "permuted", "shuffled_text", "text", "oracle")
+WEAK_LABEL_MINERS = {"batch_hard": "bh", "semi_hard": "sh"}
+WEAK_LABEL_SOURCE_TITLES = {
+    "fixed": "fixed margin (the text margins' mean)",
+    "permuted": "random: text margin values permuted across item pairs",
+    "shuffled_text": "shuffled text: descriptions re-assigned across items",
+    "text": "text (USE)",
+    "oracle": "oracle: true attribute disagreement (text's mean and sd)",
+}
+
+
+def weak_label_method_name(source: str, mining: str, threshold: bool = False) -> str:
+    """``"<source>_<bh|sh>"`` (``"text_tau_sh"`` with the variant threshold)."""
+    return f"{source}{'_tau' if threshold else ''}_{WEAK_LABEL_MINERS[mining]}"
+
+
+def weak_label_methods(oracle: bool = True, threshold: bool = True, shuffled: bool = False) -> tuple[Method, ...]:
+    """The weak-label experiment's conditions: ATL through one margin-table code path,
+    catalog-scaled margins in [0.05, 0.4], each condition differing only in its margin table.
+
+    Block A: miners {batch_hard, semi_hard} x sources {fixed, permuted, text, oracle (where the
+    catalog has attributes)}, plus shuffled text where asked (users' catalogs). Block B
+    (`threshold`): semi-hard text with ``semantic_threshold`` at the median text distance of
+    the training catalog's variant listings.
+    """
+    sources = [s for s in WEAK_LABEL_SOURCES if (s != "oracle" or oracle) and (s != "shuffled_text" or shuffled)]
+    out = []
+    for mining in WEAK_LABEL_MINERS:
+        for source in sources:
+            out.append(Method(weak_label_method_name(source, mining),
+                              f"{WEAK_LABEL_SOURCE_TITLES[source]}, {mining.replace('_', '-')}",
+                              "atl", mining, margin_source=source, margin_mapping="catalog",
+                              ablation="block A"))
+    if threshold:
+        out.append(Method(weak_label_method_name("text", "semi_hard", True),
+                          "text (USE) + semantic threshold at the variants' median text distance, semi-hard",
+                          "atl", "semi_hard", margin_source="text", margin_mapping="catalog",
+                          variant_threshold=True, ablation="block B"))
+    return tuple(out)
+

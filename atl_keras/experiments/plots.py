@@ -10,7 +10,7 @@ import numpy as np
 
 from atl_keras.experiments.evaluation import EvalSetting, evaluation_settings
 from atl_keras.experiments.methods import ATL_USE, MAIN_METHODS, TRIPLET_BATCH_HARD, ablation_methods, method_title
-from atl_keras.experiments.protocols import EVALUATIONS, PROTOCOLS
+from atl_keras.experiments.protocols import EVALUATIONS
 from atl_keras.experiments.runs import ReplicationResult, train_config
 from atl_keras.experiments.statistics import aggregate
 
@@ -138,7 +138,7 @@ def _first_seed_settings(result: ReplicationResult) -> dict[str, EvalSetting]:
     config, schedule = result.config, result.config.schedule_obj
     out: dict[str, EvalSetting] = {}
     for name in config.protocols:
-        protocol = PROTOCOLS[name]
+        protocol = result.config.protocol(name)
         train_cfg = train_config(protocol, ATL_USE, config.seeds[0], schedule, config)
         for s in evaluation_settings(protocol, load_data(train_cfg), schedule):
             out[s.name] = s
@@ -156,7 +156,7 @@ def _grid_plots(result: ReplicationResult, settings: dict[str, EvalSetting], out
         base = by_key.get((name, TRIPLET_BATCH_HARD.name, seed))
         if atl is None or base is None:
             continue
-        for evaluation in PROTOCOLS[name].evaluations:
+        for evaluation in result.config.protocol(name).evaluations:
             s = settings[evaluation]
             path = os.path.join(output_dir, f"replication_grid_{s.name}.png")
             paths[s.name] = plot_retrieval_grid(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from atl_keras.experiments.methods import MAIN_METHODS, Method, ablation_methods
+from atl_keras.experiments.methods import MAIN_METHODS, Method, ablation_methods, weak_label_methods
 
 #: Metrics in the report tables, in this order.
 METRICS = ("recall_at_1", "recall_at_10", "recall_at_20", "map_at_r")
@@ -28,19 +28,38 @@ class Protocol:
     dataset: str
     evaluations: tuple[str, ...]
     unseen_classes: tuple[str, ...] = ()
+    synthetic_variants: float = 0.0  # synthetic shop: share of designs listed several times
+    street_views: int = 3  # synthetic shop: street photos (queries) per item
 
 PROTOCOLS: dict[str, Protocol] = {
     "shop": Protocol("shop", "Synthetic shop, cross-domain (street -> catalog, unseen items)",
                      "synthetic-shop", ("shop",)),
     "fmnist": Protocol("fmnist", "Fashion-MNIST, 4 unseen classes", "fashion-mnist",
                        ("fmnist_clean", "fmnist_street"), FMNIST_UNSEEN),
+    "variant_shop": Protocol(
+        "variant_shop",
+        "Synthetic shop with variant listings (40% of designs listed 2-3 times as re-listings or "
+        "colour variants), street -> catalog, unseen designs, 6 street photos per item",
+        "synthetic-shop", ("variant_shop",), synthetic_variants=0.4, street_views=6),
 }
 #: Evaluation setting -> title.
 EVALUATIONS = {
     "shop": "Synthetic shop: street query -> catalog gallery (unseen items)",
     "fmnist_clean": "Fashion-MNIST unseen classes: clean query -> clean gallery",
     "fmnist_street": "Fashion-MNIST unseen classes: street-style query -> clean gallery",
+    "variant_shop": "Variant shop: street query -> catalog gallery (unseen designs; variant listings in the gallery)",
+    "catalog": "Your catalog: its test protocol (query -> gallery, or leave-one-out)",
 }
+#: Experiments `atl replicate` runs: the paper's claim, or whether the weak label is used.
+EXPERIMENTS = ("paper", "weak_label")
+
+
+def catalog_protocol(spec: str) -> Protocol:
+    """The protocol of a user's data set (``catalog:PATH`` or ``deepfashion-inshop:ROOT``)."""
+    name = spec.partition(":")[0]
+    if name not in ("catalog", "deepfashion-inshop") or not spec.partition(":")[2]:
+        raise ValueError(f"--dataset must be catalog:PATH.csv|.jsonl or deepfashion-inshop:ROOT, got {spec!r}.")
+    return Protocol("catalog", f"Your data: {spec}", spec, ("catalog",))
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,8 @@ SCHEDULES: dict[str, Schedule] = {
     "full": Schedule(epochs=3, steps_per_epoch=150),
     # About a third of the full budget (the medium run reported in results/ until a full run replaces it).
     "medium": Schedule(epochs=2, steps_per_epoch=80),
+    # The weak-label experiment's budget (72 runs in one invocation; see docs/replication.md).
+    "weak_label": Schedule(epochs=2, steps_per_epoch=120),
 }
 
 
@@ -84,10 +105,17 @@ class ReplicationConfig:
     grid_queries: int = 4
     max_k: int = 20
     reuse: bool = True  # reuse a run's record from work_dir when its settings are identical
+    experiment: str = "paper"  # "paper" (baselines vs ATL) | "weak_label" (margin sources)
+    dataset: str | None = None  # a user's catalog:PATH / deepfashion-inshop:ROOT instead of protocols
 
     def __post_init__(self) -> None:
+        if self.experiment not in EXPERIMENTS:
+            raise ValueError(f"Unknown experiment {self.experiment!r}; choose from {list(EXPERIMENTS)}.")
+        if self.dataset is not None:
+            catalog_protocol(self.dataset)  # validates the spec
+            self.protocols = ("catalog",)
         self.protocols = tuple(self.protocols)
-        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        unknown = [p for p in self.protocols if p not in PROTOCOLS and not (p == "catalog" and self.dataset)]
         if unknown or not self.protocols:
             raise ValueError(f"Unknown protocols {unknown or '(none)'}; choose from {list(PROTOCOLS)}.")
         self.ablation_protocols = tuple(p for p in self.ablation_protocols if p in self.protocols) or self.protocols[:1]
@@ -108,8 +136,18 @@ class ReplicationConfig:
     def schedule_name(self) -> str:
         return self.schedule if isinstance(self.schedule, str) else "custom"
 
+    def protocol(self, name: str) -> Protocol:
+        """The `Protocol` called `name` (``"catalog"``: the user's `dataset`)."""
+        if name == "catalog" and self.dataset:
+            return catalog_protocol(self.dataset)
+        return PROTOCOLS[name]
+
     def methods(self, protocol: str) -> tuple[Method, ...]:
-        """Methods run on `protocol`: the main three, plus the ablations where asked."""
+        """Methods run on `protocol`: the main three, plus the ablations where asked; for the
+        weak-label experiment its margin-source conditions."""
+        if self.experiment == "weak_label":
+            return weak_label_methods(oracle=protocol != "catalog", threshold=protocol == "variant_shop",
+                                      shuffled=protocol == "catalog")
         if self.ablations and protocol in self.ablation_protocols:
             return MAIN_METHODS + ablation_methods()
         return MAIN_METHODS

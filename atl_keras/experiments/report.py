@@ -11,7 +11,7 @@ import numpy as np
 
 from atl_keras.experiments.methods import ATL_USE, BASELINES, MAIN_METHODS, Method, TRIPLET_BATCH_HARD, ablation_methods, method_title
 from atl_keras.experiments.plots import _first_seed_settings, _grid_plots, chance_recall, plot_recall_curves
-from atl_keras.experiments.protocols import EVALUATIONS, METRICS, METRIC_TITLES, PROTOCOLS
+from atl_keras.experiments.protocols import EVALUATIONS, METRICS, METRIC_TITLES
 from atl_keras.experiments.runs import ReplicationResult
 from atl_keras.experiments.statistics import Comparison, aggregate, compare
 
@@ -32,7 +32,7 @@ def render_report(result: ReplicationResult, plots: dict[str, str] | None = None
     config, schedule = result.config, result.config.schedule_obj
     stats = aggregate(result.records)
     methods_all = {m.name: m for m in MAIN_METHODS + ablation_methods()}
-    evaluations = [e for p in config.protocols for e in PROTOCOLS[p].evaluations]
+    evaluations = [e for p in config.protocols for e in config.protocol(p).evaluations]
     plots = plots or {}
     near_chance = _near_chance(stats, chance or {}, evaluations)
     env = result.environment
@@ -223,7 +223,7 @@ def _ablation_section(result: ReplicationResult, stats: dict, methods_all: dict[
         if r.semantic_threshold is not None:
             thresholds.setdefault(r.method, []).append(r.semantic_threshold)
     for protocol in config.ablation_protocols:
-        for evaluation in PROTOCOLS[protocol].evaluations:
+        for evaluation in result.config.protocol(protocol).evaluations:
             lines += [f"### {EVALUATIONS[evaluation]}", "",
                       "| group | method | n | R@1 | MAP@R | vs atl_use (R@1) | vs triplet_batch_hard (R@1) | vs triplet_batch_hard (MAP@R) |",
                       "|---|---|---|---|---|---|---|---|"]
@@ -257,7 +257,7 @@ def _ablation_section(result: ReplicationResult, stats: dict, methods_all: dict[
               "`atl_shuffled` (each item trained with another item's description) must lose it, and "
               "`triplet_mean_margin` (no text, ATL's average margin) must not reach ATL.", ""]
     for p in config.ablation_protocols:
-        for e in PROTOCOLS[p].evaluations:
+        for e in config.protocol(p).evaluations:
             real = compare(result.records, e, "recall_at_1", ATL_USE.name, TRIPLET_BATCH_HARD.name)
             shuffled = compare(result.records, e, "recall_at_1", "atl_shuffled", TRIPLET_BATCH_HARD.name)
             text = compare(result.records, e, "recall_at_1", ATL_USE.name, "atl_shuffled")
@@ -298,6 +298,8 @@ def write_report(result: ReplicationResult, output_dir: str = "results") -> dict
     Returns ``{"report": path, <evaluation>: curve PNG, "grid:<evaluation>": grid PNG, ...}``.
     """
     os.makedirs(output_dir, exist_ok=True)
+    if result.config.experiment == "weak_label":
+        return _write_weak_label_report(result, output_dir)
     paths: dict[str, str] = {}
     evaluations = sorted({e for r in result.records for e in r.metrics})
     for evaluation in evaluations:
@@ -319,3 +321,26 @@ def write_report(result: ReplicationResult, output_dir: str = "results") -> dict
                    "records": [r.to_json() for r in result.records]}, f, indent=1, default=str)
     paths["report"] = report
     return paths
+
+
+def _write_records(result: ReplicationResult, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"wall_seconds": result.wall_seconds, "command": result.command,
+                   "environment": result.environment,
+                   "records": [r.to_json() for r in result.records]}, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _write_weak_label_report(result: ReplicationResult, output_dir: str) -> dict[str, str]:
+    """``weak_label.md`` + ``weak_label_records.json`` (see `atl_keras.experiments.weak_label`)."""
+    from atl_keras.experiments.weak_label import render_weak_label_report
+
+    report = os.path.join(output_dir, "weak_label.md")
+    with open(f"{report}.tmp", "w", encoding="utf-8") as f:
+        f.write(render_weak_label_report(result))
+    os.replace(f"{report}.tmp", report)
+    records = os.path.join(output_dir, "weak_label_records.json")
+    _write_records(result, records)
+    return {"report": report, "records": records}
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import numpy as np
 from atl_keras.experiments.controls import ShuffledTextEncoder, save_lookup_encoder
 from atl_keras.experiments.evaluation import evaluation_settings, grid_query_rows
 from atl_keras.experiments.methods import Method
-from atl_keras.experiments.protocols import EVAL_SEED, GRID_TOP, METRICS, PROTOCOLS, Protocol, ReplicationConfig, Schedule
+from atl_keras.experiments.protocols import EVAL_SEED, GRID_TOP, METRICS, Protocol, ReplicationConfig, Schedule
 
 @dataclass
 class RunRecord:
@@ -33,6 +34,8 @@ class RunRecord:
     key: str = ""
     semantic_threshold: float | None = None
     reused: bool = False  # True when read back from an earlier invocation's record
+    host: str = ""  # the machine that trained it (records of other hosts are never reused)
+    code_version: str = ""  # git commit of the checkout (or the package version)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,10 +47,14 @@ def train_config(protocol: Protocol, method: Method, seed: int, schedule: Schedu
 
     shop = protocol.dataset == "synthetic-shop"
     p, k = schedule.shop_pk if shop else schedule.fmnist_pk
+    if protocol.name == "catalog":  # a user's catalog: TrainConfig's catalog defaults
+        p, k = None, None
     encoder = method.text_encoder or config.text_encoder
     return TrainConfig(
         dataset=protocol.dataset,
         synthetic_items=schedule.synthetic_items,
+        synthetic_variants=protocol.synthetic_variants,
+        synthetic_street_views=protocol.street_views,
         image_size=schedule.shop_image_size if shop else None,
         unseen_classes=protocol.unseen_classes,
         output_dir=os.path.join(config.work_dir, "runs", protocol.name, method.name, f"seed{seed}"),
@@ -58,6 +65,8 @@ def train_config(protocol: Protocol, method: Method, seed: int, schedule: Schedu
         max_margin=method.max_margin,
         text_encoder=encoder,
         text_cache_dir=config.text_cache_dir,
+        margin_source=method.margin_source,
+        margin_mapping=method.margin_mapping,
         p=p,
         k=k,
         epochs=schedule.epochs,
@@ -66,22 +75,49 @@ def train_config(protocol: Protocol, method: Method, seed: int, schedule: Schedu
         embedding_dim=schedule.embedding_dim,
         validation_size=schedule.validation_size,
         test_size=schedule.eval_limit,
+        ks=(1,) if protocol.name == "catalog" else (1, 10, 20),  # small catalogs: run_one scores up to max_k
         seed=seed,
         projector_size=0,
     )
 
 
+def host_name() -> str:
+    """This machine's name (records are keyed by it: results of other machines never mix in)."""
+    return platform.node() or "unknown-host"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The commit of the checkout this process's code was loaded from (read once, at first
+    use: modules are imported then), ``-dirty`` when atl_keras/ had uncommitted changes; else
+    the package version."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", "atl_keras"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib import metadata
+
+        try:
+            return "atl-keras " + metadata.version("atl-keras")
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+
 def _run_key(train_cfg: Any, method: Method, config: ReplicationConfig) -> str:
-    method_fields = dataclasses.asdict(method)
-    if not method.margin_from_text_mean:  # added later: keep the keys of existing records valid
-        del method_fields["margin_from_text_mean"]
     payload = {
         "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "output_dir"},
-        "method": method_fields,
+        "method": dataclasses.asdict(method),
         "max_k": config.max_k,
         "grid_queries": config.grid_queries,
         "eval_seed": EVAL_SEED,
-        "version": 1,
+        "host": host_name(),
+        "version": 2,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -93,7 +129,7 @@ def _record_path(config: ReplicationConfig, protocol: str, method: str, seed: in
 def _resolve_text(train_cfg: Any, method: Method, seed: int) -> tuple[Any, float | None]:
     """Apply the method's text hooks: shuffled encoder, quantile threshold, mean margin."""
     if not (method.shuffle_descriptions or method.threshold_quantile is not None
-            or method.margin_from_text_mean):
+            or method.margin_from_text_mean or method.variant_threshold):
         return train_cfg, None
     from atl_keras.margins import margin_statistics
     from atl_keras.text import embed_descriptions, load_text_encoder
@@ -110,6 +146,9 @@ def _resolve_text(train_cfg: Any, method: Method, seed: int) -> tuple[Any, float
         train_cfg = dataclasses.replace(train_cfg, text_encoder=path)
         encoder = load_text_encoder(path)
     threshold = None
+    if method.variant_threshold:
+        threshold = variant_threshold(data, encoder, train_cfg)
+        train_cfg = dataclasses.replace(train_cfg, semantic_threshold=threshold)
     if method.threshold_quantile is not None or method.margin_from_text_mean:
         train_items = np.unique(data.train_labels)
         text = embed_descriptions([data.descriptions[i] for i in train_items], encoder,
@@ -122,6 +161,50 @@ def _resolve_text(train_cfg: Any, method: Method, seed: int) -> tuple[Any, float
         if method.margin_from_text_mean:
             train_cfg = dataclasses.replace(train_cfg, margin=round(float(np.mean(margins)), 6))
     return train_cfg, threshold
+
+
+def variant_threshold(data: Any, encoder: Any, train_cfg: Any) -> float:
+    """The median text distance between listings of one design among the training items."""
+    from atl_keras.margin_sources import text_distance_table
+    from atl_keras.text import embed_descriptions
+
+    designs = item_designs(data)
+    if designs is None:
+        raise ValueError("The variant threshold needs a catalog with variant listings (item attribute 'design').")
+    items = np.unique(data.train_labels)
+    text = embed_descriptions([data.descriptions[i] for i in items], encoder, cache_dir=train_cfg.text_cache_dir)
+    d = text_distance_table(text, train_cfg.distance)
+    same = designs[items][:, None] == designs[items][None, :]
+    upper = np.triu(np.ones_like(same), k=1).astype(bool)
+    values = d[same & upper]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("No two training listings share a design: no variant distance to threshold at.")
+    return float(np.median(values))
+
+
+def item_designs(data: Any) -> np.ndarray | None:
+    """``[M]`` design group per item from the items' ``"design"`` attribute (None without one)."""
+    attributes = getattr(data, "item_attributes", None)
+    if not attributes or not any("design" in a for a in attributes):
+        return None
+    names = np.asarray([str(a.get("design", f"item:{i}")) for i, a in enumerate(attributes)])
+    return np.unique(names, return_inverse=True)[1].astype(np.int64)
+
+
+def _semantic_metrics(data: Any, setting: Any, query: np.ndarray, gallery: np.ndarray) -> dict[str, float]:
+    """Variant-aware Recall@1/10 and attribute agreement@10 where the catalog has attributes."""
+    from atl_keras.semantic_metrics import semantic_retrieval_metrics
+
+    attributes = getattr(data, "item_attributes", None)
+    if not attributes:
+        return {}
+    designs = item_designs(data)
+    values = semantic_retrieval_metrics(
+        query, setting.query_labels, gallery, setting.gallery_labels,
+        item_attributes=attributes, design_ids=designs, ks=(1, 10), ignore_keys=("design", "listing"))
+    keep = ("variant_recall_at_1", "variant_recall_at_10", "attribute_agreement_at_10", "attribute_agreement_chance")
+    return {k: float(values[k]) for k in keep if k in values}
 
 
 def run_one(protocol: Protocol, method: Method, seed: int, config: ReplicationConfig) -> RunRecord:
@@ -155,6 +238,8 @@ def run_one(protocol: Protocol, method: Method, seed: int, config: ReplicationCo
                                    ks=tuple(range(1, max_k + 1)))
         metrics[setting.name] = {m: float(values[m]) for m in METRICS if m in values}
         metrics[setting.name]["num_queries"] = float(values["num_queries"])
+        if protocol.name == "variant_shop":
+            metrics[setting.name].update(_semantic_metrics(result.data, setting, query, gallery))
         curves[setting.name] = [float(values[f"recall_at_{k}"]) for k in range(1, max_k + 1)]
         rows = grid_query_rows(len(setting.query_labels), config.grid_queries, setting.name)
         d = ((query[rows, None, :] - gallery[None, :, :]) ** 2).sum(-1)  # [q, G]
@@ -164,7 +249,7 @@ def run_one(protocol: Protocol, method: Method, seed: int, config: ReplicationCo
         protocol=protocol.name, method=method.name, seed=seed, metrics=metrics, curves=curves,
         grids=grids, seconds=time.perf_counter() - start,
         train_config=_json_config(train_cfg, method, config),
-        key=key, semantic_threshold=threshold,
+        key=key, semantic_threshold=threshold, host=host_name(), code_version=code_version(),
     )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp"
@@ -231,7 +316,7 @@ def run_replication(
     """
     start = time.perf_counter()
     records = []
-    plan = [(PROTOCOLS[p], m, s) for p in config.protocols for m in config.methods(p) for s in config.seeds]
+    plan = [(config.protocol(p), m, s) for p in config.protocols for m in config.methods(p) for s in config.seeds]
     for i, (protocol, method, seed) in enumerate(plan, 1):
         if progress:
             progress(f"[{i}/{len(plan)}] {protocol.name} {method.name} seed={seed} ...")
