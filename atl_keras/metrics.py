@@ -307,7 +307,11 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         if isinstance(images, tf.data.Dataset):
             outputs = self.model.predict(images, verbose=0)
         else:
-            outputs = self.model.predict(images, batch_size=self.batch_size, verbose=0)
+            # A batched tf.data pipeline rather than predict(numpy): Keras slices arrays in a
+            # parallel map that TF's op-determinism rewrite turns into a MapDataset node with
+            # an attribute the op lacks, and TF 2.20 logs a ~900-character error each epoch.
+            dataset = tf.data.Dataset.from_tensor_slices(images).batch(self.batch_size)
+            outputs = self.model.predict(dataset, verbose=0)
         if isinstance(outputs, (dict, list, tuple)):
             if self.output_key is None:
                 keys = list(outputs.keys()) if isinstance(outputs, dict) else list(range(len(outputs)))
