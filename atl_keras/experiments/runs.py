@@ -316,7 +316,10 @@ def run_replication(
     """
     start = time.perf_counter()
     records = []
-    plan = [(config.protocol(p), m, s) for p in config.protocols for m in config.methods(p) for s in config.seeds]
+    if config.experiment == "weak_label":  # seed-major: a stopped run still has complete paired seeds
+        plan = [(config.protocol(p), m, s) for p in config.protocols for s in config.seeds for m in config.methods(p)]
+    else:
+        plan = [(config.protocol(p), m, s) for p in config.protocols for m in config.methods(p) for s in config.seeds]
     for i, (protocol, method, seed) in enumerate(plan, 1):
         if progress:
             progress(f"[{i}/{len(plan)}] {protocol.name} {method.name} seed={seed} ...")
