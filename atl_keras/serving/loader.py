@@ -79,6 +79,7 @@ class LoadedVersion:
         self.manifest: dict = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         self.identity: tuple = ()  # model_config.version_identity(path) when it was loaded
         self.replaced = False  # set when a reload of the same version number took over
+        self.batching_parameters = None  # per-model BatchingParameters, when the server reads them
         self._lock = threading.Lock()
         self._in_flight = 0
 

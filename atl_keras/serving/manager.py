@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import pathlib
 import threading
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grpc
 from tensorflow_serving.apis import get_model_status_pb2
@@ -36,12 +36,21 @@ class ModelManager:
 
     ``poll()`` syncs every model with its base path once; ``start()`` polls once
     synchronously, then every ``poll_wait_seconds`` in a daemon thread.
+    ``on_load(loaded)`` runs on each loaded version before it becomes AVAILABLE (warmup);
+    if it raises, the load fails. ``on_change()`` runs after every poll (health).
     """
 
-    def __init__(self, models: Sequence[ServedModel], poll_wait_seconds: float = 1.0, on_change=None):
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        poll_wait_seconds: float = 1.0,
+        on_change: Callable[[], None] | None = None,
+        on_load: Callable[[LoadedVersion], None] | None = None,
+    ):
         self.models = {m.name: m for m in models}
         self.poll_wait_seconds = poll_wait_seconds
         self._on_change = on_change
+        self._on_load = on_load
         self._lock = threading.Lock()
         self._served: dict[str, dict[int, LoadedVersion]] = {m.name: {} for m in models}
         self._draining: list[LoadedVersion] = []
@@ -165,6 +174,8 @@ class ModelManager:
         try:
             loaded = LoadedVersion(model.name, version, path)
             loaded.identity = identity
+            if self._on_load is not None:
+                self._on_load(loaded)
         except Exception as err:
             self._failed[key] = fingerprint
             message = f"failed to load version {version} from {path}: {type(err).__name__}: {err}"
@@ -255,3 +266,19 @@ class ModelManager:
         with self._lock:
             return {v: (s.state, s.error) for v, s in self._states[name].items()}
 
+
+    def status(self, name: str, version: int | None = None, label: str = "") -> dict[int, tuple[int, str]]:
+        """``GetModelStatus``: the states of all versions, or of the one ``version`` / ``label`` names."""
+        if not name:
+            raise invalid_argument("model_spec.name is empty; name the model to query")
+        states = self.version_states(name)
+        if label:
+            labels = self.models[name].version_labels
+            if label not in labels:
+                raise not_found(f"model {name!r} has no version label {label!r}")
+            version = labels[label]
+        if version is not None:
+            if version not in states:
+                raise not_found(f"model {name!r} has no version {version}; known: {sorted(states)}")
+            states = {version: states[version]}
+        return states

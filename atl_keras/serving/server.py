@@ -42,6 +42,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from atl_keras.serving.batching import (
+    PER_MODEL_FILE,
+    BatchingParameters,
+    BatchScheduler,
+    load_batching_parameters,
+)
+from atl_keras.serving.loader import LoadedVersion, SignatureInfo
 from atl_keras.serving.manager import ModelManager
 from atl_keras.serving.model_config import (
     ServedModel,
@@ -51,7 +58,9 @@ from atl_keras.serving.model_config import (
     parse_ssl_config,
     single_model,
 )
+from atl_keras.serving.requests import run_signature
 from atl_keras.serving.servicers import ModelServicer, PredictionServicer, ServerState
+from atl_keras.serving.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +83,10 @@ class ServerConfig:
     ``max_batch_size=0`` disables the per-request batch-size limit.
     ``max_image_pixels``: encoded images whose header claims more pixels are refused
     before decoding (0 = no limit).
+    ``rest_api_port``: None = no REST API, 0 = a free port (``ModelServer.rest_port``).
+    ``batching``: dynamic batching with these parameters (None = off, ``--enable_batching``);
+    ``per_model_batching``: a version's ``batching_params.pbtxt`` overrides them.
+    ``warmup``: warm every version before it is AVAILABLE (:mod:`atl_keras.serving.warmup`).
     """
 
     models: Sequence[ServedModel]
@@ -87,6 +100,10 @@ class ServerConfig:
     tls: TLSConfig | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     reuse_port: bool = False
+    rest_api_port: int | None = None
+    batching: BatchingParameters | None = None
+    per_model_batching: bool = False
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -104,6 +121,10 @@ class ServerConfig:
             raise ValueError(f"port must be in 1..65535, or 0 for a free port; got {self.port}")
         if self.max_image_pixels < 0:
             raise ValueError(f"max_image_pixels must be >= 0 (0 = no limit), got {self.max_image_pixels}")
+        if self.rest_api_port is not None and not 0 <= self.rest_api_port <= 65535:
+            raise ValueError(f"rest_api_port must be in 1..65535, or 0 for a free port; got {self.rest_api_port}")
+        if self.per_model_batching and self.batching is None:
+            raise ValueError("per-model batching parameters need batching on (--enable_batching)")
 
 
 
@@ -121,10 +142,41 @@ class ModelServer:
         self._state = ServerState()
         self.health = health.HealthServicer()
         self.manager = ModelManager(
-            config.models, config.file_system_poll_wait_seconds, on_change=self._update_health
+            config.models, config.file_system_poll_wait_seconds,
+            on_change=self._update_health, on_load=self._prepare_version,
         )
+        self.batcher: BatchScheduler | None = None
+        self.rest = None  # rest.RestServer when config.rest_api_port is set
         self._server: grpc.Server | None = None
         self._port: int | None = None
+
+    @staticmethod
+    def _run_direct(loaded: LoadedVersion, signature: SignatureInfo, arrays) -> dict:
+        return run_signature(signature, arrays)
+
+    def _run(self, loaded: LoadedVersion, signature: SignatureInfo, arrays) -> dict:
+        """Execute a checked request: through the batcher when batching is on."""
+        if self.batcher is not None:
+            return self.batcher.run(loaded, signature, arrays)
+        return run_signature(signature, arrays)
+
+    def _batching_for(self, loaded: LoadedVersion) -> BatchingParameters:
+        return loaded.batching_parameters or self.config.batching
+
+    def _prepare_version(self, loaded: LoadedVersion) -> None:
+        """Before a version is AVAILABLE: its batching parameters, then warmup (raises -> load fails)."""
+        if self.config.per_model_batching:
+            per_model = loaded.path / PER_MODEL_FILE
+            loaded.batching_parameters = load_batching_parameters(per_model) if per_model.is_file() else None
+        if self.config.warmup:
+            warm_up(loaded, self._run_direct)
+
+    @property
+    def rest_port(self) -> int:
+        """The bound REST port (``config.rest_api_port`` must be set)."""
+        if self.rest is None or self.rest.port is None:
+            raise RuntimeError("ModelServer.rest_port: the REST API is off (rest_api_port=None) or not started")
+        return self.rest.port
 
     @property
     def port(self) -> int:
@@ -168,7 +220,7 @@ class ModelServer:
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(
                 self.manager, self._state, max_batch_size=self.config.max_batch_size,
-                max_image_pixels=self.config.max_image_pixels,
+                max_image_pixels=self.config.max_image_pixels, run=self._run,
             ),
             server,
         )
@@ -194,11 +246,32 @@ class ModelServer:
         if not port:
             raise OSError(f"could not bind {address}; is the port in use?{_REUSE_HINT}")
         self._port = port
+        if self.config.rest_api_port is not None:
+            from atl_keras.serving.rest import RestApi, RestServer  # tornado: only when REST is on
+
+            api = RestApi(
+                self.manager, run=self._run, max_batch_size=self.config.max_batch_size,
+                max_image_pixels=self.config.max_image_pixels, threads=self.config.grpc_max_threads,
+            )
+            self.rest = RestServer(
+                api, self.config.host, self.config.rest_api_port, max_body_size=self.config.max_message_size
+            )
+            try:
+                self.rest.start()
+            except OSError:
+                server.stop(0)
+                self.rest = None
+                raise
+        if self.config.batching is not None:
+            self.batcher = BatchScheduler(self.config.batching, run_signature, params_for=self._batching_for)
         self._update_health()
         self.manager.start()
         server.start()
         self._server = server
-        logger.info("serving %s on %s (tls=%s)", sorted(self.manager.models), self.address, self.config.tls is not None)
+        logger.info(
+            "serving %s on %s (tls=%s, rest=%s, batching=%s)", sorted(self.manager.models), self.address,
+            self.config.tls is not None, self.rest.port if self.rest else "off", self.config.batching is not None,
+        )
         return self
 
     def stop(self, grace: float | None = 5.0) -> threading.Event:
@@ -208,11 +281,23 @@ class ModelServer:
         """
         self.health.enter_graceful_shutdown()
         self.manager.stop()
-        if self._server is None:
-            done = threading.Event()
+        grpc_done = self._server.stop(grace) if self._server is not None else None
+        done = threading.Event()
+
+        def finish() -> None:  # the batcher and REST keep serving in-flight requests until gRPC is done
+            if grpc_done is not None:
+                grpc_done.wait()
+            if self.rest is not None:
+                self.rest.stop()
+            if self.batcher is not None:
+                self.batcher.stop()
             done.set()
-            return done
-        return self._server.stop(grace)
+
+        if grpc_done is None:
+            finish()
+        else:
+            threading.Thread(target=finish, name="server-stop", daemon=True).start()
+        return done
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout``); True if it stopped."""
@@ -229,6 +314,16 @@ class ModelServer:
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def _flag_bool(text: str) -> bool:
+    """TF Serving's boolean flags: ``--enable_batching``, ``--enable_batching=true|false``."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -256,8 +351,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="CA PEM file; with it (and --ssl_cert/--ssl_key), clients must present a certificate")
     p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="refuse encoded images whose header claims more pixels, before decoding (0 = no limit)")
-    p.add_argument("--reuse_port", action="store_true",
+    p.add_argument("--reuse_port", type=_flag_bool, nargs="?", const=True, default=False,
                    help="allow binding a port another server already uses (SO_REUSEPORT); off by default")
+    p.add_argument("--rest_api_port", type=int, default=0,
+                   help="port of TF Serving's REST API on --host (0 = no REST API)")
+    p.add_argument("--enable_batching", type=_flag_bool, nargs="?", const=True, default=False,
+                   help="merge concurrent requests into one signature call (dynamic batching)")
+    p.add_argument("--batching_parameters_file", default="",
+                   help="text-format BatchingParameters (max_batch_size, batch_timeout_micros, "
+                        "num_batch_threads, max_enqueued_batches, allowed_batch_sizes)")
+    p.add_argument("--enable_per_model_batching_parameters", type=_flag_bool, nargs="?", const=True, default=False,
+                   help="a version directory's batching_params.pbtxt overrides --batching_parameters_file")
+    p.add_argument("--enable_model_warmup", type=_flag_bool, nargs="?", const=True, default=True,
+                   help="warm each version (assets.extra/tf_serving_warmup_requests, else one request per "
+                        "signature) before it is AVAILABLE; default true")
     p.add_argument("--shutdown_grace_seconds", type=float, default=10.0,
                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -289,6 +396,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             pathlib.Path(args.ssl_key).read_bytes(), pathlib.Path(args.ssl_cert).read_bytes(),
             custom_ca=ca, client_verify=ca is not None,
         )
+    batching = None
+    if args.enable_batching:
+        batching = (
+            load_batching_parameters(args.batching_parameters_file)
+            if args.batching_parameters_file else BatchingParameters()
+        )
+    elif args.batching_parameters_file or args.enable_per_model_batching_parameters:
+        raise ValueError("--batching_parameters_file / --enable_per_model_batching_parameters need --enable_batching")
     return ServerConfig(
         models=models,
         host=args.host,
@@ -301,6 +416,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls=tls,
         max_image_pixels=args.max_image_pixels,
         reuse_port=args.reuse_port,
+        rest_api_port=args.rest_api_port or None,
+        batching=batching,
+        per_model_batching=args.enable_per_model_batching_parameters,
+        warmup=args.enable_model_warmup,
     )
 
 
@@ -331,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"ModelServer listening on {server.address} models={sorted(server.manager.models)}", flush=True)
+    if server.rest is not None:
+        print(f"REST API on http://{server.config.host}:{server.rest_port}/v1/models/", flush=True)
     while not stop.wait(0.5):
         pass
     name = signal.Signals(received[0]).name if received else "signal"

@@ -21,7 +21,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from atl_keras.serving.errors import RequestError, invalid_argument, not_found
+from atl_keras.serving.errors import RequestError, invalid_argument
 from atl_keras.serving.loader import LoadedVersion, SignatureInfo
 from atl_keras.serving.manager import ModelManager
 from atl_keras.serving.requests import DEFAULT_SIGNATURE, find_signature, prepare_inputs, run_signature, tensor_proto
@@ -165,19 +165,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     @_rpc
     def GetModelStatus(self, request, context) -> get_model_status_pb2.GetModelStatusResponse:
         spec = request.model_spec
-        if not spec.name:
-            raise invalid_argument("model_spec.name is empty; name the model to query")
-        states = self._manager.version_states(spec.name)
-        version = _version_arg(spec)
-        if spec.version_label:
-            labels = self._manager.models[spec.name].version_labels
-            if spec.version_label not in labels:
-                raise not_found(f"model {spec.name!r} has no version label {spec.version_label!r}")
-            version = labels[spec.version_label]
-        if version is not None:
-            if version not in states:
-                raise not_found(f"model {spec.name!r} has no version {version}; known: {sorted(states)}")
-            states = {version: states[version]}
+        states = self._manager.status(spec.name, _version_arg(spec), spec.version_label)
         response = get_model_status_pb2.GetModelStatusResponse()
         for v in sorted(states, reverse=True):
             state, error = states[v]
