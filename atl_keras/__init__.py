@@ -5,57 +5,163 @@
     model = atl.ATLModel(backbone="small_cnn", input_shape=(28, 28, 1), embedding_dim=64)
     model.compile(optimizer="adam", loss=atl.AdaptiveTripletLoss(min_margin=0.05, max_margin=0.4))
     model.fit(atl.data.pk_dataset(images, labels, text_embeddings, p=10, k=8), ...)
+
+Names are imported on first use (module ``__getattr__``), so ``import atl_keras`` (and
+``atl --help``) does not load TensorFlow. The Keras-serializable classes (model, layers,
+losses) are registered as soon as Keras is loaded, so ``import atl_keras`` followed by
+``keras.saving.load_model("model.keras")`` works in a fresh process.
 """
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from atl_keras import data, distribute
-from atl_keras.backbones import available_backbones, build_backbone
-from atl_keras.distances import pairwise_distances
-from atl_keras.losses import (
-    AdaptiveTripletLoss,
-    TripletLoss,
-    adaptive_triplet_loss,
-    triplet_loss,
-    triplet_statistics,
-)
-from atl_keras.metrics import RetrievalEvaluation, format_metrics_table, retrieval_metrics
-from atl_keras.model import ATLModel
-from atl_keras.projector import write_projector
-from atl_keras.search import ExactSearcher, exact_search
-from atl_keras.semantic_metrics import attribute_agreement_at_k, semantic_retrieval_metrics, variant_recall_at_k
-from atl_keras.text import (
-    DescriptionCache,
-    HashingTextEncoder,
-    TextEncoder,
-    embed_descriptions,
-    load_text_encoder,
-)
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "available_backbones": "atl_keras.backbones",
+    "build_backbone": "atl_keras.backbones",
+    "pairwise_distances": "atl_keras.distances",
+    "AdaptiveTripletLoss": "atl_keras.losses",
+    "TripletLoss": "atl_keras.losses",
+    "adaptive_triplet_loss": "atl_keras.losses",
+    "triplet_loss": "atl_keras.losses",
+    "triplet_statistics": "atl_keras.losses",
+    "RetrievalEvaluation": "atl_keras.metrics",
+    "format_metrics_table": "atl_keras.metrics",
+    "retrieval_metrics": "atl_keras.metrics",
+    "ATLModel": "atl_keras.model",
+    "write_projector": "atl_keras.projector",
+    "ExactSearcher": "atl_keras.search",
+    "exact_search": "atl_keras.search",
+    "attribute_agreement_at_k": "atl_keras.semantic_metrics",
+    "semantic_retrieval_metrics": "atl_keras.semantic_metrics",
+    "variant_recall_at_k": "atl_keras.semantic_metrics",
+    "DescriptionCache": "atl_keras.text",
+    "HashingTextEncoder": "atl_keras.text",
+    "TextEncoder": "atl_keras.text",
+    "embed_descriptions": "atl_keras.text",
+    "load_text_encoder": "atl_keras.text",
+}
+#: Subpackages / modules reachable as attributes (``atl.data.pk_dataset``).
+_SUBMODULES = ("data", "distribute")
 
-__all__ = [
-    "ATLModel",
-    "AdaptiveTripletLoss",
-    "DescriptionCache",
-    "ExactSearcher",
-    "HashingTextEncoder",
-    "RetrievalEvaluation",
-    "TextEncoder",
-    "TripletLoss",
-    "adaptive_triplet_loss",
-    "attribute_agreement_at_k",
-    "available_backbones",
-    "build_backbone",
-    "data",
-    "distribute",
-    "embed_descriptions",
-    "exact_search",
-    "format_metrics_table",
-    "load_text_encoder",
-    "pairwise_distances",
-    "retrieval_metrics",
-    "semantic_retrieval_metrics",
-    "triplet_loss",
-    "triplet_statistics",
-    "variant_recall_at_k",
-    "write_projector",
-]
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"atl_keras.{name}")
+    else:
+        raise AttributeError(f"module 'atl_keras' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    if not _registered:
+        _register_serializables()
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from atl_keras import data, distribute
+    from atl_keras.backbones import available_backbones, build_backbone
+    from atl_keras.distances import pairwise_distances
+    from atl_keras.losses import (
+        AdaptiveTripletLoss,
+        TripletLoss,
+        adaptive_triplet_loss,
+        triplet_loss,
+        triplet_statistics,
+    )
+    from atl_keras.metrics import RetrievalEvaluation, format_metrics_table, retrieval_metrics
+    from atl_keras.model import ATLModel
+    from atl_keras.projector import write_projector
+    from atl_keras.search import ExactSearcher, exact_search
+    from atl_keras.semantic_metrics import (
+        attribute_agreement_at_k,
+        semantic_retrieval_metrics,
+        variant_recall_at_k,
+    )
+    from atl_keras.text import (
+        DescriptionCache,
+        HashingTextEncoder,
+        TextEncoder,
+        embed_descriptions,
+        load_text_encoder,
+    )
+
+
+# --------------------------------------------------------------------------- registration
+#: Modules whose classes are registered with `keras.saving.register_keras_serializable`.
+_SERIALIZABLE_MODULES = (
+    "atl_keras.backbones",
+    "atl_keras.losses",
+    "atl_keras.model",
+    "atl_keras.margin_sources",
+    "atl_keras.proxy_losses",
+)
+_TRIGGERS = ("keras", "tensorflow")  # `import tensorflow` imports keras inside its own import
+
+
+def _initializing(name: str) -> bool:
+    module = sys.modules.get(name)
+    spec = getattr(module, "__spec__", None)
+    return module is not None and bool(getattr(spec, "_initializing", False))
+
+
+_registered = False
+
+
+def _register_serializables() -> bool:
+    """Import the modules that register atl_keras' Keras objects, once it is safe to do so
+    (Keras and TensorFlow fully imported, no atl_keras module half-imported)."""
+    global _registered
+    if _registered:
+        return True
+    if "keras" not in sys.modules or any(_initializing(name) for name in _TRIGGERS) or any(
+        _initializing(name) for name in list(sys.modules) if name.startswith("atl_keras.")
+    ):
+        return False
+    _registered = True
+    for name in _SERIALIZABLE_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    for finder in [f for f in sys.meta_path if isinstance(f, _RegisterAfterKeras)]:
+        sys.meta_path.remove(finder)
+    return True
+
+
+class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
+    """After the first top-level import of keras / tensorflow completes, register atl_keras'
+    serializable classes (so `keras.saving.load_model` finds them), then step aside."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _TRIGGERS:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            spec._initializing = False  # importlib resets it right after; we run first
+            _register_serializables()
+
+        loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        return spec
+
+
+if not _register_serializables():
+    sys.meta_path.insert(0, _RegisterAfterKeras())

@@ -111,7 +111,7 @@ def inspect_margins(config, output_dir: str = "runs/margins", examples: int = 5)
     data = load_data(config)
     items = np.unique(data.train_labels)
     descriptions = [data.descriptions[i] for i in items]
-    encoder = load_text_encoder(config.text_encoder)
+    encoder = load_text_encoder(config.text_encoder, cache_dir=config.text_encoder_dir)
     text = embed_descriptions(descriptions, encoder, cache_dir=config.text_cache_dir)
     distances, margins, quantiles, below = margin_statistics(
         text, config.min_margin, config.max_margin, config.distance, config.semantic_threshold

@@ -16,10 +16,9 @@ import os
 import sys
 from typing import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from atl_keras.cli import evaluate, inspect_margins, train
 from atl_keras.cli.common import train_config as _train_config  # noqa: F401  (tests use it)
+from atl_keras.cli.environment import configure_logging, pop_verbose
 
 #: Subcommands parsed here: name -> module with add_parser(subparsers) and run(args).
 COMMANDS = {"train": train, "evaluate": evaluate, "inspect-margins": inspect_margins}
@@ -37,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atl", description="Adaptive triplet loss: train, evaluate, export, serve, query, replicate."
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's and Keras' log lines (quiet by default; may stand anywhere)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         module.add_parser(subparsers)
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = pop_verbose(list(sys.argv[1:] if argv is None else argv))
+    configure_logging(verbose)  # before anything imports TensorFlow
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 

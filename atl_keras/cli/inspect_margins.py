@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from atl_keras.cli.common import add_data_arguments, train_config
+from atl_keras.cli.environment import apply_home
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     values = vars(args)
     output_dir, examples = values.pop("output_dir"), values.pop("examples")
-    config = train_config(values)
+    config = apply_home(train_config(values), "inspect-margins")
     report = inspect_margins(config, output_dir=output_dir, examples=examples)
     print(report.text)
     print(f"\nPlot: {report.plot_path}")

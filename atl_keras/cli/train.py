@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from atl_keras.cli.environment import add_weight_arguments, apply_allow_download, apply_home
+
 from atl_keras.cli.common import add_data_arguments, train_config
 
 
@@ -40,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="use-m3 (built-in, offline), hashing, a local TF-Hub SavedModel dir or a URL")
     p.add_argument("--text-cache-dir")
     p.add_argument("--backbone")
+    add_weight_arguments(p)
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--p", type=int, help="labels (items) per batch")
     p.add_argument("--k", type=int, help="images per label per batch")
@@ -75,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     values = vars(args)
     quiet = values.pop("quiet", False)
-    config = train_config(values)
+    apply_allow_download(values)
+    config = apply_home(train_config(values), "train")
     print(f"atl train: {config.loss} loss ({config.mining}) on {config.dataset}, "
           f"text encoder {config.text_encoder}, output {config.output_dir}", flush=True)
     result = run_training(config, verbose=0 if quiet else "auto")
