@@ -483,15 +483,18 @@ def check_evaluation_sizes(data: RetrievalData, config: TrainConfig) -> Retrieva
         limit = config.test_size if split == "test" else None
         if evaluation.gallery_images is None:
             queries = len(evaluation.query_images) if limit is None else min(limit, len(evaluation.query_images))
-            have, what = queries - 1, "other images (leave-one-out)"
+            have, what, labels = queries - 1, "other images (leave-one-out)", evaluation.query_labels[:queries]
         else:
-            have, what = len(evaluation.gallery_images), "gallery images"
+            have, what, labels = len(evaluation.gallery_images), "gallery images", evaluation.gallery_labels
         if have >= need:
             continue
         fits = ",".join(str(k) for k in config.ks if k <= have) or "none"
+        items = len(np.unique(labels))
+        per_item = max(have, 1) / max(items, 1)
         message = (
             f"recall_at_{need} needs at least {need} {what} in the {split} set "
-            f"({evaluation.protocol}) of {config.dataset}, but it has {have}"
+            f"({evaluation.protocol}) of {config.dataset}, but it has {have} from {items} items "
+            f"(about {int(np.ceil((need + (evaluation.gallery_images is None)) / per_item))} {split} items needed)"
         )
         if split == "test":
             raise ValueError(
@@ -844,6 +847,8 @@ def evaluate_saved_model(
     validation set; returns (metrics, protocol)."""
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (the number of queries to evaluate), got {limit}.")
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"No model at {model_path!r}; train one with `atl train`.")
     model = keras.models.load_model(model_path)

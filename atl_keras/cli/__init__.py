@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from atl_keras.cli import evaluate, inspect_margins, train
@@ -46,17 +48,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors that mean "the command was given something wrong": exit code 2, one line.
+USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                FileExistsError, RuntimeError, ConnectionError)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """Library warnings print as ``atl <command>: warning: <message>`` (no file:line, no source)."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"atl {command}: warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv, verbose = pop_verbose(list(sys.argv[1:] if argv is None else argv))
     configure_logging(verbose)  # before anything imports TensorFlow
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 
-        module = importlib.import_module(PASSTHROUGH[argv[0]][0])
-        return int(module.main(argv[1:]) or 0)
+        try:
+            module = importlib.import_module(PASSTHROUGH[argv[0]][0])
+            return int(module.main(argv[1:]) or 0)
+        except KeyboardInterrupt:
+            print(f"atl {argv[0]}: interrupted.", file=sys.stderr)
+            return 130
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as error:
-        print(f"atl {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    with _warnings_as_lines(args.command):
+        try:
+            return COMMANDS[args.command].run(args)
+        except KeyboardInterrupt:
+            print(f"atl {args.command}: interrupted.", file=sys.stderr)
+            return 130
+        except USAGE_ERRORS as error:
+            print(f"atl {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:  # the disk is full, not writable, ...: not the user's input
+            print(f"atl {args.command}: error: {error}", file=sys.stderr)
+            return 1

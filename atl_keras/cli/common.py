@@ -48,10 +48,16 @@ def train_config(values: dict[str, Any]):
     if config_file:
         import yaml
 
-        if not os.path.exists(config_file):
+        if not os.path.isfile(config_file):
             raise FileNotFoundError(f"No config file at {config_file!r}.")
         with open(config_file, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+                raise ValueError(f"{config_file} is not valid YAML: {problem}{where}.") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{config_file} must hold a mapping of TrainConfig fields.")
         unknown = sorted(set(loaded) - fields)
@@ -62,6 +68,32 @@ def train_config(values: dict[str, Any]):
         merged.update(loaded)
     data_dir_from_environment(values)
     merged.update(values)
-    return train_config_from(merged)
+    try:
+        return train_config_from(merged)
+    except ValueError as error:
+        from_file = [k for k in merged if config_file and k not in values]
+        if any(str(error).startswith((k, f"Unknown {k} ")) for k in from_file):
+            raise ValueError(f"{config_file}: {error}") from None
+        raise
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type of ``--ks 1,10,20``: comma-separated integers >= 1."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 (e.g. 1,10,20), got {text!r}")
+    return values
+
+
+def save_freq(text: str) -> int | str:
+    """argparse type of ``--save-freq``: ``epoch`` or a number of steps >= 1."""
+    if text == "epoch":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected 'epoch' or a number of steps >= 1, got {text!r}")
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from atl_keras.cli.environment import add_weight_arguments, apply_allow_download, apply_home
 
-from atl_keras.cli.common import add_data_arguments, train_config
+from atl_keras.cli.common import add_data_arguments, positive_ints, save_freq, train_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--validation-size", type=int)
     p.add_argument("--test-size", type=int, help="evaluate on the first N test queries")
+    p.add_argument("--ks", type=positive_ints,
+                   help="Recall@K values to report, comma-separated (default 1,10,20)")
     p.add_argument("--strategy", choices=["auto", "one_device", "mirrored", "multi_worker", "tpu"],
                    help="tf.distribute strategy (auto: all GPUs if >= 2, else one device; "
                    "multi_worker reads TF_CONFIG); see docs/distributed.md")
@@ -63,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="random flip, translation, zoom, brightness and contrast on training batches")
     p.add_argument("--mixed-precision", action="store_true",
                    help="mixed_float16 on GPUs (loss scaling), mixed_bfloat16 on CPUs/TPUs")
-    p.add_argument("--save-freq", type=lambda v: v if v == "epoch" else int(v),
+    p.add_argument("--save-freq", type=save_freq,
                    help="back up for resumption every N steps or 'epoch' (default)")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                    help="skip TF op determinism (faster on GPUs; runs no longer bit-reproducible)")
@@ -82,7 +85,12 @@ def run(args: argparse.Namespace) -> int:
     config = apply_home(train_config(values), "train")
     print(f"atl train: {config.loss} loss ({config.mining}) on {config.dataset}, "
           f"text encoder {config.text_encoder}, output {config.output_dir}", flush=True)
-    result = run_training(config, verbose=0 if quiet else "auto")
+    try:
+        result = run_training(config, verbose=0 if quiet else "auto",
+                              progress=lambda message: print(f"atl train: {message}", flush=True))
+    except KeyboardInterrupt:
+        print(f"atl train: {interrupted_message(config)}", file=sys.stderr, flush=True)
+        return 130
     protocol = result.data.test.protocol if result.data else "test"
     print(f"\nTest retrieval ({protocol}, items unseen in training) on {config.dataset}, "
           f"trained in {result.seconds:.0f} s:")
@@ -90,3 +98,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nModel: {result.model_path}\nMetrics: {os.path.join(result.output_dir, 'metrics.json')}"
           f"\nTensorBoard: tensorboard --logdir {os.path.join(result.output_dir, 'logs')}")
     return 0
+
+
+def interrupted_message(config) -> str:
+    """One line after Ctrl-C: what was kept and how to go on."""
+    from atl_keras.train import BACKUP_DIR, backup_epoch
+
+    backup_dir = os.path.join(config.output_dir, BACKUP_DIR)
+    done = backup_epoch(backup_dir)
+    if done is None:
+        return "interrupted before the first backup; rerun the same command to start over."
+    if done >= config.epochs:
+        return (f"interrupted after training; the backup in {backup_dir} is kept: rerun the same "
+                "command to write the final files.")
+    return (f"interrupted; the backup in {backup_dir} ({done} of {config.epochs} epochs done) is kept: "
+            f"rerun the same command to resume from epoch {done + 1}.")
