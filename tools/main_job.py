@@ -63,6 +63,25 @@ def stop_server(process: subprocess.Popen, timeout: float = 30.0) -> int:
         return process.wait()
 
 
+def write_example_images(output: str, test, count: int, seed: int) -> tuple[str, str]:
+    """PNG files for trying `atl query` by hand: `count` query photos (`<output>/queries/`)
+    and every gallery image named by its id (`<output>/gallery/<id>.png`, for --grid)."""
+    import numpy as np
+    import tensorflow as tf
+
+    query_dir, gallery_dir = os.path.join(output, "queries"), os.path.join(output, "gallery")
+    picks = np.random.default_rng(seed + 1).choice(len(test.query_images), size=count, replace=False)
+    for n, pick in enumerate(picks):
+        path = os.path.join(query_dir, f"query-{n}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tf.io.write_file(path, tf.io.encode_png(test.query_images[pick]))
+    for image, image_id in zip(test.index_images, test.gallery_ids):
+        path = os.path.join(gallery_dir, f"{image_id}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tf.io.write_file(path, tf.io.encode_png(image))
+    return query_dir, gallery_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="synthetic-shop")
@@ -112,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     recall = exported.manifest["scann_recall_at_10"]
     print(f"version {exported.version} at {exported.path}: ScaNN recall@10 vs exact {recall:.4f}")
+    query_dir, gallery_dir = write_example_images(args.output, test, args.queries, args.seed)
+    print(f"example query photos in {query_dir}/, gallery images in {gallery_dir}/ "
+          "(for `atl query --image ... --grid out.png --gallery-dir ...`)")
 
     print("\n[3/4] serving over gRPC (TF Serving API) ...", flush=True)
     model_name = os.path.basename(os.path.normpath(args.export_base))
