@@ -6,6 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 USE_M3 := saved_models/text_encoders/use-m3
+# The `atl` command keeps text encoders and their caches in $ATL_HOME (default
+# ~/.cache/atl-keras); `make` keeps them in this checkout's saved_models/.
+export ATL_HOME ?= $(CURDIR)/saved_models
 
 .PHONY: setup system-deps text-encoders run test bench clean
 
@@ -21,7 +24,8 @@ system-deps:
 	  fi; \
 	fi
 
-$(STAMP): setup.py
+# pyproject.toml: the core needs TensorFlow + Keras; [test] pulls in [all] (scann, serving, text).
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
@@ -33,13 +37,15 @@ text-encoders: $(STAMP)
 	$(PY) tools/build_text_encoder.py --output $(USE_M3)
 
 run: setup
-	$(PY) tools/main_job.py --output runs/main --export-base saved_models/fashion
+	$(PY) tools/main_job.py --output runs/main --export-base saved_models/shop
 
 test: setup
 	$(PY) -m pytest -q tests
 
+# TF_CPP_MIN_LOG_LEVEL=3: TensorFlow's C++ notes (CPU features, cuInit, type inference
+# of the losses' switch) stay out of the table; `make bench TF_CPP_MIN_LOG_LEVEL=0` shows them.
 bench: setup
-	$(PY) tools/bench_loss.py
+	TF_CPP_MIN_LOG_LEVEL=$${TF_CPP_MIN_LOG_LEVEL:-3} $(PY) tools/bench_loss.py
 
 clean:
 	rm -rf $(VENV) runs
