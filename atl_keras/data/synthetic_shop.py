@@ -662,9 +662,9 @@ def design_ids(catalog: Catalog) -> np.ndarray:
     """``[M]`` int64 design group of each item: listings of one design share it (see
     `add_variant_listings`); without variant listings every item is its own design."""
     attributes = catalog.item_attributes or [{} for _ in catalog.item_ids]
-    names = [a.get("design", f"item:{i}") for i, a in enumerate(attributes)]
-    _, groups = np.unique(np.asarray(names, dtype=object).astype(str), return_inverse=True)
-    return groups.astype(np.int64)
+    names = [str(a.get("design", f"item:{i}")) for i, a in enumerate(attributes)]
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(n, len(first)) for n in names], np.int64)  # order of first listing
 
 
 def make_synthetic_shop(

@@ -1,0 +1,239 @@
+"""Specification of the weak-label testbed and experiment: the variant shop, the statistics
+of the pre-registered comparisons (against small references), and the report's STRUCTURE
+after CI-sized runs (never the result)."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atl_keras.data.synthetic_shop import COLOURS, add_variant_listings, design_ids, make_synthetic_shop
+from atl_keras.experiments import (
+    ReplicationConfig,
+    ReplicationResult,
+    RunRecord,
+    holm,
+    paired_differences,
+    render_weak_label_report,
+    t_critical,
+    weak_label_methods,
+)
+from atl_keras.experiments.statistics import paired_t_p_value
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- variant shop
+@pytest.fixture(scope="module")
+def variant_shop():
+    return make_synthetic_shop(120, catalog_per_item=1, street_per_item=2, image_size=16, seed=3,
+                               variant_fraction=0.5)
+
+
+def test_variant_listings_share_a_design_and_differ_as_declared(variant_shop):
+    attrs = variant_shop.item_attributes
+    groups = design_ids(variant_shop)
+    assert len(attrs) == 120 and len(set(groups)) < 120
+    for design in np.unique(groups):
+        members = [attrs[i] for i in np.flatnonzero(groups == design)]
+        assert 1 <= len(members) <= 3
+        original = [m for m in members if m["listing"] == "original"]
+        assert len(original) == 1
+        plain = {k: v for k, v in original[0].items() if k not in ("design", "listing")}
+        for m in members:
+            other = {k: v for k, v in m.items() if k not in ("design", "listing")}
+            if m["listing"] == "relisting":
+                assert other == plain
+            elif m["listing"] == "colour variant":
+                assert other["colour"] != plain["colour"]
+                assert {k: v for k, v in other.items() if k != "colour"} == \
+                       {k: v for k, v in plain.items() if k != "colour"}
+    kinds = {a["listing"] for a in attrs}
+    assert {"original", "relisting", "colour variant"} <= kinds
+    assert len(set(variant_shop.descriptions)) == 120  # every listing its own text
+
+
+def test_variant_listings_never_straddle_splits(variant_shop):
+    groups = design_ids(variant_shop)
+    split_of = {}
+    for label, split in zip(variant_shop.labels, variant_shop.splits):
+        split_of.setdefault(int(groups[label]), set()).add(str(split))
+    assert all(len(s) == 1 for s in split_of.values())
+    assert {"train", "val", "test"} <= set().union(*split_of.values())
+
+
+def test_no_variants_gives_the_classic_shop_and_bad_arguments_fail():
+    a = make_synthetic_shop(40, image_size=16, seed=5)
+    b = make_synthetic_shop(40, image_size=16, seed=5, variant_fraction=0.0)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.descriptions == b.descriptions and a.item_attributes == b.item_attributes
+    np.testing.assert_array_equal(design_ids(a), np.arange(40))
+    with pytest.raises(ValueError, match="variant_fraction"):
+        make_synthetic_shop(10, variant_fraction=1.5)
+    with pytest.raises(ValueError, match="max_listings"):
+        make_synthetic_shop(10, variant_fraction=0.5, max_listings=1)
+
+
+def test_add_variant_listings_keeps_the_count_and_colour_variants_are_new_combinations():
+    base = [{"category": "tee", "colour": c, "pattern": p} for c, p in itertools.product(list(COLOURS)[:4], ["solid", "dots"])]
+    out = add_variant_listings(base, 1.0, 3, np.random.default_rng(0))
+    assert len(out) == len(base)
+    combos = [tuple(sorted((k, v) for k, v in a.items() if k not in ("design", "listing")))
+              for a in out if a["listing"] != "relisting"]
+    assert len(combos) == len(set(combos))  # originals and colour variants are all distinct products
+
+
+# --------------------------------------------------------------------------- statistics
+def test_t_critical_matches_tables():
+    for df, expected in [(1, 12.706), (4, 2.776), (7, 2.365), (30, 2.042)]:
+        assert t_critical(0.95, df) == pytest.approx(expected, abs=1e-3)
+    assert t_critical(0.99, 7) == pytest.approx(3.499, abs=1e-3)
+
+
+def _holm_reference(p, alpha=0.05):
+    """Holm by its textbook definition: reject H_(1..k) with k the largest index such that
+    p_(i) <= alpha / (m - i + 1) for every i <= k."""
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    rejected = [False] * m
+    for rank, i in enumerate(order):
+        if p[i] > alpha / (m - rank):
+            break
+        rejected[i] = True
+    adjusted = [0.0] * m
+    for rank, i in enumerate(order):
+        adjusted[i] = min(1.0, max((m - r) * p[order[r]] for r in range(rank + 1)))
+    return adjusted, rejected
+
+
+@pytest.mark.parametrize("p", [[0.01, 0.04, 0.03, 0.005], [0.2, 0.001, 0.049, 0.5, 0.012], [0.06], [0.0125, 0.0124, 0.5]])
+def test_holm_matches_the_textbook_definition(p):
+    adjusted, rejected, levels = holm(p)
+    ref_adjusted, ref_rejected = _holm_reference(np.array(p))
+    np.testing.assert_allclose(adjusted, ref_adjusted)
+    assert rejected == ref_rejected
+    assert sorted(levels) == sorted(1 - 0.05 / (len(p) - r) for r in range(len(p)))
+
+
+def _record(method, seed, r1, variant=None):
+    metrics = {"recall_at_1": r1, "recall_at_10": min(1.0, r1 + 0.3), "map_at_r": r1 / 2}
+    if variant is not None:
+        metrics.update(variant_recall_at_1=variant, attribute_agreement_at_10=0.5, attribute_agreement_chance=0.2)
+    return RunRecord("variant_shop", method, seed, {"variant_shop": metrics}, {}, {}, 1.0,
+                     host="test-host", code_version="abc")
+
+
+def test_paired_differences_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.3, 0.5, 8)
+    b = a - rng.normal(0.03, 0.01, 8)
+    records = [_record("x", s, a[s]) for s in range(8)] + [_record("y", s, b[s]) for s in range(8)]
+    (d,) = paired_differences(records, "variant_shop", "recall_at_1", [("x - y", "x", "y")])
+    diff = a - b
+    half = 2.3646 * diff.std(ddof=1) / math.sqrt(8)
+    assert d.n == 8 and d.wins == int(np.sum(diff > 0))
+    assert d.mean == pytest.approx(diff.mean()) and d.low == pytest.approx(diff.mean() - half, abs=1e-4)
+    assert d.p_value == pytest.approx(paired_t_p_value(diff))
+    assert d.holds and d.verdict == "holds (> 0)"  # one comparison: Holm = the plain test
+
+
+def _synthetic_result(effect: float, seeds=range(8)):
+    config = ReplicationConfig(experiment="weak_label", protocols=("variant_shop",), seeds=tuple(seeds),
+                               schedule="quick")
+    rng = np.random.default_rng(1)
+    records = []
+    for method in config.methods("variant_shop"):
+        for s in config.seeds:
+            base = 0.4 + 0.01 * s
+            bonus = effect if method.margin_source == "text" else 0.0
+            records.append(_record(method.name, s, base + bonus + rng.normal(0, 0.002), variant=base + 0.1))
+    return ReplicationResult(config, records, wall_seconds=1.0, command="atl replicate --experiment weak_label",
+                             environment={"cpu_count": "2"})
+
+
+def test_report_lists_every_condition_and_run_and_applies_the_decision_rules():
+    report = render_weak_label_report(_synthetic_result(effect=0.05))
+    names = [m.name for m in weak_label_methods()]
+    assert len(names) == 9
+    for name in names:
+        assert f"`{name}`" in report
+    run_rows = [line for line in report.splitlines() if line.startswith("| `") and "| test-host |" in line]
+    assert len(run_rows) == 9 * 8
+    for label in ("C1", "C2", "C3", "C4", "C5"):
+        assert f"| {label} " in report
+    assert "**Text is used** (C1 and C2 hold): **YES**" in report
+    assert "**ATL helps beyond mining** (C3 holds): **YES**" in report
+    assert "Secondary: variant R@1" in report and "attr. agreement@10" in report
+    assert "Attribute agreement of a random ranking: 0.200" in report
+
+    null = render_weak_label_report(_synthetic_result(effect=0.0))
+    assert "**Text is used** (C1 and C2 hold): **NOT SHOWN**" in null
+
+
+def test_one_seed_is_reported_as_not_testable():
+    report = render_weak_label_report(_synthetic_result(effect=0.05, seeds=[0]))
+    assert "not testable (1 seed)" in report and "need at least 2 seeds" in report
+
+
+def test_weak_label_conditions_differ_only_in_their_margin_table():
+    methods = weak_label_methods()
+    for a, b in itertools.combinations(methods, 2):
+        fields = {f for f in a.__dataclass_fields__ if getattr(a, f) != getattr(b, f)}
+        assert fields <= {"name", "title", "mining", "margin_source", "variant_threshold", "ablation"}
+    assert {m.margin_mapping for m in methods} == {"catalog"}
+
+
+# --------------------------------------------------------------------------- the command
+def _write_catalog(root: pathlib.Path, items: int = 16) -> pathlib.Path:
+    shop = make_synthetic_shop(items, catalog_per_item=2, street_per_item=2, image_size=16, seed=0)
+    rows = []
+    for row, (label, domain) in enumerate(zip(shop.labels, shop.domains)):
+        path = root / "images" / f"{row:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shop.images[row]).save(path)
+        rows.append({"image": f"images/{path.name}", "item_id": shop.item_ids[label],
+                     "description": shop.descriptions[label], "domain": str(domain)})
+    csv_path = root / "products.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "item_id", "description", "domain"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return csv_path
+
+
+@pytest.mark.slow
+def test_atl_replicate_on_a_users_catalog_writes_the_weak_label_report(tmp_path):
+    catalog = _write_catalog(tmp_path)
+    out = tmp_path / "report"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "atl_keras.cli", "replicate", "--dataset", f"catalog:{catalog}", "--seeds", "2",
+         "--schedule", "quick", "--text-encoder", "hashing", "--output", str(out), "--work-dir", str(tmp_path / "work")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "weak_label.md").read_text(encoding="utf-8")
+    for name in ("fixed_bh", "permuted_bh", "shuffled_text_bh", "text_bh", "fixed_sh", "text_sh"):
+        assert f"`{name}`" in report
+    assert "oracle" not in report.split("### Every run")[0].split("### Every condition")[1]  # no attributes
+    assert "**Text is used on this catalog**" in report
+    assert (out / "weak_label_records.json").exists()
+    assert not (REPO_ROOT / "results" / "weak_label.md").is_relative_to(out)
+
+
+def test_quick_never_writes_over_published_results(tmp_path):
+    from atl_keras.cli.replicate import parse_args
+
+    args = parse_args(["--quick"])
+    assert args.output is None  # resolved to runs/replicate-quick in main(), never results/
+    from atl_keras.cli import main
+
+    assert main(["replicate", "--experiment", "paper", "--dataset", "catalog:x.csv"]) == 2
