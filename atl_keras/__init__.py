@@ -38,6 +38,10 @@ _EXPORTS: dict[str, str] = {
     "retrieval_metrics": "atl_keras.metrics",
     "ATLModel": "atl_keras.model",
     "write_projector": "atl_keras.projector",
+    "ProxyHead": "atl_keras.proxies",
+    "strip_proxies": "atl_keras.proxies",
+    "AdaptiveProxyLoss": "atl_keras.proxy_losses",
+    "ProxyAnchorLoss": "atl_keras.proxy_losses",
     "ExactSearcher": "atl_keras.search",
     "exact_search": "atl_keras.search",
     "attribute_agreement_at_k": "atl_keras.semantic_metrics",
@@ -86,6 +90,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from atl_keras.metrics import RetrievalEvaluation, format_metrics_table, retrieval_metrics
     from atl_keras.model import ATLModel
     from atl_keras.projector import write_projector
+    from atl_keras.proxies import ProxyHead, strip_proxies
+    from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss
     from atl_keras.search import ExactSearcher, exact_search
     from atl_keras.semantic_metrics import (
         attribute_agreement_at_k,
