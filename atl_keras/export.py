@@ -495,7 +495,7 @@ def export_model(
             query_embeddings=queries, k=k, min_recall=min_recall, scann_config=scann_config,
             index_options=index_options, force=force, extra_manifest=extra_manifest, seed=seed,
             include_scann=include_scann, preprocessing=preprocessing,
-            portable_export_base=portable_export_base, gallery_rows=None,
+            portable_export_base=portable_export_base, gallery_rows=None, extra_assets=None,
         )
 
 
@@ -519,11 +519,13 @@ def export_embeddings(
     preprocessing: Preprocessing | None = None,
     portable_export_base: str | None = None,
     gallery_rows: GalleryRows | None = None,
+    extra_assets: dict[str, str] | None = None,
 ) -> ExportResult:
     """`export_model` for a gallery already embedded: `gallery_embeddings [N, D]` float32.
 
     ``reserved=True`` means the caller holds `reserve_version(...)` for `version` (so it
-    could reserve before embedding). `gallery_rows` adds image ids and metadata per row.
+    could reserve before embedding). `gallery_rows` adds image ids and metadata per row;
+    `extra_assets` (file name -> path) are copied into each version's ``assets/``.
     """
     _check_options(version, k, min_recall)
     if reserved and version is None:
@@ -536,6 +538,7 @@ def export_embeddings(
         index_options=index_options, force=force, extra_manifest=extra_manifest, seed=seed,
         include_scann=include_scann, preprocessing=preprocessing,
         portable_export_base=portable_export_base, gallery_rows=gallery_rows,
+        extra_assets=extra_assets,
     )
     gallery = np.ascontiguousarray(gallery_embeddings, dtype=np.float32)
     if reserved:
@@ -563,6 +566,7 @@ def _export_reserved(
     preprocessing: Preprocessing,
     portable_export_base: str | None,
     gallery_rows: GalleryRows | None,
+    extra_assets: dict[str, str] | None,
 ) -> ExportResult:
     if gallery.ndim != 2 or len(gallery) == 0:
         raise ExportError(f"The gallery is empty or not [N, D] (shape {gallery.shape}).")
@@ -619,7 +623,7 @@ def _export_reserved(
                 **({"catalog_outputs": sorted(row_assets)} if row_assets else {}),
                 **(extra_manifest or {}),
             }
-            tmp_path = _write_temporary(module, manifest, gallery_ids, base, version)
+            tmp_path = _write_temporary(module, manifest, gallery_ids, base, version, extra_assets)
             temporaries.append(tmp_path)
             written.append((tmp_path, os.path.join(base, str(version)), manifest))
             del module
@@ -702,7 +706,12 @@ def _index_manifest(tuned: TunedIndex, min_recall: float) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- publish
 def _write_temporary(
-    module: RetrievalModule, manifest: dict[str, Any], gallery_ids: list[str], export_base: str, version: int
+    module: RetrievalModule,
+    manifest: dict[str, Any],
+    gallery_ids: list[str],
+    export_base: str,
+    version: int,
+    extra_assets: dict[str, str] | None = None,
 ) -> str:
     """Save into a hidden temporary directory of `export_base`; returns its path."""
     os.makedirs(export_base, exist_ok=True)
@@ -714,6 +723,8 @@ def _write_temporary(
         os.makedirs(assets, exist_ok=True)
         with open(os.path.join(assets, IDS_NAME), "w", encoding="utf-8") as f:
             f.write("\n".join(gallery_ids) + "\n")
+        for name, source in (extra_assets or {}).items():
+            shutil.copyfile(source, os.path.join(assets, name))
         with open(os.path.join(assets, MANIFEST_NAME), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
     except BaseException:

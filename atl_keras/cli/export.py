@@ -1,8 +1,11 @@
-"""`atl export` / `tools/export.py`: a trained model + ScaNN gallery index -> saved_models/NAME/VERSION.
+"""`atl export` / `tools/export.py`: a trained model + its evaluation split's index -> saved_models/NAME/VERSION.
+
+For a product catalog use `atl index` (`atl_keras/cli/index.py`); this is the replication path.
 
     atl export --model runs/main/model.keras --output-base saved_models/shop \
         [--dataset synthetic-shop] [--split test] [--version 3] [--force] [--min-recall 0.95] \
-        [--portable-output-base saved_models/shop-portable]
+        [--portable-output-base saved_models/shop-portable] \
+        [--num-leaves N] [--leaves-to-search L] [--reorder R] [--quantize | --no-quantize]
 
 The gallery is the evaluation set of a dataset spec (see `atl train --help`): the catalog
 images of the test items for street->catalog datasets, every test image for leave-one-out
@@ -20,6 +23,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from atl_keras.cli.index import add_index_flags, index_options  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atl export", description=__doc__.splitlines()[0])
@@ -29,8 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "validation"])
     p.add_argument("--output-base", required=True, help="e.g. saved_models/NAME")
     p.add_argument("--version", type=int, default=None, help="default: the next integer")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--min-recall", type=float, default=0.95)
     p.add_argument("--force", action="store_true", help="replace an existing version")
     p.add_argument(
         "--portable-output-base",
@@ -38,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the same version without ScaNN ops (for stock TF Serving), "
         "e.g. saved_models/NAME-portable",
     )
+    add_index_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        options = index_options(args)
         if not os.path.exists(args.model):
             raise FileNotFoundError(f"No model at {args.model!r}; train one with `atl train`.")
         import keras
@@ -72,31 +77,20 @@ def main(argv: list[str] | None = None) -> int:
             query_images=queries,
             k=args.k,
             min_recall=args.min_recall,
+            index_options=options,
             force=args.force,
             extra_manifest=provenance,
+            portable_export_base=args.portable_output_base,
         )
-        portable = None
-        if args.portable_output_base:
-            portable = export_model(
-                model,
-                evaluation.index_images,
-                evaluation.gallery_ids,
-                args.portable_output_base,
-                result.version,
-                k=args.k,
-                force=args.force,
-                include_scann=False,
-                extra_manifest=provenance,
-            )
     except (ValueError, FileNotFoundError) as error:  # ExportError is a ValueError
         print(f"export: error: {error}", file=sys.stderr)
         return 2
-    recall_key = next(key for key in result.manifest if key.startswith("scann_recall_at_"))
     print(f"Exported version {result.version} to {result.path}")
-    if portable is not None:
-        print(f"Portable (stock TF Serving, retrieve_exact) version to {portable.path}")
-    print(json.dumps({key: result.manifest[key] for key in (
-        "gallery_size", "embedding_dim", recall_key, "scann_config")}, indent=2))
+    if result.portable_path is not None:
+        print(f"Portable (stock TF Serving, retrieve_exact) version to {result.portable_path}")
+    summary = {key: result.manifest[key] for key in ("gallery_size", "embedding_dim", "scann_config")}
+    summary["recall"] = {k: result.manifest["recall"][k] for k in ("k", "set_recall", "tie_aware_recall")}
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -1,0 +1,492 @@
+"""Index a product catalog for search: `index_catalog` -> a new export version of a trained model.
+
+    result = index_catalog("runs/x/model.keras", "products.csv", "saved_models/shop",
+                           portable_output_base="saved_models/shop-portable")
+    result.export.path, result.counts     # {"rows": ..., "embedded": ..., "cached": ..., "skipped": ...}
+
+    # the next day: 1% of the rows changed -> only those images are embedded again
+    index_catalog(model, "products.csv", "saved_models/shop")
+    # or edit the latest version: add rows, remove items (or image ids)
+    index_catalog(model, None, "saved_models/shop", add="new.csv", remove=["sku-9", "sku-12"])
+
+A catalog is a CSV or JSONL file with one row per image (``image``, ``item_id`` and any
+metadata columns; ``image_id`` optional, default the image path) or a folder of images
+(``item_id`` = the file's path without extension). ``image`` is relative to the catalog
+file's folder unless absolute. Search results carry the row's ``item_id`` (the ``ids``
+output), its ``image_id`` and its metadata columns (a JSON object), stored as assets.
+
+- **Incremental**: embeddings are cached on disk (`EmbeddingCache`, default
+  ``<output_base>/.embedding-cache``) keyed by the model's weight fingerprint + the
+  preprocessing + the sha256 of the image file's bytes: unchanged images are never
+  embedded twice, whatever their path or row.
+- **Streaming**: images are hashed, decoded (`atl_keras.preprocessing`, as in training)
+  and embedded in batches; memory holds the embeddings ``[N, D]`` (the index) and the row
+  table, never the pixels of more than a few batches.
+- **Bad images**: missing or undecodable files are skipped and counted in the manifest
+  (``catalog.skipped``); ``strict=True`` raises `CatalogError` naming them, before anything
+  is written.
+- **Atomic**: the version number is reserved first and the export publishes as
+  `atl_keras.export` does (main + portable pair together).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["CatalogError", "CatalogIndexResult", "CatalogRow", "EmbeddingCache", "index_catalog", "read_index_catalog"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+ROWS_NAME = "catalog_rows.jsonl"
+_RESERVED_COLUMNS = ("image", "item_id", "image_id")
+_MAX_NAMED = 5
+
+
+class CatalogError(ValueError):
+    """The catalog cannot be indexed as asked (nothing was written)."""
+
+
+@dataclass
+class CatalogRow:
+    """One catalog image: its file, the product it shows, its own id and metadata columns."""
+
+    image: str
+    item_id: str
+    image_id: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+
+
+@dataclass
+class CatalogIndexResult:
+    """The export written and what happened to the rows."""
+
+    export: Any  # atl_keras.export.ExportResult
+    counts: dict[str, int]
+    skipped: list[dict[str, str]]
+
+
+# -------------------------------------------------------------------------------- reading
+def _clean(value: Any, what: str, where: str) -> str:
+    text = "" if value is None else str(value).strip()
+    if not text or "\n" in text or "\r" in text:
+        raise CatalogError(f"{where}: {what} {value!r} is empty or contains a newline.")
+    return text
+
+
+def _row(record: dict[str, Any], root: str, where: str) -> CatalogRow:
+    for column in ("image", "item_id"):
+        if column not in record:
+            raise CatalogError(f"{where}: no {column!r} column; a catalog needs image and item_id.")
+    image = _clean(record["image"], "image", where)
+    path = image if os.path.isabs(image) else os.path.join(root, image)
+    image_id = record.get("image_id") or image
+    metadata = {k: v for k, v in record.items() if k not in _RESERVED_COLUMNS and v not in (None, "")}
+    return CatalogRow(os.path.normpath(path), _clean(record["item_id"], "item_id", where),
+                      _clean(image_id, "image_id", where), metadata)
+
+
+def read_index_catalog(source: str, image_root: str | None = None) -> list[CatalogRow]:
+    """Rows of a CSV / JSONL catalog file or of a folder of images (see the module docstring)."""
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"No catalog at {source!r}: give a .csv, .jsonl or a folder of images.")
+    if os.path.isdir(source):
+        root = image_root or source
+        rows = []
+        for folder, _, files in sorted(os.walk(source)):
+            for name in sorted(files):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    path = os.path.join(folder, name)
+                    relative = os.path.relpath(path, source)
+                    rows.append(CatalogRow(path, os.path.splitext(relative)[0], relative))
+        if not rows:
+            raise CatalogError(f"No {'/'.join(IMAGE_EXTENSIONS)} images under {source!r}.")
+        return rows
+    root = image_root or os.path.dirname(os.path.abspath(source))
+    rows = []
+    if source.lower().endswith((".jsonl", ".json")):
+        with open(source, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except ValueError as error:
+                        raise CatalogError(f"{source}:{number}: not a JSON object ({error}).") from None
+                    rows.append(_row(record, root, f"{source}:{number}"))
+    else:
+        with open(source, encoding="utf-8", newline="") as f:
+            for number, record in enumerate(csv.DictReader(f), 2):
+                rows.append(_row(record, root, f"{source}:{number}"))
+    if not rows:
+        raise CatalogError(f"The catalog {source!r} has no rows.")
+    seen: set[str] = set()
+    for row in rows:
+        if row.image_id in seen:
+            raise CatalogError(f"{source}: image_id {row.image_id!r} appears twice; image ids must be unique.")
+        seen.add(row.image_id)
+    return rows
+
+
+def _previous_rows(output_base: str) -> tuple[list[CatalogRow], int]:
+    from atl_keras.export import METADATA_NAME, existing_versions
+
+    versions = existing_versions(output_base)
+    if not versions:
+        raise CatalogError(f"--add/--remove edit the latest version of {output_base}, but it has none; give --catalog.")
+    assets = os.path.join(output_base, str(versions[-1]), "assets")
+    path = os.path.join(assets, ROWS_NAME)
+    if not os.path.exists(path):
+        raise CatalogError(f"{output_base}/{versions[-1]} was not written by `atl index` (no {ROWS_NAME}); give --catalog.")
+    rows = []
+    with open(path, encoding="utf-8") as f, open(os.path.join(assets, METADATA_NAME), encoding="utf-8") as m:
+        for line, meta in zip(f, m):
+            record = json.loads(line)
+            rows.append(CatalogRow(record["image"], record["item_id"], record["image_id"], json.loads(meta), record.get("sha256")))
+    return rows, versions[-1]
+
+
+def _as_removals(remove: str | Sequence[str] | None) -> set[str]:
+    if remove is None:
+        return set()
+    if isinstance(remove, str):
+        if os.path.isfile(remove):
+            with open(remove, encoding="utf-8") as f:
+                return {line.strip() for line in f if line.strip()}
+        return {part.strip() for part in remove.split(",") if part.strip()}
+    return {str(x) for x in remove}
+
+
+# -------------------------------------------------------------------------------- hashing
+def _sha256(path: str) -> str | None:
+    try:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest() if os.path.getsize(path) > 0 else None
+    except OSError:
+        return None
+
+
+def content_hashes(paths: Sequence[str], threads: int = 4) -> list[str | None]:
+    """sha256 of each file's bytes (``None``: missing, empty or unreadable), in parallel."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(_sha256, paths, chunksize=256))
+
+
+# -------------------------------------------------------------------------------- cache
+class EmbeddingCache:
+    """Append-only on-disk embeddings ``[M, D]`` float32, keyed by an image content hash.
+
+    One folder per model + preprocessing (``key``): ``vectors.f32`` (rows) and ``keys.txt``
+    (one hash per row). Appends take an exclusive lock; a torn append (a kill between the
+    two files) is trimmed to the rows both files hold when the cache is next opened.
+    """
+
+    def __init__(self, root: str, key: str, dim: int) -> None:
+        self.folder = os.path.join(root, key)
+        self.dim = int(dim)
+        os.makedirs(self.folder, exist_ok=True)
+        self._vectors = os.path.join(self.folder, "vectors.f32")
+        self._keys = os.path.join(self.folder, "keys.txt")
+        with self._locked():
+            self.rows = self._load_and_trim()
+
+    def _locked(self):
+        lock = open(os.path.join(self.folder, ".lock"), "w")
+
+        class _Lock:
+            def __enter__(self_inner):
+                fcntl.flock(lock, fcntl.LOCK_EX)
+
+            def __exit__(self_inner, *exc):
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                lock.close()
+
+        return _Lock()
+
+    def _load_and_trim(self) -> dict[str, int]:
+        keys: list[str] = []
+        if os.path.exists(self._keys):
+            with open(self._keys, encoding="ascii") as f:
+                keys = [line.strip() for line in f if len(line.strip()) == 64]
+        stored = os.path.getsize(self._vectors) // (4 * self.dim) if os.path.exists(self._vectors) else 0
+        count = min(len(keys), stored)
+        if count < len(keys):
+            with open(self._keys, "w", encoding="ascii") as f:
+                f.write("".join(k + "\n" for k in keys[:count]))
+        if os.path.exists(self._vectors) and os.path.getsize(self._vectors) != count * 4 * self.dim:
+            os.truncate(self._vectors, count * 4 * self.dim)
+        return {key: row for row, key in enumerate(keys[:count])}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def append(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        """Store ``vectors [n, D]`` under ``keys`` (already cached keys are skipped)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self._locked():
+            self.rows = self._load_and_trim()  # another process may have appended
+            new = [(k, v) for k, v in zip(keys, vectors) if k not in self.rows]
+            if not new:
+                return
+            with open(self._vectors, "ab") as f:
+                f.write(np.stack([v for _, v in new]).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            with open(self._keys, "a", encoding="ascii") as f:
+                f.write("".join(k + "\n" for k, _ in new))
+                f.flush()
+                os.fsync(f.fileno())
+            start = len(self.rows)
+            for offset, (k, _) in enumerate(new):
+                self.rows[k] = start + offset
+
+    def gather(self, keys: Sequence[str]) -> np.ndarray:
+        """``[len(keys), D]`` float32 vectors of cached keys (memory-mapped read)."""
+        out = np.empty((len(keys), self.dim), np.float32)
+        if not keys:
+            return out
+        stored = np.memmap(self._vectors, dtype=np.float32, mode="r").reshape(-1, self.dim)
+        rows = np.fromiter((self.rows[k] for k in keys), dtype=np.int64, count=len(keys))
+        for start in range(0, len(rows), 65536):
+            out[start:start + 65536] = stored[rows[start:start + 65536]]
+        del stored
+        return out
+
+
+def weights_fingerprint(model: Any) -> str:
+    """sha256 over the model's weight shapes and bytes, in order (not their auto-generated names)."""
+    import keras
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{value.dtype}{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(model_sha256: str, preprocessing: Any) -> str:
+    """The cache folder name: model weights + preprocessing (either changing re-embeds)."""
+    text = json.dumps({"model": model_sha256, "preprocessing": preprocessing.to_dict()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# -------------------------------------------------------------------------------- embed
+def _embed_files(
+    model: Any,
+    paths: Sequence[str],
+    preprocessing: Any,
+    batch_size: int,
+    on_batch: Callable[[np.ndarray, np.ndarray], None],
+) -> None:
+    """Decode + embed `paths` in batches; ``on_batch(indices [b], vectors [b, D])``; bad files dropped."""
+    import tensorflow as tf
+
+    from atl_keras.preprocessing import decode_image
+
+    def load(path, index):
+        return tf.cast(decode_image(tf.io.read_file(path), preprocessing), tf.float32), index
+
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((tf.constant(list(paths), tf.string), tf.range(len(paths), dtype=tf.int64)))
+        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .ignore_errors(log_warning=False)
+        .batch(batch_size)
+        .prefetch(2)
+    )
+
+    @tf.function(reduce_retracing=True)
+    def forward(pixels):
+        return tf.cast(model(pixels, training=False), tf.float32)
+
+    for pixels, indices in dataset:
+        on_batch(indices.numpy(), forward(pixels).numpy())
+
+
+# -------------------------------------------------------------------------------- index
+def index_catalog(
+    model: Any,
+    catalog: str | Sequence[CatalogRow] | None,
+    output_base: str,
+    *,
+    portable_output_base: str | None = None,
+    add: str | Sequence[CatalogRow] | None = None,
+    remove: str | Sequence[str] | None = None,
+    strict: bool = False,
+    cache_dir: str | None = None,
+    image_root: str | None = None,
+    batch_size: int = 128,
+    k: int = 10,
+    min_recall: float = 0.95,
+    index_options: Any = None,
+    preprocessing: Any = None,
+    version: int | None = None,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    extra_manifest: dict[str, Any] | None = None,
+) -> CatalogIndexResult:
+    """Embed a catalog with `model` and export it as the next version of `output_base`.
+
+    Args:
+        model: a Keras embedding model or the path of a saved ``.keras`` model.
+        catalog: a CSV / JSONL file or a folder of images (or `CatalogRow`s); ``None`` with
+            `add` / `remove` edits the rows of the latest version of `output_base`.
+        portable_output_base: also write the portable variant (stock TF Serving).
+        add: rows to add (a catalog file or rows); a row whose ``image_id`` exists replaces it.
+        remove: item ids or image ids to drop (a file with one per line, a comma list or a sequence).
+        strict: raise `CatalogError` on the first missing/undecodable image instead of skipping.
+        cache_dir: embedding cache root (default ``<output_base>/.embedding-cache``).
+        progress: ``progress(done, total)`` after every embedded batch (the CLI's bar).
+        Others as in `atl_keras.export.export_model`.
+
+    Returns:
+        `CatalogIndexResult(export, counts, skipped)`; counts: ``rows``, ``indexed``,
+        ``embedded`` (images run through the model), ``cached``, ``skipped_missing``,
+        ``skipped_corrupt``, ``removed``, ``added``.
+    """
+    import keras
+
+    from atl_keras.export import (
+        ExportError,
+        GalleryRows,
+        export_embeddings,
+        reserve_version,
+    )
+    from atl_keras.preprocessing import Preprocessing
+
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.exists(model):
+            raise FileNotFoundError(f"No model at {os.fspath(model)!r}; train one with `atl train`.")
+        import atl_keras  # noqa: F401  (registers ATLModel)
+
+        model = keras.models.load_model(model)
+    if batch_size < 1:
+        raise CatalogError(f"batch_size must be >= 1, got {batch_size}.")
+
+    # 1. the rows to index
+    counts = {"added": 0, "removed": 0}
+    if catalog is None:
+        if add is None and remove is None:
+            raise CatalogError("Give a catalog (CSV, JSONL or a folder of images), or --add/--remove.")
+        rows, _ = _previous_rows(output_base)
+    else:
+        rows = list(catalog) if not isinstance(catalog, str) else read_index_catalog(catalog, image_root)
+    if add is not None:
+        new_rows = list(add) if not isinstance(add, str) else read_index_catalog(add, image_root)
+        replaced = {r.image_id for r in new_rows}
+        rows = [r for r in rows if r.image_id not in replaced] + new_rows
+        counts["added"] = len(new_rows)
+    removals = _as_removals(remove)
+    if removals:
+        before = len(rows)
+        rows = [r for r in rows if r.item_id not in removals and r.image_id not in removals]
+        counts["removed"] = before - len(rows)
+    if not rows:
+        raise CatalogError("No rows left to index.")
+
+    preprocessing = preprocessing or Preprocessing.for_model(model)
+    fingerprint = weights_fingerprint(model)
+    dim = int(model.compute_output_shape((None, *preprocessing.image_shape))[-1])
+
+    with reserve_version(output_base, version, force=force, portable_export_base=portable_output_base) as number:
+        # 2. content hashes (reading files: missing ones found here, before any embedding)
+        hashes = content_hashes([r.image for r in rows])
+        skipped = [{"image": r.image, "image_id": r.image_id, "reason": "missing or empty"}
+                   for r, h in zip(rows, hashes) if h is None]
+        if skipped and strict:
+            raise CatalogError(_bad_message(skipped, len(rows)))
+        for row, digest in zip(rows, hashes):
+            row.sha256 = digest
+
+        # 3. embed what the cache does not hold, one file per distinct content
+        cache = EmbeddingCache(cache_dir or os.path.join(output_base, ".embedding-cache"),
+                               cache_key(fingerprint, preprocessing), dim)
+        todo: dict[str, str] = {}
+        for row in rows:
+            if row.sha256 is not None and row.sha256 not in cache and row.sha256 not in todo:
+                todo[row.sha256] = row.image
+        todo_keys, todo_paths = list(todo), list(todo.values())
+        done = [0]
+
+        def store(indices: np.ndarray, vectors: np.ndarray) -> None:
+            if not np.all(np.isfinite(vectors)):
+                raise ExportError("The model produced NaN/Inf embeddings; check the model.")
+            cache.append([todo_keys[i] for i in indices], vectors)
+            done[0] += len(indices)
+            if progress is not None:
+                progress(done[0], len(todo_paths))
+
+        if todo_paths:
+            _embed_files(model, todo_paths, preprocessing, batch_size, store)
+        corrupt = {key for key in todo_keys if key not in cache}
+        bad = [{"image": r.image, "image_id": r.image_id, "reason": "cannot be decoded"}
+               for r in rows if r.sha256 in corrupt]
+        skipped += bad
+        if bad and strict:
+            raise CatalogError(_bad_message(bad, len(rows)))
+        kept = [r for r in rows if r.sha256 is not None and r.sha256 not in corrupt]
+        if not kept:
+            raise CatalogError(_bad_message(skipped, len(rows)) + " No image could be indexed.")
+        counts.update(
+            rows=len(rows), indexed=len(kept), embedded=done[0], cached=len(kept) - sum(
+                1 for _ in _first_occurrences(kept, set(todo_keys) - corrupt)),
+            skipped_missing=sum(1 for s in skipped if s["reason"] == "missing or empty"),
+            skipped_corrupt=len(bad),
+        )
+
+        # 4. the gallery (the index's own memory) and the export
+        gallery = cache.gather([r.sha256 for r in kept])
+        with tempfile.TemporaryDirectory(dir=output_base, prefix=".tmp-rows-") as staging:
+            rows_path = os.path.join(staging, ROWS_NAME)
+            with open(rows_path, "w", encoding="utf-8") as f:
+                for r in kept:
+                    f.write(json.dumps({"image": r.image, "item_id": r.item_id, "image_id": r.image_id,
+                                        "sha256": r.sha256}, ensure_ascii=False) + "\n")
+            manifest = {
+                "catalog": {
+                    "source": os.path.abspath(catalog) if isinstance(catalog, str) else None,
+                    **counts,
+                    "skipped_examples": skipped[:_MAX_NAMED],
+                    "embedding_cache": os.path.abspath(cache.folder),
+                },
+                **(extra_manifest or {}),
+            }
+            export = export_embeddings(
+                model, gallery, [r.item_id for r in kept], output_base, number, reserved=True,
+                k=k, min_recall=min_recall, index_options=index_options, force=force,
+                extra_manifest=manifest, preprocessing=preprocessing,
+                portable_export_base=portable_output_base,
+                gallery_rows=GalleryRows([r.image_id for r in kept], [r.metadata for r in kept]),
+                extra_assets={ROWS_NAME: rows_path},
+            )
+    return CatalogIndexResult(export, counts, skipped)
+
+
+def _first_occurrences(rows: Iterable[CatalogRow], keys: set[str]) -> Iterable[CatalogRow]:
+    """Rows whose content was embedded in this run (the first row of each embedded hash)."""
+    seen: set[str] = set()
+    for row in rows:
+        if row.sha256 in keys and row.sha256 not in seen:
+            seen.add(row.sha256)
+            yield row
+
+
+def _bad_message(bad: list[dict[str, str]], total: int) -> str:
+    named = ", ".join(f"{b['image']!r} ({b['reason']})" for b in bad[:_MAX_NAMED])
+    more = f" and {len(bad) - _MAX_NAMED} more" if len(bad) > _MAX_NAMED else ""
+    return (f"{len(bad)} of {total} catalog images are missing or cannot be decoded: {named}{more}. "
+            "Fix or remove these rows, or drop --strict to skip them (they are counted in the manifest).")

@@ -1,0 +1,131 @@
+"""`atl index`: a trained model + a product catalog -> a new search version in saved_models/NAME.
+
+    atl index --model runs/x/model.keras --catalog products.csv --output-base saved_models/shop \
+        [--portable-output-base saved_models/shop-portable] [--strict] [--cache-dir DIR]
+    atl index --model runs/x/model.keras --output-base saved_models/shop --add new.csv --remove gone.txt
+
+The catalog is a CSV/JSONL (`image, item_id[, image_id][, metadata columns]`) or a folder of
+images. Unchanged images are never embedded twice (on-disk cache keyed by model + image
+content). A thin CLI over `atl_keras.index_catalog`; prints progress and what it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def add_index_flags(p: argparse.ArgumentParser) -> None:
+    """Index knobs shared by `atl export` and `atl index` (default: tuned to --min-recall)."""
+    p.add_argument("--k", type=int, default=10, help="neighbours the recall gate and tuning measure")
+    p.add_argument("--min-recall", type=float, default=0.95,
+                   help="refuse the export below this set recall@k vs exact search (held-out queries)")
+    p.add_argument("--num-leaves", type=int, default=None, help="ScaNN tree leaves (default ~sqrt(N); 0 = brute force)")
+    p.add_argument("--leaves-to-search", type=int, default=None, help="leaves searched per query (default: tuned)")
+    p.add_argument("--reorder", type=int, default=None, help="exact re-rank size after AH scoring (default: tuned)")
+    quantize = p.add_mutually_exclusive_group()
+    quantize.add_argument("--quantize", dest="quantize", action="store_true", default=None,
+                          help="score the searched leaves with asymmetric hashing (+ exact re-rank)")
+    quantize.add_argument("--no-quantize", dest="quantize", action="store_false",
+                          help="score the searched leaves exactly")
+
+
+def index_options(args: argparse.Namespace):
+    from atl_keras.export import IndexOptions
+
+    for name in ("num_leaves", "leaves_to_search", "reorder"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "num_leaves" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'num_leaves' else 1}, got {value}.")
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}.")
+    if not 0.0 <= args.min_recall <= 1.0:
+        raise ValueError(f"--min-recall must be in [0, 1], got {args.min_recall}.")
+    return IndexOptions(num_leaves=args.num_leaves, leaves_to_search=args.leaves_to_search,
+                        reorder=args.reorder, quantize=args.quantize)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="atl index", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="trained model (.keras)")
+    p.add_argument("--catalog", default=None, help="products.csv | products.jsonl | a folder of images")
+    p.add_argument("--output-base", required=True, help="e.g. saved_models/NAME")
+    p.add_argument("--portable-output-base", default=None,
+                   help="also write the same version without ScaNN ops (stock TF Serving)")
+    p.add_argument("--add", default=None, help="catalog file of rows to add to the latest version")
+    p.add_argument("--remove", default=None, help="item ids / image ids to drop: a file (one per line) or a comma list")
+    p.add_argument("--strict", action="store_true", help="stop on a missing or undecodable image")
+    p.add_argument("--image-root", default=None, help="folder the catalog's image paths are relative to")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default OUTPUT_BASE/.embedding-cache)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--resize", choices=["pad", "stretch"], default="pad", help="as the model was trained (default pad)")
+    p.add_argument("--pad-value", type=int, default=255)
+    p.add_argument("--version", type=int, default=None, help="default: the next free integer")
+    p.add_argument("--force", action="store_true", help="replace an existing version")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_index_flags(p)
+    return p
+
+
+def _progress_bar(quiet: bool):
+    start = time.time()
+
+    def show(done: int, total: int) -> None:
+        if quiet:
+            return
+        width = 30
+        filled = int(width * done / max(total, 1))
+        rate = done / max(time.time() - start, 1e-9)
+        print(f"\rembedding [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({rate:.0f} img/s)",
+              end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        options = index_options(args)
+        if args.catalog is None and args.add is None and args.remove is None:
+            raise ValueError("Give --catalog (CSV, JSONL or a folder of images), or --add / --remove.")
+        import atl_keras  # noqa: F401  (registers ATLModel and the losses)
+        import keras
+
+        from atl_keras.catalog_index import index_catalog
+        from atl_keras.preprocessing import Preprocessing
+
+        if not os.path.exists(args.model):
+            raise FileNotFoundError(f"No model at {args.model!r}; train one with `atl train`.")
+        model = keras.models.load_model(args.model)
+        prep = Preprocessing.for_model(model, resize=args.resize, pad_value=args.pad_value)
+        result = index_catalog(
+            model, args.catalog, args.output_base, portable_output_base=args.portable_output_base,
+            add=args.add, remove=args.remove, strict=args.strict, cache_dir=args.cache_dir,
+            image_root=args.image_root, batch_size=args.batch_size, k=args.k,
+            min_recall=args.min_recall, index_options=options, preprocessing=prep,
+            version=args.version, force=args.force, progress=_progress_bar(args.quiet),
+            extra_manifest={"source_model": os.path.abspath(args.model)},
+        )
+    except (ValueError, FileNotFoundError) as error:  # CatalogError / ExportError are ValueErrors
+        print(f"atl index: error: {error}", file=sys.stderr)
+        return 2
+    export = result.export
+    print(f"Indexed version {export.version} at {export.path}")
+    if export.portable_path:
+        print(f"Portable (stock TF Serving, retrieve_exact) version at {export.portable_path}")
+    summary = {key: export.manifest[key] for key in ("gallery_size", "embedding_dim") if key in export.manifest}
+    summary["catalog"] = result.counts
+    if "recall" in export.manifest:
+        summary["recall"] = {k: export.manifest["recall"][k] for k in ("k", "set_recall", "tie_aware_recall")}
+        summary["scann_config"] = export.manifest["scann_config"]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
