@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "ProxyAnchorLoss": "atl_keras.proxy_losses",
     "ExactSearcher": "atl_keras.search",
     "exact_search": "atl_keras.search",
+    "index_catalog": "atl_keras.catalog_index",
     "attribute_agreement_at_k": "atl_keras.semantic_metrics",
     "semantic_retrieval_metrics": "atl_keras.semantic_metrics",
     "variant_recall_at_k": "atl_keras.semantic_metrics",
