@@ -128,14 +128,17 @@ class TextEncoder:
             encoding (``None``: no limit). Part of :attr:`identity`.
         connect_timeout: seconds to wait when checking that a URL's host is reachable
             (the check is skipped when a proxy is configured or the handle is cached).
+        read_timeout: seconds a URL's server may stay silent while it is fetched.
 
     Raises:
         FileNotFoundError: a local path that does not exist or holds no SavedModel.
-        ConnectionError: a URL that cannot be reached (the message says what to use).
+        ConnectionError: a URL that cannot be reached or never answers (the message says what to use).
+        ValueError: a local saved_model.pb that TensorFlow cannot load.
     """
 
     def __init__(self, handle: str | os.PathLike, batch_size: int = 256,
-                 max_length: int | None = None, connect_timeout: float = 10.0) -> None:
+                 max_length: int | None = None, connect_timeout: float = 10.0,
+                 read_timeout: float = 60.0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if max_length is not None and max_length < 1:
@@ -144,12 +147,12 @@ class TextEncoder:
         self.batch_size = int(batch_size)
         self.max_length = max_length
         self._dim: int | None = None
-        local_dir = self._load(connect_timeout)
+        local_dir = self._load(connect_timeout, read_timeout)
         self._content_hash = _hash_files(
             [local_dir / "saved_model.pb", local_dir / "variables" / "variables.index"])
 
     # -- loading
-    def _load(self, connect_timeout: float) -> Path:
+    def _load(self, connect_timeout: float, read_timeout: float) -> Path:
         try:
             import tensorflow_text  # noqa: F401  (registers SentencePiece etc. ops)
         except ImportError:  # models without text ops still load
@@ -159,12 +162,18 @@ class TextEncoder:
         scheme = urlparse(self.handle).scheme.lower()
         if scheme in ("http", "https"):
             _check_reachable(self.handle, connect_timeout)
+            previous_timeout = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(read_timeout)  # hub's urlopen takes no timeout: a silent server would hang
             try:
                 local = hub.resolve(self.handle)
-            except OSError as exc:  # URLError, HTTPError, ConnectionError
+            except OSError as exc:  # URLError, HTTPError, ConnectionError, TimeoutError
+                if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+                    exc = f"the server accepted the connection but sent nothing for {read_timeout:g} s"
                 raise ConnectionError(
                     f"Could not fetch text encoder handle {self.handle!r}: {exc}. "
-                    + _OFFLINE_HINT) from exc
+                    + _OFFLINE_HINT) from None
+            finally:
+                socket.setdefaulttimeout(previous_timeout)
         elif "://" in self.handle:  # gs:// and friends: let tf.io.gfile deal with it
             local = hub.resolve(self.handle)
         else:
@@ -179,6 +188,15 @@ class TextEncoder:
                     f"Text encoder directory {self.handle!r} holds no saved_model.pb; it is not "
                     "a SavedModel. Point to the directory that contains saved_model.pb.")
             local = str(path)
+            try:
+                self._module = hub.load(local)
+            except Exception as exc:  # noqa: BLE001 - protobuf, OSError, TF errors: all mean "not loadable"
+                raise ValueError(
+                    f"Text encoder directory {self.handle!r} holds a saved_model.pb TensorFlow cannot "
+                    f"load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); it is corrupt or not "
+                    "a SavedModel. Re-export it, or use a built-in encoder: 'use-m3', 'hashing'.") from None
+            self._fn = _resolve_callable(self._module, self.handle)
+            return Path(local)
         self._module = hub.load(local)
         self._fn = _resolve_callable(self._module, self.handle)
         return Path(local)
