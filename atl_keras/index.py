@@ -33,7 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 
 # ScaNN's TF ops must be registered before a SavedModel that uses them is loaded.
-import scann  # noqa: F401  (registers the Scann>* ops)
+from atl_keras._optional import require
+
+require("scann", "scann", "atl_keras.index (the ScaNN gallery index)")  # registers the Scann>* ops
 from scann.scann_ops.py import scann_ops
 
 from atl_keras.search import ExactSearcher, exact_search
