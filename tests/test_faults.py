@@ -1,0 +1,441 @@
+"""Fault injection: kills at named phases, torn backups, full disks, Ctrl-C, and a table of bad
+input. Every case asserts the exit code (or exception), the message, and what is left on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atl_keras import cli
+from atl_keras.backup import BackupWriteError, read_backup_state, write_backup
+from atl_keras.train import PHASES, TrainConfig, run_training
+from tests.conftest import REPO_ROOT
+
+TINY = dict(
+    dataset="synthetic-shop", synthetic_items=40, image_size=16, text_encoder="hashing",
+    p=4, k=2, epochs=2, steps_per_epoch=4, ks=(1, 5), embedding_dim=8, projector_size=10,
+)
+TINY_FLAGS = [
+    "--dataset", "synthetic-shop", "--synthetic-items", "40", "--image-size", "16",
+    "--text-encoder", "hashing", "--p", "4", "--k", "2", "--epochs", "2", "--steps-per-epoch", "4",
+    "--ks", "1,5", "--embedding-dim", "8", "--projector-size", "10", "--quiet",
+]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO_ROOT)}
+
+#: Runs `run_training(TrainConfig(**json))` and, at phase NAME, either kills itself (SIGKILL) or
+#: fills the disk under the output directory (`fill:NAME`).
+SCRIPT = """
+import json, os, signal, sys
+from atl_keras.train import TrainConfig, run_training
+config, action = json.loads(sys.argv[1]), sys.argv[2]
+mode, _, at = action.rpartition(":")
+def on_phase(name):
+    if name != at:
+        return
+    if mode == "fill":
+        with open(os.path.join(config["output_dir"], "filler"), "wb") as f:
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+try:
+    run_training(TrainConfig(**config), verbose=0, on_phase=on_phase)
+except OSError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def _config(tmp_path, name="run", **overrides) -> dict:
+    return {**TINY, "output_dir": str(tmp_path / name), "text_cache_dir": str(tmp_path / "cache"), **overrides}
+
+
+def _run_script(config: dict, action: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(config), action], cwd=REPO_ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _leftovers(directory) -> list[str]:
+    """Half-written files: tmp files anywhere under `directory`."""
+    out = []
+    for root, _, files in os.walk(directory):
+        out += [os.path.join(root, f) for f in files if f.endswith(".tmp") or (f.startswith("tmp") and f.endswith(".keras"))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: what every resumed run must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    return run_training(TrainConfig(**_config(tmp)), verbose=0)
+
+
+# ---------------------------------------------------------------------- kills, final phase
+@pytest.mark.parametrize("phase", ["trained", "projector", "model"])
+def test_kill_in_the_final_phase_resumes_and_matches_an_uninterrupted_run(tmp_path, reference, phase):
+    """Keras' BackupAndRestore deleted backup/ when fit returned: a kill during evaluation /
+    export / model save made the rerun start from epoch 1. Now the backup stays until the
+    final files are written, and the rerun only evaluates and writes them."""
+    config = _config(tmp_path)
+    killed = _run_script(config, f"kill:{phase}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    out = tmp_path / "run"
+    assert read_backup_state(str(out / "backup")).epoch == 2
+    assert not (out / "metrics.json").exists()
+
+    messages = []
+    result = run_training(TrainConfig(**config), verbose=0, progress=messages.append)
+    assert any("All 2 epochs were done" in m for m in messages), messages
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed"] and metrics["initial_epoch"] == 2 and metrics["epochs_run"] == []
+    assert result.test_metrics == reference.test_metrics  # bit-identical to the uninterrupted run
+    assert not (out / "backup").exists() and _leftovers(out) == []
+    rows = (out / "training_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+
+
+# -------------------------------------------------------------------------- torn backups
+def _interrupted_run(tmp_path, at: str = "trained") -> dict:
+    """A run stopped (exception) at phase `at`, its backup left behind."""
+    config = _config(tmp_path)
+
+    def stop(name):
+        if name == at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(TrainConfig(**config), verbose=0, on_phase=stop)
+    return config
+
+
+def test_torn_newest_backup_falls_back_to_the_previous_one(tmp_path, reference):
+    config = _interrupted_run(tmp_path)
+    backup = tmp_path / "run" / "backup"
+    newest = read_backup_state(str(backup))
+    assert newest.epoch == 2
+    path = backup / newest.weights
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # a SIGKILL mid-write
+    messages = []
+    with pytest.warns(UserWarning, match="unreadable.*resuming from the previous backup \\(1 epochs done\\)"):
+        result = run_training(TrainConfig(**config), verbose=0, progress=messages.append)
+    assert result.initial_epoch == 1
+    assert any(m.startswith("Resuming from epoch 2 of 2 (1 done") for m in messages), messages
+    assert result.test_metrics == reference.test_metrics
+
+
+def test_empty_metadata_still_finds_the_backup_by_name(tmp_path, reference):
+    config = _interrupted_run(tmp_path)
+    (tmp_path / "run" / "backup" / "training_metadata.json").write_text("")
+    result = run_training(TrainConfig(**config), verbose=0)
+    assert result.initial_epoch == 2
+    assert result.test_metrics == reference.test_metrics
+
+
+@pytest.mark.parametrize("torn", ["weights", "metadata"])
+def test_torn_keras_backup_starts_over_with_a_warning(tmp_path, reference, torn):
+    """Keras' own layout (latest.weights.h5 written in place): a torn weights file gave
+    `OSError: Unable to synchronously open file` and an empty metadata file
+    `Expecting value` on every rerun, for ever."""
+    config = _config(tmp_path)
+    backup = tmp_path / "run" / "backup"
+    backup.mkdir(parents=True)
+    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100 if torn == "weights" else b"")
+    (backup / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}' if torn == "weights" else "")
+    with pytest.warns(UserWarning, match="starting over from epoch 1"):
+        result = run_training(TrainConfig(**config), verbose=0)
+    assert result.initial_epoch == 0
+    assert result.test_metrics == reference.test_metrics
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["resumed"] is False
+
+
+# ------------------------------------------------------------------------ tmp files, modes
+def test_stale_tmp_files_are_removed_and_model_keras_is_0644(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tmpab12cd_3.keras").write_bytes(b"")  # what a killed tempfile.mkstemp write left
+    (out / "metrics.json.tmp").write_text("{")
+    previous = os.umask(0o022)
+    try:
+        run_training(TrainConfig(**_config(tmp_path, epochs=1)), verbose=0)
+    finally:
+        os.umask(previous)
+    assert sorted(os.listdir(out)) == ["config.json", "logs", "metrics.json", "model.keras", "training_log.csv"]
+    modes = {name: oct((out / name).stat().st_mode & 0o777) for name in ("model.keras", "metrics.json", "config.json")}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+# ----------------------------------------------------------------------------- disk full
+@contextlib.contextmanager
+def tiny_disk(path, size: str):
+    """A tmpfs of `size` at `path` (root only; the test is skipped elsewhere)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_full_at_the_first_backup_is_a_clean_error_and_resumable(tmp_path):
+    """Before: HDF5 wrote the backup into a 1 MB disk and the process died (segfault, rc 139),
+    leaving a torn latest.weights.h5."""
+    with tiny_disk(tmp_path / "disk", "1m") as disk:
+        command = [sys.executable, "-m", "atl_keras.cli", "train", *TINY_FLAGS,
+                   "--text-cache-dir", str(tmp_path / "cache"), "--output", str(disk / "run")]
+        full = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert full.returncode == 1, (full.returncode, full.stderr[-3000:])
+        assert "no space left on device" in full.stderr and "Traceback" not in full.stderr
+        assert "rerun the same command" in full.stderr
+        assert _leftovers(disk) == []
+        backup = disk / "run" / "backup"
+        assert not backup.exists() or not [f for f in os.listdir(backup) if f.endswith(".h5")]
+
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        rerun = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert (disk / "run" / "model.keras").exists() and not backup.exists()
+
+
+def test_disk_full_at_the_final_model_write_keeps_the_backup(tmp_path, reference):
+    """Before: `OSError: [Errno 28]` traceback, and the backup already deleted."""
+    with tiny_disk(tmp_path / "disk", "32m") as disk:
+        config = _config(tmp_path, output_dir=str(disk / "run"))
+        full = _run_script(config, "fill:projector")  # the disk fills up before model.keras
+        assert full.returncode == 1, full.stderr[-3000:]
+        assert "Writing the final files" in full.stderr and "no space left on device" in full.stderr
+        assert "training is finished and its backup (2 epochs)" in full.stderr
+        assert not (disk / "run" / "model.keras").exists() and _leftovers(disk) == []
+        assert read_backup_state(str(disk / "run" / "backup")).epoch == 2
+
+        os.remove(disk / "run" / "filler")
+        result = run_training(TrainConfig(**config), verbose=0)
+        assert result.initial_epoch == 2 and result.test_metrics == reference.test_metrics
+        assert not (disk / "run" / "backup").exists()
+
+
+def test_backup_write_error_keeps_the_previous_backup(tmp_path, monkeypatch):
+    import atl_keras.backup as backup_module
+
+    model = run_training(TrainConfig(**_config(tmp_path, epochs=1)), verbose=0).model
+    backup = str(tmp_path / "b")
+    write_backup(model, backup, epoch=1)
+
+    def no_space(data, path, mode=0o666):
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(data[:10])
+        os.remove(f"{path}.tmp")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(backup_module, "write_bytes_atomically", no_space)
+    with pytest.raises(BackupWriteError, match="no space left on device; the previous backup \\(epoch 1\\)"):
+        write_backup(model, backup, epoch=2)
+    assert read_backup_state(backup).epoch == 1
+    assert sorted(os.listdir(backup)) == ["state-00001-000000.weights.h5", "training_metadata.json"]
+
+
+# -------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_prints_one_line_and_the_rerun_resumes(tmp_path):
+    out = tmp_path / "run"
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--epochs") + 1] = "3"
+    flags[flags.index("--steps-per-epoch") + 1] = "40"
+    command = [sys.executable, "-m", "atl_keras.cli", "train", *flags,
+               "--text-cache-dir", str(tmp_path / "cache"), "--output", str(out)]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = read_backup_state(str(out / "backup"))
+            if state is not None and state.epoch >= 1:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("atl train: interrupted; the backup in") and "rerun the same command" in lines[0]
+    assert read_backup_state(str(out / "backup")) is not None
+
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "atl train: Resuming from epoch" in rerun.stdout and "of 3" in rerun.stdout
+
+
+# ------------------------------------------------------------------------ bad input table
+def _write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _garbage_model(tmp_path) -> str:
+    directory = tmp_path / "garbage_encoder"
+    (directory / "variables").mkdir(parents=True)
+    (directory / "saved_model.pb").write_bytes(b"not a protobuf \xff\xfe")
+    (directory / "variables" / "variables.index").write_bytes(b"x")
+    return str(directory)
+
+
+BAD_INPUT = [
+    # (name, argv builder(tmp_path) -> extra flags, expected message)
+    ("yaml-epochs-word", lambda t: ["--config", _write(t / "a.yaml", "epochs: five\n")],
+     "a.yaml: epochs must be an integer, got 'five'"),
+    ("yaml-epochs-float", lambda t: ["--config", _write(t / "a.yaml", "epochs: 2.5\n")],
+     "a.yaml: epochs must be an integer, got 2.5"),
+    ("yaml-p-list", lambda t: ["--config", _write(t / "a.yaml", "p: [1, 2]\n")],
+     "a.yaml: p must be an integer (or null), got [1, 2]"),
+    ("yaml-syntax", lambda t: ["--config", _write(t / "a.yaml", "epochs: 3\n  mining: [x\n")],
+     "a.yaml is not valid YAML: mapping values are not allowed here at line 2"),
+    ("yaml-bool-string", lambda t: ["--config", _write(t / "a.yaml", "augment: maybe\n")],
+     "augment must be true or false, got 'maybe'"),
+    ("image-size-0", lambda t: ["--image-size", "0"], "image_size must be >= 8, got 0"),
+    ("learning-rate-0", lambda t: ["--learning-rate", "0"], "learning_rate must be > 0"),
+    ("margins-crossed", lambda t: ["--min-margin", "0.5", "--max-margin", "0.1"], "must be >= min_margin"),
+    ("output-is-a-file", lambda t: ["--output", _write(t / "file.txt", "x")], "is an existing file, not a directory"),
+    ("output-under-a-file", lambda t: ["--output", os.path.join(_write(t / "f", "x"), "run")], "is inside the file"),
+    ("too-small-for-ks", lambda t: ["--synthetic-items", "20", "--ks", "1,10,20"],
+     "recall_at_20 needs at least 20 gallery images in the test set"),
+    ("garbage-encoder", lambda t: ["--text-encoder", _garbage_model(t)], "holds a saved_model.pb TensorFlow cannot load"),
+]
+
+
+@pytest.mark.parametrize("name, extra, message", BAD_INPUT, ids=[case[0] for case in BAD_INPUT])
+def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(tmp_path, capsys, name, extra, message):
+    out = tmp_path / "out" / "run"
+    flags = [*TINY_FLAGS, "--text-cache-dir", str(tmp_path / "cache"), "--output", str(out)]
+    extra = extra(tmp_path)
+    overridden = [f for f in extra if f.startswith("--")]
+    if "--config" in extra:  # a flag would override the YAML value under test
+        text = open(extra[extra.index("--config") + 1]).read()
+        overridden += ["--" + key.replace("_", "-") for key in re.findall(r"(?m)^(\w+):", text)]
+    for flag in overridden:
+        if flag in flags:
+            j = flags.index(flag)
+            del flags[j : j + 2]
+    code = cli.main(["train", *flags, *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err, err
+    assert "Traceback" not in err and len([l for l in err.splitlines() if "error:" in l]) == 1
+    assert not out.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--ks", "0"), ("--ks", "1,x"), ("--save-freq", "often"),
+                                         ("--epochs", "five")])
+def test_bad_flag_values_are_argparse_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_evaluate_limit_0_is_a_clean_error(tmp_path, capsys, reference):
+    code = cli.main(["evaluate", "--model", reference.model_path, "--limit", "0"])
+    assert code == 2 and "limit must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- small catalogs
+def _tiny_catalog(tmp_path, train_items: int, test_items: int, per_item: int = 3) -> str:
+    rng = np.random.default_rng(0)
+    rows = ["image,item_id,description,split"]
+    for split, count in (("train", train_items), ("test", test_items)):
+        for item in range(count):
+            for view in range(per_item):
+                path = tmp_path / "img" / f"{split}{item}_{view}.png"
+                path.parent.mkdir(exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(path)
+                rows.append(f"{path},{split}-{item},a {split} item number {item},{split}")
+    return _write(tmp_path / "catalog.csv", "\n".join(rows) + "\n")
+
+
+def test_catalog_too_small_for_a_validation_carve_trains_without_validation(tmp_path, capsys):
+    """Before: `No rows in split 'val'` after decoding the catalog."""
+    catalog = _tiny_catalog(tmp_path, train_items=4, test_items=3)
+    out = tmp_path / "run"
+    code = cli.main(["train", "--dataset", f"catalog:{catalog}", "--image-size", "16", "--text-encoder", "hashing",
+                     "--text-cache-dir", str(tmp_path / "cache"), "--p", "2", "--k", "2", "--epochs", "1",
+                     "--steps-per-epoch", "2", "--ks", "1,5", "--embedding-dim", "8", "--projector-size", "0",
+                     "--quiet", "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "warning: catalog:" in captured.err and "too few to carve a validation split" in captured.err
+    assert "needs at least 5" in captured.err
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert not any(key.startswith("val_") for key in history)
+
+
+def test_tiny_deepfashion_layout_loads_without_validation(tmp_path):
+    """Before: `No rows in split 'val'` on a tiny official-layout catalog."""
+    from atl_keras.data.datasets import load_retrieval_data
+    from tests.test_deepfashion import make_inshop
+
+    make_inshop(tmp_path)
+    with pytest.warns(UserWarning, match="too few to carve a validation split"):
+        data = load_retrieval_data(f"deepfashion-inshop:{tmp_path}", image_size=16)
+    assert data.validation is None and data.test.protocol == "query->gallery"
+
+
+def test_validation_set_too_small_for_ks_is_dropped_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match="recall_at_20 needs at least 20 gallery images in the validation set"):
+        result = run_training(TrainConfig(**_config(tmp_path, synthetic_items=60, ks=(1, 20), epochs=1)),
+                              verbose=0)
+    assert "val_recall_at_1" not in result.history and "recall_at_20" in result.test_metrics
+
+
+# ----------------------------------------------------------------------- text encoders
+def test_text_encoder_url_that_never_answers_times_out(monkeypatch):
+    """Before: only the TCP connect was checked, then tensorflow_hub's urlopen waited for ever."""
+    from atl_keras.text import TextEncoder
+
+    for key in list(os.environ):
+        if "proxy" in key.lower():
+            monkeypatch.delenv(key)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(server.accept()) for _ in range(8)], daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/encoder-{uuid.uuid4().hex}"
+    try:
+        with pytest.raises(ConnectionError, match="accepted the connection but sent nothing for 0.5 s"):
+            TextEncoder(url, read_timeout=0.5)
+    finally:
+        server.close()
+    assert accepted  # the server did accept: the connect check alone could not catch it
+
+
+def test_garbage_saved_model_is_a_clear_value_error(tmp_path):
+    from atl_keras.text import TextEncoder
+
+    with pytest.raises(ValueError, match="holds a saved_model.pb TensorFlow cannot load.*Re-export it"):
+        TextEncoder(_garbage_model(tmp_path))
+
+
+def test_every_phase_is_reported_in_order(tmp_path):
+    seen = []
+    run_training(TrainConfig(**_config(tmp_path, epochs=1)), verbose=0, on_phase=seen.append)
+    assert tuple(seen) == PHASES
