@@ -60,6 +60,9 @@ __all__ = [
 # Margins between classes.
 # --------------------------------------------------------------------------
 
+#: `AdaptiveProxyLoss` builds the [C, C] text margin matrix once up to this many classes.
+PRECOMPUTE_MAX_CLASSES = 2048
+
 
 def _validate_range(min_margin: float, max_margin: float) -> tuple[float, float]:
     min_margin, max_margin = float(min_margin), float(max_margin)
@@ -311,8 +314,10 @@ class AdaptiveProxyLoss(_ProxyLossBase):
 
     - ``class_text_embeddings`` ``[C, T]`` (row c = text embedding of class c, all-zero =
       missing description): margins through ATL's mapping with ``min_margin``,
-      ``max_margin``, ``distance`` and ``missing_text_margin`` (None = midpoint), computed for
-      the batch's rows (``[B, T] x [T, C]``, no ``[C, C]`` matrix is stored);
+      ``max_margin``, ``distance`` and ``missing_text_margin`` (None = midpoint). With
+      ``precompute_margins`` (None: when ``C <= 2048``) the ``[C, C]`` matrix is built once
+      (`class_margin_matrix`) and a batch gathers its rows; otherwise each batch computes its
+      rows (``[B, T] x [T, C]``, no ``C^2`` memory);
     - ``margin_matrix`` ``[C, C]`` (any mapping, e.g. `class_margin_matrix`, a catalog-scaled
       or a permuted control): row ``y`` are the margins of class ``y`` against every class;
     - ``margin`` (a float): the same margin for every negative, which is the plain
@@ -342,6 +347,7 @@ class AdaptiveProxyLoss(_ProxyLossBase):
         scale: float = 16.0,
         distance: str = "squared_l2",
         missing_text_margin: float | None = None,
+        precompute_margins: bool | None = None,
         name: str = "adaptive_proxy_loss",
         reduction: str | None = "sum_over_batch_size",
         dtype: Any = "float32",
@@ -367,9 +373,19 @@ class AdaptiveProxyLoss(_ProxyLossBase):
             raise ValueError(f"margin must be a finite number >= 0, got {margin!r}.")
         self.class_text_embeddings = None
         self.margin_matrix = None
+        if precompute_margins not in (None, True, False):
+            raise ValueError(f"precompute_margins must be None, True or False, got {precompute_margins!r}.")
+        self.precompute_margins = precompute_margins
+        self._text_matrix = None
         if class_text_embeddings is not None:
             self.class_text_embeddings = np.asarray(class_text_embeddings, np.float32)
             self._unit_text, self._missing = _normalised_classes(self.class_text_embeddings)
+            classes = len(self.class_text_embeddings)
+            if precompute_margins or (precompute_margins is None and classes <= PRECOMPUTE_MAX_CLASSES):
+                self._text_matrix = class_margin_matrix(
+                    self.class_text_embeddings, self.min_margin, self.max_margin, self.distance,
+                    self.missing_text_margin,
+                )
         if margin_matrix is not None:
             matrix = np.asarray(margin_matrix, np.float32)
             if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not np.all(np.isfinite(matrix)):
@@ -391,8 +407,9 @@ class AdaptiveProxyLoss(_ProxyLossBase):
         if self.margin is not None:
             return self.margin
         labels = ops.cast(labels, "int32")
-        if self.margin_matrix is not None:
-            return ops.take(ops.convert_to_tensor(self.margin_matrix), labels, axis=0)
+        matrix = self.margin_matrix if self.margin_matrix is not None else self._text_matrix
+        if matrix is not None:
+            return ops.take(ops.convert_to_tensor(matrix), labels, axis=0)
         unit = ops.convert_to_tensor(self._unit_text)
         cosine = ops.matmul(ops.take(unit, labels, axis=0), ops.transpose(unit))
         distances = _distance_from_cosine(ops.clip(cosine, -1.0, 1.0), self.distance)
@@ -421,6 +438,7 @@ class AdaptiveProxyLoss(_ProxyLossBase):
             "scale": self.scale,
             "distance": self.distance,
             "missing_text_margin": self.missing_text_margin,
+            "precompute_margins": self.precompute_margins,
         }
 
 

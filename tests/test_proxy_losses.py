@@ -106,12 +106,13 @@ def _problem(seed: int, batch: int = 8, classes: int = 6, dim: int = 5, text_dim
 
 
 # ------------------------------------------------------------------ adaptive proxy loss
+@pytest.mark.parametrize("precompute", [True, False])
 @pytest.mark.parametrize("distance", ["squared_l2", "l2", "cosine"])
-def test_adaptive_proxy_matches_loop_reference_values_and_gradients(distance):
+def test_adaptive_proxy_matches_loop_reference_values_and_gradients(distance, precompute):
     labels, f, p, g = _problem(0)
     g[3] = 0.0  # class 3 has no description: its pairs get the midpoint margin
     loss = AdaptiveProxyLoss(class_text_embeddings=g, min_margin=0.1, max_margin=0.6, scale=8.0,
-                             distance=distance)
+                             distance=distance, precompute_margins=precompute)
 
     def margin_of(y, c):
         return reference_margin(g[y].astype(np.float64), g[c].astype(np.float64), 0.1, 0.6, distance, None)
@@ -204,7 +205,7 @@ def test_proxy_anchor_matches_pytorch_metric_learning():
 
 # ------------------------------------------------------------------------------ numerics
 @pytest.mark.parametrize("make", [
-    lambda g: AdaptiveProxyLoss(class_text_embeddings=g),
+    lambda g: AdaptiveProxyLoss(class_text_embeddings=g, precompute_margins=False),
     lambda g: AdaptiveProxyLoss(class_text_embeddings=np.zeros_like(g)),  # no descriptions at all
     lambda g: ProxyAnchorLoss(),
 ])
