@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "AdaptiveTripletLoss": "atl_keras.losses",
     "TripletLoss": "atl_keras.losses",
     "adaptive_triplet_loss": "atl_keras.losses",
+    "margin_triplet_loss": "atl_keras.losses",
     "triplet_loss": "atl_keras.losses",
     "triplet_statistics": "atl_keras.losses",
     "RetrievalEvaluation": "atl_keras.metrics",
@@ -85,6 +86,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         AdaptiveTripletLoss,
         TripletLoss,
         adaptive_triplet_loss,
+        margin_triplet_loss,
         triplet_loss,
         triplet_statistics,
     )
