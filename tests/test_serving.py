@@ -638,7 +638,7 @@ def test_serves_atl_keras_export(served, tmp_path):
 def test_repo_models_config_parses():
     models = parse_model_config((REPO / "serving" / "models.config").read_text())
     assert [(m.name, m.base_path, m.version_policy) for m in models] == [
-        ("atl", "/models/atl", VersionPolicy("latest", num_versions=1))
+        ("shop", "/models/shop-portable", VersionPolicy("latest", num_versions=1))
     ]
 
 
