@@ -100,6 +100,24 @@ def _plot(distances: np.ndarray, margins: np.ndarray, threshold: float | None, p
     plt.close(fig)
 
 
+def mapping_spreads(text: np.ndarray, config) -> dict[str, str]:
+    """One line per margin mapping: mean, sd, CV, min and max of the margins it gives the
+    items' pairs (``paper`` only for squared_l2)."""
+    from atl_keras.margin_sources import MAPPINGS, margin_spread, margin_table
+
+    out = {}
+    for mapping in MAPPINGS:
+        if mapping == "paper" and config.distance != "squared_l2":
+            continue
+        table = margin_table("text", text_embeddings=text, mapping=mapping, min_margin=config.min_margin,
+                             max_margin=config.max_margin, distance=config.distance,
+                             missing_text_margin=config.missing_text_margin)
+        s = margin_spread(table)
+        out[mapping] = (f"mean {s['mean']:.3f}, sd {s['sd']:.3f}, CV {s['cv']:.3f}, "
+                        f"range {s['min']:.3f}-{s['max']:.3f}")
+    return out
+
+
 def inspect_margins(config, output_dir: str = "runs/margins", examples: int = 5) -> MarginReport:
     """Margins of `config.dataset`'s training items under `config`'s encoder and range.
 
@@ -140,6 +158,9 @@ def inspect_margins(config, output_dir: str = "runs/margins", examples: int = 5)
         f"margins with min_margin={config.min_margin}, max_margin={config.max_margin}: "
         f"min {margins.min():.3f}, median {np.median(margins):.3f}, max {margins.max():.3f}",
     ]
+    lines.append("margin spread per mapping (sd / mean = coefficient of variation; "
+                 "--margin-mapping chooses, see atl_keras.margin_sources):")
+    lines.extend(f"  {name:8s} {line}" for name, line in mapping_spreads(text, config).items())
     if below is not None:
         lines.append(
             f"semantic_threshold={config.semantic_threshold}: {below:.1%} of item pairs are "

@@ -192,3 +192,16 @@ def test_table_loss_round_trips_and_refuses_bad_tables():
         MarginTableTripletLoss(np.full((2, 2), -0.1))
     with pytest.raises(ValueError, match="sample_weight"):
         loss(np.array([0, 0, 1, 1]), np.eye(4, 2, dtype=np.float32), sample_weight=np.ones(4))
+
+
+def test_inspect_margins_spread_lines_follow_margin_spread():
+    from atl_keras.margins import mapping_spreads
+    from atl_keras.train import TrainConfig
+
+    rng = np.random.default_rng(7)
+    text = _unit(rng, 20, 32)
+    lines = mapping_spreads(text, TrainConfig())
+    assert list(lines) == ["linear", "paper", "catalog"]
+    s = margin_spread(margin_table("text", text_embeddings=text, mapping="catalog"))
+    assert f"CV {s['cv']:.3f}" in lines["catalog"]
+    assert "paper" not in mapping_spreads(text, TrainConfig(distance="cosine"))

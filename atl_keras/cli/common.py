@@ -20,7 +20,11 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "Debian package dataset-fashion-mnist)",
     )
     p.add_argument("--image-size", type=int, help="square image size for decoded files")
-    p.add_argument("--synthetic-items", type=int, help="items of the synthetic shop")
+    p.add_argument("--synthetic-items", type=int, help="items (listings) of the synthetic shop")
+    p.add_argument("--synthetic-variants", type=float, metavar="FRACTION",
+                   help="share of the synthetic shop's designs listed 2-3 times under different item ids "
+                   "(re-listings, colour variants): the weak-label testbed (default 0)")
+    p.add_argument("--synthetic-street-views", type=int, help="street photos (test queries) per synthetic item")
     p.add_argument(
         "--unseen-classes",
         type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
