@@ -97,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"atl train: {interrupted_message(config)}", file=sys.stderr, flush=True)
         return 130
-    protocol = result.data.test.protocol if result.data else "test"
-    print(f"\nTest retrieval ({protocol}, items unseen in training) on {config.dataset}, "
+    print(f"\nTest retrieval ({describe_test(result.data)}) on {config.dataset}, "
           f"trained in {result.seconds:.0f} s:")
     print(format_metrics_table(result.test_metrics))
     print(f"\nModel: {result.model_path}\nMetrics: {os.path.join(result.output_dir, 'metrics.json')}"
@@ -119,3 +118,18 @@ def interrupted_message(config) -> str:
                 "command to write the final files.")
     return (f"interrupted; the backup in {backup_dir} ({done} of {config.epochs} epochs done) is kept: "
             f"rerun the same command to resume from epoch {done + 1}.")
+
+
+def describe_test(data) -> str:
+    """The test protocol, and whether its labels (items or classes) were trained on: the
+    shop's test items never are; Fashion-MNIST's 10 classes are, unless --unseen-classes."""
+    if data is None:
+        return "test"
+    import numpy as np
+
+    test = data.test
+    labels = test.query_labels if test.gallery_labels is None else np.concatenate(
+        [test.query_labels, test.gallery_labels])
+    if np.isin(labels, data.train_labels).any():
+        return f"{test.protocol}, new images of labels seen in training"
+    return f"{test.protocol}, items unseen in training"
