@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "RetrievalEvaluation": "atl_keras.metrics",
     "format_metrics_table": "atl_keras.metrics",
     "retrieval_metrics": "atl_keras.metrics",
+    "index_catalog": "atl_keras.catalog_index",
     "ATLModel": "atl_keras.model",
     "write_projector": "atl_keras.projector",
     "ProxyHead": "atl_keras.proxies",
@@ -91,6 +92,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         triplet_statistics,
     )
     from atl_keras.metrics import RetrievalEvaluation, format_metrics_table, retrieval_metrics
+    from atl_keras.catalog_index import index_catalog
     from atl_keras.model import ATLModel
     from atl_keras.projector import write_projector
     from atl_keras.proxies import ProxyHead, strip_proxies
