@@ -1,4 +1,8 @@
-"""The README's "Quick start from Python" snippet runs exactly as written."""
+"""The README's Python snippets run exactly as written (tests/test_readme_cli.py: its commands).
+
+A snippet preceded by an HTML comment containing "not run" (a signature listing, or one
+that needs the reader's own files) is only compiled.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,45 @@ def quick_start_snippet() -> str:
     match = re.search(r"```python\n(.*?)```", section, flags=re.S)
     assert match, "README has no python block under 'Quick start from Python'"
     return match.group(1)
+
+
+def python_snippets() -> list[tuple[str, str, bool]]:
+    """(section heading, code, runnable) of every ```python block of the README, in order."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    snippets, heading = [], "top"
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        if line.strip() == "```python":
+            before = next((l for l in reversed(lines[:i]) if l.strip()), "")
+            end = lines.index("```", i + 1)
+            runnable = not (before.startswith("<!--") and "not run" in before)
+            snippets.append((heading, "\n".join(lines[i + 1:end]) + "\n", runnable))
+            i = end
+        i += 1
+    return snippets
+
+
+def test_every_python_snippet_compiles():
+    snippets = python_snippets()
+    assert snippets and snippets[0][0] == "Quick start from Python"
+    for heading, code, _ in snippets:
+        compile(code, f"README.md ({heading})", "exec")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "heading, code",
+    [(h, c) for h, c, runnable in python_snippets()[1:] if runnable],
+    ids=lambda value: value if len(value) < 40 else None,
+)
+def test_python_snippet_runs(heading, code, monkeypatch):
+    """Snippets after the quick start run in the checkout, each in a fresh namespace."""
+    monkeypatch.chdir(REPO_ROOT)
+    exec(compile(code, f"README.md ({heading})", "exec"), {"__name__": "__readme__"})
 
 
 def test_readme_opens_with_the_two_commands():
