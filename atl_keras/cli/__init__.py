@@ -29,8 +29,8 @@ COMMANDS = {"train": train, "evaluate": evaluate, "inspect-margins": inspect_mar
 PASSTHROUGH = {
     "export": ("atl_keras.cli.export", "SavedModel + ScaNN index as saved_models/NAME/N (atl export -h)"),
     "index": ("atl_keras.cli.index", "index a product catalog with a trained model as saved_models/NAME/N (atl index -h)"),
-    "serve": ("serving.server", "gRPC server speaking TF Serving's API (atl serve -h)"),
-    "query": ("serving.client", "query a served model with images (atl query -h)"),
+    "serve": ("atl_keras.serving.server", "gRPC server speaking TF Serving's API (atl serve -h)"),
+    "query": ("atl_keras.serving.client", "query a served model with images (atl query -h)"),
     "replicate": ("atl_keras.cli.replicate", "triplet baselines vs ATL over seeds, report in results/ (atl replicate -h)"),
 }
 
