@@ -442,13 +442,16 @@ def test_same_values_on_the_jax_backend():
 def test_train_config_trains_proxy_losses(tmp_path):
     from atl_keras.train import TrainConfig, run_training
 
-    for loss in ("adaptive_proxy", "proxy_anchor"):
+    for loss, source in (("adaptive_proxy", "text"), ("adaptive_proxy", "permuted"), ("proxy_anchor", "text")):
         config = TrainConfig(
             dataset="synthetic-shop", synthetic_items=40, image_size=16, text_encoder="hashing",
             text_cache_dir=str(tmp_path / "cache"), p=4, k=2, epochs=1, steps_per_epoch=3,
-            ks=(1, 5), embedding_dim=8, output_dir=str(tmp_path / loss), projector_size=0, loss=loss,
+            ks=(1, 5), embedding_dim=8, output_dir=str(tmp_path / f"{loss}-{source}"), projector_size=0,
+            loss=loss, margin_source=source,
         )
         result = run_training(config, verbose=0)
+        if source == "permuted":  # the weak-label margin tables plug in as a [C, C] margin matrix
+            assert result.model.loss.margin_matrix.shape == (result.model.num_proxies,) * 2
         assert result.model.num_proxies == len(np.unique(result.data.train_labels))
         assert np.isfinite(result.history["loss"]).all()
         assert 0.0 <= result.test_metrics["recall_at_1"] <= 1.0
