@@ -293,6 +293,15 @@ class ATLModel(keras.Model):
             total = total + ops.cast(self._aggregate_additional_loss(extra), "float32")
         return total
 
+    def fit(self, *args: Any, **kwargs: Any):
+        """`keras.Model.fit`; with a ``tf.data.Dataset`` (e.g. `pk_dataset`, which already
+        randomises its batches) ``shuffle`` defaults to False, since Keras ignores
+        ``shuffle=True`` for datasets and warns that it does."""
+        x = args[0] if args else kwargs.get("x")
+        if "shuffle" not in kwargs and len(args) < 9 and isinstance(x, tf.data.Dataset):
+            kwargs["shuffle"] = False
+        return super().fit(*args, **kwargs)
+
     def train_step(self, data):
         return self._multi_worker_logs(super().train_step(data))
 
