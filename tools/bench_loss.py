@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+tf.get_logger().setLevel("ERROR")  # each (loss, B) traces its own step: retracing notes are expected
+
 from atl_keras.losses import MINING_MODES, AdaptiveTripletLoss, TripletLoss  # noqa: E402
 
 EMBEDDING_DIM = 128
