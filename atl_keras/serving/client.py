@@ -268,7 +268,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error(f"argument --k: must be >= 1 (results per query), got {args.k}")
+    if args.timeout <= 0:
+        parser.error(f"argument --timeout: must be > 0 seconds, got {args.timeout:g}")
     try:
         images = [pathlib.Path(p).read_bytes() for p in args.image]
     except OSError as err:
@@ -294,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         channel.close()
     print(format_table([pathlib.Path(p).name for p in args.image], results))
