@@ -193,7 +193,7 @@ def test_weak_label_conditions_differ_only_in_their_margin_table():
 
 
 # --------------------------------------------------------------------------- the command
-def _write_catalog(root: pathlib.Path, items: int = 16) -> pathlib.Path:
+def _write_catalog(root: pathlib.Path, items: int = 48) -> pathlib.Path:
     shop = make_synthetic_shop(items, catalog_per_item=2, street_per_item=2, image_size=16, seed=0)
     rows = []
     for row, (label, domain) in enumerate(zip(shop.labels, shop.domains)):
@@ -226,7 +226,18 @@ def test_atl_replicate_on_a_users_catalog_writes_the_weak_label_report(tmp_path)
     assert "oracle" not in report.split("### Every run")[0].split("### Every condition")[1]  # no attributes
     assert "**Text is used on this catalog**" in report
     assert (out / "weak_label_records.json").exists()
-    assert not (REPO_ROOT / "results" / "weak_label.md").is_relative_to(out)
+
+
+def test_atl_replicate_on_a_too_small_catalog_says_what_is_missing(tmp_path):
+    catalog = _write_catalog(tmp_path, items=8)
+    proc = subprocess.run(
+        [sys.executable, "-m", "atl_keras.cli", "replicate", "--dataset", f"catalog:{catalog}", "--seeds", "1",
+         "--schedule", "quick", "--text-encoder", "hashing", "--output", str(tmp_path / "out"),
+         "--work-dir", str(tmp_path / "work")],
+        cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_quick_never_writes_over_published_results(tmp_path):

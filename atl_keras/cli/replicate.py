@@ -110,7 +110,11 @@ def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     else:
-        result = run_replication(config, progress=lambda msg: print(msg, flush=True), command=command.strip())
+        try:
+            result = run_replication(config, progress=lambda msg: print(msg, flush=True), command=command.strip())
+        except (ValueError, FileNotFoundError) as err:  # the user's data or settings: one clear line
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     paths = write_report(result, output)
     print(f"wrote {paths['report']} ({len(result.records)} runs, {(time.perf_counter() - start) / 60:.1f} min)")
     for name, path in sorted(paths.items()):
