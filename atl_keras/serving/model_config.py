@@ -240,6 +240,39 @@ class TLSConfig:
     custom_ca: bytes | None = None
     client_verify: bool = False
 
+    def __post_init__(self) -> None:
+        if self.client_verify and not self.custom_ca:
+            raise ValueError(
+                "client_verify: true needs custom_ca (the CA PEM that signs client certificates); "
+                "add custom_ca to --ssl_config_file or set client_verify: false"
+            )
+        check_key_pair(self.server_key, self.server_cert)
+
+
+def check_key_pair(key_pem: bytes, cert_pem: bytes) -> None:
+    """Raise `ValueError` unless ``key_pem`` is the private key of the PEM certificate ``cert_pem``
+    (gRPC would only fail later, at bind time, with an error that reads like a busy port)."""
+    import ssl
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="atl-tls-check-") as tmp:
+        key_path, cert_path = os.path.join(tmp, "key.pem"), os.path.join(tmp, "cert.pem")
+        for path, data in ((key_path, key_pem), (cert_path, cert_pem)):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                f.write(data)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as err:
+            if "KEY_VALUES_MISMATCH" in str(err):
+                raise ValueError(
+                    "the TLS private key does not match the certificate (--ssl_key / server_key must be "
+                    "the key the --ssl_cert / server_cert was issued for)"
+                ) from None
+            raise ValueError(
+                f"the TLS certificate or private key is not a valid PEM file ({err.reason or err}); "
+                "pass PEM files (-----BEGIN CERTIFICATE----- / -----BEGIN PRIVATE KEY-----)"
+            ) from None
+
 
 def _ssl_config_class():
     fdp = descriptor_pb2.FileDescriptorProto(
