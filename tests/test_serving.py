@@ -668,3 +668,16 @@ def test_cli_server_and_client_subprocesses(served):
     served.cli_server.send_signal(signal.SIGTERM)
     assert served.cli_server.wait(timeout=60) == 0
 
+
+
+@pytest.mark.parametrize("array", [
+    np.array([[b"a", b"bc"], [b"", b"\xff"]], dtype=object), np.arange(6, dtype=np.float32).reshape(2, 3),
+    np.array(3, dtype=np.int32), np.array([], dtype=object), np.zeros((0, 3), np.float32),
+    np.array([True, False]), np.arange(4, dtype=np.int64), np.ones((2, 2), np.float64),
+])
+def test_response_tensor_proto_matches_make_tensor_proto(array):
+    from atl_keras.serving.requests import tensor_proto
+
+    got, ref = tensor_proto(array), tf.make_tensor_proto(array)
+    assert got.dtype == ref.dtype and got.tensor_shape == ref.tensor_shape
+    np.testing.assert_array_equal(tf.make_ndarray(got), tf.make_ndarray(ref))

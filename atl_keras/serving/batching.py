@@ -36,6 +36,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, te
 
 from atl_keras.serving.errors import RequestError, invalid_argument
 from atl_keras.serving.loader import LoadedVersion, SignatureInfo
+from atl_keras.serving.requests import spec_dims
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class BatchScheduler:
 
     # -- request side
     def run(self, loaded: LoadedVersion, signature: SignatureInfo, arrays: Mapping[str, np.ndarray]):
-        batched = [k for k, spec in signature.inputs.items() if spec.shape.rank and spec.shape[0] is None]
+        batched = [k for k, spec in signature.inputs.items() if spec_dims(spec)[1]]
         if not batched:
             return self._run_signature(signature, arrays)
         params = self._params_for(loaded)
@@ -287,7 +288,7 @@ class BatchScheduler:
         merged: dict[str, np.ndarray] = {}
         for key, spec in signature.inputs.items():
             first = tasks[0].arrays[key]
-            if spec.shape.rank and spec.shape[0] is None:
+            if spec_dims(spec)[1]:
                 parts = [t.arrays[key] for t in tasks]
                 if padded > rows:
                     parts.append(np.repeat(parts[-1][-1:], padded - rows, axis=0))

@@ -7,6 +7,7 @@ raise :class:`RequestError` with the status to answer.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import grpc
@@ -81,6 +82,15 @@ def _check_image_bytes(key: str, values: np.ndarray, max_pixels: int = 0) -> Non
                 )
 
 
+@functools.lru_cache(maxsize=4096)
+def spec_dims(spec: tf.TensorSpec) -> tuple[tuple[int | None, ...] | None, bool]:
+    """``(dims or None for unknown rank, batched?)`` of a spec; batched = rank >= 1, dim 0 free."""
+    if spec.shape.rank is None:
+        return None, False
+    dims = tuple(spec.shape.as_list())
+    return dims, bool(dims) and dims[0] is None
+
+
 def _check_names(signature: SignatureInfo, given: set[str]) -> None:
     expected = set(signature.inputs)
     if expected != given:
@@ -148,18 +158,19 @@ def check_arrays(
     batch_sizes: dict[str, int] = {}
     for key, spec in signature.inputs.items():
         dims = tuple(arrays[key].shape)
-        if spec.shape.rank is not None:
-            if len(dims) != spec.shape.rank:
+        expected, batched = spec_dims(spec)
+        if expected is not None:
+            if len(dims) != len(expected):
                 raise invalid_argument(
                     f"inputs[{key!r}] has rank {len(dims)} (shape {list(dims)}), signature "
-                    f"{signature.name!r} expects rank {spec.shape.rank} (shape {spec.shape})"
+                    f"{signature.name!r} expects rank {len(expected)} (shape {spec.shape})"
                 )
-            if not spec.shape.is_compatible_with(dims):
+            if any(e is not None and e != d for e, d in zip(expected, dims)):
                 raise invalid_argument(
                     f"inputs[{key!r}] has shape {list(dims)}, signature {signature.name!r} expects "
                     f"{spec.shape} (None = any size)"
                 )
-            if spec.shape.rank >= 1 and spec.shape[0] is None:
+            if batched:
                 batch_sizes[key] = dims[0]
     if len(set(batch_sizes.values())) > 1:
         raise invalid_argument(f"batched inputs disagree on the batch size: {batch_sizes}")
@@ -215,9 +226,38 @@ def run_signature(signature: SignatureInfo, arrays: Mapping[str, np.ndarray]) ->
         for status in grpc.StatusCode:
             if status.value[0] == err.error_code:
                 code = status
-        lines = (err.message or str(err)).strip().splitlines()
-        first_line = lines[0] if lines else ""
-        raise RequestError(code, f"signature {signature.name!r} failed: {type(err).__name__}: {first_line}") from err
+        culprit = _undecodable_image(signature, arrays)
+        if culprit is not None:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, culprit) from err
+        raise RequestError(
+            code, f"signature {signature.name!r} failed: {type(err).__name__}: {op_error_cause(err)}"
+        ) from err
+
+
+def op_error_cause(err: tf.errors.OpError) -> str:
+    """The line of a TensorFlow error that says what went wrong: not "Graph execution error:",
+    the "Detected at node" stack or the "[[{{node ...}}]]" annotations."""
+    skip = ("Graph execution error", "Detected at node", "File ", "[[", "Error in user-defined")
+    lines = [line.strip() for line in (err.message or str(err)).splitlines()]
+    causes = [line for line in lines if line and not line.startswith(skip)] or [""]
+    cause = causes[-1].split(" [Op:")[0].strip()
+    while cause.startswith("{{") and "}}" in cause:  # "{{function_node ...}} message"
+        cause = cause[cause.index("}}") + 2:].strip()
+    return cause
+
+
+def _undecodable_image(signature: SignatureInfo, arrays: Mapping[str, np.ndarray]) -> str | None:
+    """After a failed call: which string input is not a decodable image, and why (None: all decode)."""
+    for key, spec in signature.inputs.items():
+        if spec.dtype != tf.string or key not in arrays:
+            continue
+        for i, data in enumerate(np.asarray(arrays[key], dtype=object).reshape(-1)):
+            try:
+                tf.io.decode_image(bytes(data), channels=3, expand_animations=False)
+            except tf.errors.OpError as err:
+                return (f"inputs[{key!r}][{i}] cannot be decoded as an image ({len(bytes(data))} bytes): "
+                        f"{op_error_cause(err)}; send a complete JPEG, PNG, GIF or BMP file")
+    return None
 
 
 
@@ -250,6 +290,12 @@ def tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
     """
     dtype = _NUMERIC_DTYPES.get(array.dtype)
     if dtype is None:
+        if array.dtype == object and array.size and all(isinstance(v, bytes) for v in array.flat):
+            proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING)
+            for size in array.shape:
+                proto.tensor_shape.dim.add(size=size)
+            proto.string_val.extend(array.ravel().tolist())
+            return proto
         return tf.make_tensor_proto(array)
     proto = tensor_pb2.TensorProto(dtype=dtype)
     for size in array.shape:
