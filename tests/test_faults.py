@@ -439,3 +439,85 @@ def test_every_phase_is_reported_in_order(tmp_path):
     seen = []
     run_training(TrainConfig(**_config(tmp_path, epochs=1)), verbose=0, on_phase=seen.append)
     assert tuple(seen) == PHASES
+
+
+# ------------------------------------------------------------------------- serving, query
+def test_query_k_0_is_an_argparse_error(tmp_path, capsys):
+    image = tmp_path / "q.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["query", "--model", "m", "--image", str(image), "--k", "0", "--server", "127.0.0.1:1"])
+    assert exit_info.value.code == 2
+    assert "argument --k: must be >= 1" in capsys.readouterr().err
+
+
+def test_query_missing_tls_ca_file_is_one_error_line(tmp_path, capsys):
+    image = tmp_path / "q.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    code = cli.main(["query", "--model", "m", "--image", str(image), "--tls-ca", str(tmp_path / "missing.pem"),
+                     "--server", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read a TLS file" in err and "missing.pem" in err and "Traceback" not in err
+
+
+def _certificate(tmp_path, name: str) -> tuple[str, str]:
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                           "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
+    if made.returncode:
+        pytest.skip("needs the openssl CLI to make a test certificate")
+    return str(key), str(cert)
+
+
+def test_serve_with_a_key_that_does_not_match_the_certificate(tmp_path, capsys):
+    """Before: reported at bind time as 'could not bind ...; is the port in use?'."""
+    key_a, cert_a = _certificate(tmp_path, "a")
+    key_b, _ = _certificate(tmp_path, "b")
+    (tmp_path / "base").mkdir()
+    code = cli.main(["serve", "--model_name", "m", "--model_base_path", str(tmp_path / "base"), "--port", "0",
+                     "--ssl_cert", cert_a, "--ssl_key", key_b])
+    err = capsys.readouterr().err
+    assert code == 2 and "private key does not match the certificate" in err and "port in use" not in err
+
+
+def test_serve_ssl_config_client_verify_without_ca(tmp_path, capsys):
+    """Before: a gRPC traceback from ssl_server_credentials(require_client_auth=True, no roots)."""
+    key, cert = _certificate(tmp_path, "a")
+    config = tmp_path / "ssl.txt"
+    config.write_text(f"server_key: {json.dumps(open(key).read())}\nserver_cert: {json.dumps(open(cert).read())}\n"
+                      "client_verify: true\n")
+    (tmp_path / "base").mkdir()
+    code = cli.main(["serve", "--model_name", "m", "--model_base_path", str(tmp_path / "base"), "--port", "0",
+                     "--ssl_config_file", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2 and "client_verify: true needs custom_ca" in err and "Traceback" not in err
+
+
+def test_undecodable_image_keeps_its_cause():
+    """Before: the status message was only 'InvalidArgumentError: Graph execution error:'."""
+    import io
+
+    import grpc
+    import tensorflow as tf
+
+    from atl_keras.serving.errors import RequestError
+    from atl_keras.serving.loader import SignatureInfo
+    from atl_keras.serving.requests import run_signature
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buffer, "JPEG")
+    good = buffer.getvalue()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def decode(images):
+        pixels = tf.map_fn(lambda b: tf.cast(tf.io.decode_jpeg(b, channels=3), tf.float32), images,
+                           fn_output_signature=tf.TensorSpec([None, None, 3], tf.float32))
+        return {"mean": tf.reduce_mean(pixels, axis=[1, 2, 3])}
+
+    signature = SignatureInfo("retrieve", decode, {"images": tf.TensorSpec([None], tf.string)}, {})
+    with pytest.raises(RequestError) as error:
+        run_signature(signature, {"images": np.array([good, good[: len(good) // 2]], dtype=object)})
+    message = error.value.message
+    assert "inputs['images'][1] cannot be decoded as an image" in message
+    assert "Invalid JPEG data" in message and "Graph execution error" not in message
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
