@@ -6,8 +6,11 @@
 1. `atl train` on the synthetic shop (items never seen in training are evaluated street
    photo -> catalog) with the adaptive triplet loss, margins from the built-in USE encoder
    on the product descriptions; prints the retrieval table.
-2. Exports the model with a ScaNN index over the test items' catalog images as the next
-   version of `--export-base` (and the portable variant for stock TF Serving).
+2. Indexes the test items' catalog images (written as PNGs + a products CSV) with
+   `atl_keras.index_catalog` as the next version of `--export-base` (and the portable variant
+   for stock TF Serving); then renders a larger catalog (2,400 images, above ScaNN's
+   brute-force threshold) into `<export-base>-catalog` with a tuned tree index, twice (the
+   second run reuses the embedding cache).
 3. Starts `python -m serving.server` on a free 127.0.0.1 port and queries it through TF
    Serving's gRPC API with street photos; prints the top-k per query.
 4. Stops the server with SIGTERM (it drains and exits 0).
@@ -82,6 +85,49 @@ def write_example_images(output: str, test, count: int, seed: int) -> tuple[str,
     return query_dir, gallery_dir
 
 
+def write_catalog_csv(path: str, image_dir: str, image_ids, item_ids, descriptions) -> str:
+    """The `atl index` catalog of PNGs in `image_dir` (named by image id): image, item_id, image_id, description."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "item_id", "image_id", "description"])
+        for image_id, item_id, description in zip(image_ids, item_ids, descriptions):
+            writer.writerow([os.path.relpath(os.path.join(image_dir, f"{image_id}.png"), os.path.dirname(path)),
+                             item_id, image_id, description or ""])
+    return path
+
+
+def index_larger_catalog(model, output: str, export_base: str, data, seed: int, items: int = 800) -> None:
+    """Render a catalog above ScaNN's brute-force threshold and index it twice (tuned tree, then the cache)."""
+    import tensorflow as tf
+
+    from atl_keras.catalog_index import index_catalog
+    from atl_keras.data.synthetic_shop import make_synthetic_shop
+    from atl_keras.preprocessing import Preprocessing
+
+    size = Preprocessing.for_model(model).image_size[0]
+    shop = make_synthetic_shop(num_items=items, catalog_per_item=3, street_per_item=0, image_size=size, seed=seed + 1)
+    folder = os.path.join(output, "large_catalog")
+    os.makedirs(folder, exist_ok=True)
+    image_ids = [f"{shop.item_ids[int(label)]}#{row}" for row, label in enumerate(shop.labels)]
+    for image, image_id in zip(shop.images, image_ids):
+        path = os.path.join(folder, f"{image_id}.png")
+        if not os.path.exists(path):
+            tf.io.write_file(path, tf.io.encode_png(image))
+    catalog = write_catalog_csv(os.path.join(output, "large_catalog.csv"), folder, image_ids,
+                                [shop.item_ids[int(l)] for l in shop.labels],
+                                [shop.descriptions[int(l)] for l in shop.labels])
+    first = index_catalog(model, catalog, export_base, k=10)
+    chosen, recall = first.export.manifest["scann_config"], first.export.manifest["recall"]
+    print(f"larger catalog: {len(image_ids)} images -> {first.export.path}: {chosen['scoring']} scoring, "
+          f"{chosen['num_leaves_to_search']}/{chosen['num_leaves']} leaves, set recall@10 "
+          f"{recall['set_recall']:.4f} (tie-aware {recall['tie_aware_recall']:.4f}); embedded {first.counts['embedded']}")
+    again = index_catalog(model, catalog, export_base, k=10)
+    print(f"re-indexed unchanged catalog -> {again.export.path}: embedded {again.counts['embedded']}, "
+          f"cached {again.counts['cached']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="synthetic-shop")
@@ -98,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from atl_keras.export import export_model
+    from atl_keras.catalog_index import index_catalog
     from atl_keras.metrics import format_metrics_table
     from atl_keras.train import TrainConfig, run_training
     from serving.client import connect, retrieve
@@ -118,22 +164,25 @@ def main(argv: list[str] | None = None) -> int:
 
     data = result.data
     test = data.test
-    print(f"\n[2/4] exporting to {args.export_base} (gallery: {len(test.gallery_ids)} "
-          f"{'catalog' if test.gallery_images is not None else 'test'} images) ...", flush=True)
-    exported = export_model(
-        result.model, test.index_images, test.gallery_ids, args.export_base,
-        query_images=test.query_images, k=10,
-        extra_manifest={"source_model": result.model_path, "dataset": config.dataset},
-    )
-    export_model(
-        result.model, test.index_images, test.gallery_ids, f"{args.export_base}-portable",
-        exported.version, include_scann=False, force=True,
-    )
-    recall = exported.manifest["scann_recall_at_10"]
-    print(f"version {exported.version} at {exported.path}: ScaNN recall@10 vs exact {recall:.4f}")
+    print(f"\n[2/4] indexing the test catalog into {args.export_base} (gallery: {len(test.gallery_ids)} "
+          f"{'catalog' if test.gallery_images is not None else 'test'} images, `atl index` path) ...", flush=True)
     query_dir, gallery_dir = write_example_images(args.output, test, args.queries, args.seed)
     print(f"example query photos in {query_dir}/, gallery images in {gallery_dir}/ "
           "(for `atl query --image ... --grid out.png --gallery-dir ...`)")
+    catalog_csv = write_catalog_csv(
+        os.path.join(args.output, "test_catalog.csv"), gallery_dir, test.gallery_ids,
+        [data.item_ids[int(label)] for label in test.index_labels],
+        [data.descriptions[int(label)] for label in test.index_labels],
+    )
+    indexed = index_catalog(
+        result.model, catalog_csv, args.export_base, portable_output_base=f"{args.export_base}-portable",
+        k=10, extra_manifest={"source_model": result.model_path, "dataset": config.dataset},
+    )
+    exported = indexed.export
+    recall = exported.manifest["recall"]
+    print(f"version {exported.version} at {exported.path} (+ {exported.portable_path}): set recall@10 vs "
+          f"exact {recall['set_recall']:.4f} (tie-aware {recall['tie_aware_recall']:.4f}); {indexed.counts}")
+    index_larger_catalog(result.model, args.output, f"{args.export_base}-catalog", data, args.seed)
 
     print("\n[3/4] serving over gRPC (TF Serving API) ...", flush=True)
     model_name = os.path.basename(os.path.normpath(args.export_base))
@@ -152,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             item = data.item_ids[label]
             print(f"\nquery: {kind[:-1]} of {item}: {data.descriptions[label]}")
             for rank, (result_id, score) in enumerate(zip(neighbors.ids, neighbors.scores), 1):
-                result_item = result_id.split("#")[0] if "#" in result_id else result_id.rsplit("/", 1)[0]
-                same = result_item == item or result_item == data.item_ids[label]
+                same = result_id == item  # catalog exports answer with the row's item_id
                 hits += same
                 print(f"  {rank}. {result_id:<28} score {score:.4f} {'<- same item' if same else ''}")
         print(f"\n{hits}/{args.queries * args.k} served results above are the query's item")
@@ -162,9 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             for start in range(0, len(test.query_images), 64):
                 batch = [tf.io.encode_png(image).numpy() for image in test.query_images[start:start + 64]]
                 served_top1 += [n.ids[0] for n in retrieve(connect(address), model_name, batch, k=1)]
-            id_to_label = dict(zip(test.gallery_ids, test.index_labels))
             served_recall = float(np.mean(
-                [id_to_label[i] == label for i, label in zip(served_top1, test.query_labels)]
+                [i == data.item_ids[int(label)] for i, label in zip(served_top1, test.query_labels)]
             ))
             print(f"Recall@1 of the served model over all {len(served_top1)} queries: "
                   f"{served_recall:.4f} (offline evaluation: {result.test_metrics['recall_at_1']:.4f})")
