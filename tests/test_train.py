@@ -43,6 +43,26 @@ def test_config_validation():
     with pytest.raises(ValueError, match="logical_cpus must be >= 0"):
         TrainConfig(logical_cpus=-1)
     assert TrainConfig(save_freq="5").save_freq == 5
+    # Every field is type- and range-checked (YAML / config.json give any type).
+    for bad, message in [
+        (dict(epochs="five"), "epochs must be an integer, got 'five'"),
+        (dict(epochs=2.5), "epochs must be an integer, got 2.5"),
+        (dict(p=[1, 2]), "p must be an integer (or null), got [1, 2]"),
+        (dict(image_size=0), "image_size must be >= 8, got 0"),
+        (dict(ks=[1, 0]), "ks must be a non-empty list of integers >= 1"),
+        (dict(ks=5), "ks must be a list of integers, got 5"),
+        (dict(augment="yes"), "augment must be true or false"),
+        (dict(learning_rate=float("nan")), "learning_rate must be a finite number"),
+        (dict(min_margin=0.5, max_margin=0.1), "max_margin (0.1) must be >= min_margin (0.5)"),
+        (dict(mining="hardest"), "Unknown mining 'hardest'"),
+        (dict(backbone="vgg99"), "Unknown backbone 'vgg99'"),
+        (dict(seed=-1), "seed must be >= 0"),
+        (dict(output_dir=" "), "output_dir must not be empty"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            TrainConfig(**bad)
+        assert message in str(error.value), (bad, str(error.value))
+    assert TrainConfig(ks=[1, 5], unseen_classes=["tops"], p=np.int64(4)).ks == (1, 5)
     config = TrainConfig()
     assert (config.strategy, config.cross_replica_mining, config.mixed_precision,
             config.deterministic, config.save_freq) == ("auto", True, False, True, "epoch")
