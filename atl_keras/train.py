@@ -18,10 +18,12 @@ Training at scale (see docs/distributed.md):
 - `mixed_precision`: ``mixed_float16`` on GPUs (dynamic loss scaling via
   `keras.optimizers.LossScaleOptimizer`), ``mixed_bfloat16`` on CPUs / TPUs. The embedding and
   the loss stay float32. The global dtype policy is restored when `run_training` returns.
-- Resumable: `keras.callbacks.BackupAndRestore` in ``<output>/backup`` every `save_freq` steps
-  (or each epoch); rerunning the same command after a crash resumes from the last backup
-  (Keras restarts the interrupted epoch with the backed-up weights and optimizer state; the
-  P x K stream skips the batches of the completed epochs). Final files are written atomically.
+- Resumable: `atl_keras.backup.TrainingBackup` in ``<output>/backup`` at every epoch end and
+  every `save_freq` steps, written atomically (the previous backup is kept until the new one is
+  complete) and removed only after the final files are written; rerunning the same command after
+  a crash, a kill or a full disk resumes from the last complete backup (like Keras'
+  BackupAndRestore, an interrupted epoch restarts with the backed-up weights and optimizer state;
+  the P x K stream skips the batches of the completed epochs). Final files are written atomically.
 - `deterministic` (default True): seeds + `tf.config.experimental.enable_op_determinism()`,
   so the same seed on one device gives identical metrics on a rerun. Costs speed on GPUs (and
   a few ops have no deterministic GPU kernel): set False for large GPU runs. Restored on return.
