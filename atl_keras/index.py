@@ -15,10 +15,11 @@ thousands of items can sit within 1e-3 of a query's k-th score, so the tie-aware
 ann-benchmarks (`scann_recall`) reads ~1.0 for almost any index; it is reported beside the
 set recall, never gated on.
 
-Tuning (`tune_index`): a tree of ~sqrt(N) leaves is built once per scoring mode, exact
-float scoring inside the searched leaves (``scoring="exact"``) and asymmetric hashing with
-exact re-ranking (``scoring="ah"``); leaves searched and the re-rank size are search-time
-parameters of ScaNN, so the sweep costs searches, not builds. The fastest configuration
+Tuning (`tune_index`): trees are built for exact float scoring inside the searched leaves
+(``scoring="exact"``; ~sqrt(N) leaves, and 2x / 4x that from 20k items on) and for
+asymmetric hashing with exact re-ranking (``scoring="ah"``, ~sqrt(N) leaves); leaves
+searched and the re-rank size are search-time parameters of ScaNN, so the sweep over them
+costs searches, not builds. The fastest configuration
 (batched search of the held-out queries on all cores) that meets the target wins.
 """
 
@@ -43,6 +44,8 @@ from atl_keras.search import ExactSearcher, exact_search
 #: Below this gallery size a tree + hashing index buys nothing: score every item.
 BRUTE_FORCE_BELOW = 2000
 SCORINGS = ("exact", "ah")
+#: Galleries at least this large also try trees with 2x and 4x sqrt(N) leaves.
+MORE_LEAVES_ABOVE = 20_000
 #: Held-out queries sampled from the gallery for the gate and the tuning.
 DEFAULT_QUERIES = 1000
 
@@ -354,14 +357,19 @@ def tune_index(
         report = {"candidates": [], "chosen": {"scoring": "brute_force", **recall}}
         return TunedIndex(searcher, config, {**report, "seconds": time.perf_counter() - start})
 
-    leaves = num_leaves or default_num_leaves(n)
-    leaves = min(leaves, n)
+    base_leaves = min(num_leaves or default_num_leaves(n), n)
+    # Finer trees score fewer items per query at the same recall; worth a build on large galleries.
+    leaf_counts = [base_leaves] if num_leaves or n < MORE_LEAVES_ABOVE else [
+        c for c in (base_leaves, 2 * base_leaves, 4 * base_leaves) if c * 25 <= n
+    ]
     sample = min(n, 100_000)
     scorings = ["exact", "ah"] if quantize is None else (["ah"] if quantize else ["exact"])
-    ladder = [leaves_to_search] if leaves_to_search else _leaf_ladder(leaves)
+    plans = [(count, "exact") for count in leaf_counts if "exact" in scorings]
+    plans += [(base_leaves, "ah")] if "ah" in scorings else []
     candidates: list[dict[str, Any]] = []
     best: tuple | None = None  # (meets, qps or recall, searcher, config, candidate)
-    for scoring in scorings:
+    for leaves, scoring in plans:
+        ladder = [min(leaves_to_search, leaves)] if leaves_to_search else _leaf_ladder(leaves)
         if scoring == "exact":
             reorders = [0]
         elif reorder is not None:
@@ -384,8 +392,8 @@ def tune_index(
                 meets = recall["set_recall"] >= min_recall
                 qps = _time_batched(searcher, queries.embeddings, k, timing_repeats, **config.search_kwargs) if meets else 0.0
                 candidate = {
-                    "scoring": scoring, "leaves_to_search": count, "reorder_k": reorder_k,
-                    **recall, "qps_batched": qps,
+                    "scoring": scoring, "num_leaves": leaves, "leaves_to_search": count,
+                    "reorder_k": reorder_k, **recall, "qps_batched": qps,
                 }
                 candidates.append(candidate)
                 key = (1.0, qps) if meets else (0.0, recall["set_recall"])

@@ -158,7 +158,8 @@ def test_tuned_index_meets_the_target_against_numpy_brute_force(quantize):
     assert tuned.report["chosen"]["qps_batched"] > 0
     # fewer leaves than the chosen ones miss the target (the tuner keeps the cheapest that meets)
     same = [c for c in tuned.report["candidates"] if c["scoring"] == tuned.config.scoring
-            and c["reorder_k"] == tuned.report["chosen"]["reorder_k"]]
+            and c["reorder_k"] == tuned.report["chosen"]["reorder_k"]
+            and c["num_leaves"] == tuned.config.num_leaves]
     assert all(c["set_recall"] < 0.95 for c in same if c["leaves_to_search"] < tuned.config.num_leaves_to_search)
 
 
