@@ -1,10 +1,17 @@
 """Pairwise distances between embeddings, written with `keras.ops` only.
 
-Three distances are supported, all well defined on the unit sphere:
+One vocabulary of distance names serves the whole package (losses, metrics,
+search); `resolve_distance` maps aliases to it and rejects unknown names:
 
 - ``"squared_l2"``: ``||u - v||^2`` (in ``[0, 4]`` for unit vectors),
 - ``"l2"``: ``||u - v||`` (in ``[0, 2]``),
-- ``"cosine"``: ``1 - cos(u, v)`` (in ``[0, 2]``; inputs are normalised inside).
+- ``"cosine"``: ``1 - cos(u, v)`` (in ``[0, 2]``; inputs are normalised inside),
+- ``"dot"``: ``-u.v``, for ranking only (retrieval metrics and search): it is
+  unbounded and not zero at ``u = v``, so the losses refuse it (on unit
+  vectors ``"cosine"`` = ``1 + dot`` orders pairs identically).
+
+`pairwise_distances` and the losses accept the first three (`DISTANCES`), the
+retrieval metrics all four (`RANKING_DISTANCES`).
 
 All of them use the Gram-matrix form (one ``[B, D] x [D, B2]`` matmul), are
 clamped to be non-negative and, for a distance matrix of a batch with itself,
@@ -26,6 +33,20 @@ from typing import Any
 from keras import ops
 
 DISTANCES: tuple[str, ...] = ("squared_l2", "l2", "cosine")
+"""Distances of `pairwise_distances` and the losses (bounded on the unit sphere)."""
+
+RANKING_DISTANCES: tuple[str, ...] = ("squared_l2", "l2", "cosine", "dot")
+"""Distances the retrieval metrics and search rank by (``"dot"``: ``-u.v``)."""
+
+DISTANCE_ALIASES: dict[str, str] = {
+    "sqeuclidean": "squared_l2",
+    "squared_euclidean": "squared_l2",
+    "l2_squared": "squared_l2",
+    "euclidean": "l2",
+    "cosine_distance": "cosine",
+    "dot_product": "dot",
+    "inner_product": "dot",
+}
 
 _MAX_DISTANCE: dict[str, float] = {"squared_l2": 4.0, "l2": 2.0, "cosine": 2.0}
 
@@ -35,18 +56,44 @@ _SQRT_EPSILON = 1e-16
 _NORM_EPSILON = 1e-12
 
 
+def resolve_distance(distance: str, allowed: tuple[str, ...] = DISTANCES) -> str:
+    """The canonical name of ``distance`` (aliases resolved) if it is in ``allowed``.
+
+    Args:
+        distance: a name of `RANKING_DISTANCES` or an alias (``"euclidean"``,
+            ``"sqeuclidean"``, ``"cosine_distance"``, ``"dot_product"``, ...;
+            case-insensitive).
+        allowed: the names the caller supports.
+
+    Raises:
+        ValueError: unknown name (listing the valid ones), or ``"dot"`` where
+            only true distances are allowed (saying what to use instead).
+    """
+    name = distance.strip().lower() if isinstance(distance, str) else distance
+    name = DISTANCE_ALIASES.get(name, name)
+    if name in allowed:
+        return name
+    valid = ", ".join(repr(d) for d in allowed)
+    if name in RANKING_DISTANCES:  # "dot" where only distances are allowed
+        raise ValueError(
+            f"distance={distance!r} ranks neighbours but is not a distance the losses "
+            f"can use (unbounded, not 0 at u == v). Valid distances here are: {valid}; "
+            "on unit embeddings 'cosine' (= 1 + dot) orders pairs identically."
+        )
+    aliases = ", ".join(f"{a!r} -> {c!r}" for a, c in DISTANCE_ALIASES.items() if c in allowed)
+    raise ValueError(
+        f"Unknown distance {distance!r}. Valid distances are: {valid}"
+        + (f" (aliases: {aliases})." if aliases else ".")
+    )
+
+
 def validate_distance(distance: str) -> str:
-    """Return ``distance`` if it is a supported distance name, else raise.
+    """The canonical name of a distance of `DISTANCES` (see `resolve_distance`), else raise.
 
     Raises:
         ValueError: naming the valid choices.
     """
-    if not isinstance(distance, str) or distance not in DISTANCES:
-        raise ValueError(
-            f"Unknown distance {distance!r}. Valid distances are: "
-            f"{', '.join(repr(d) for d in DISTANCES)}."
-        )
-    return distance
+    return resolve_distance(distance, DISTANCES)
 
 
 def max_distance(distance: str) -> float:
@@ -97,7 +144,7 @@ def pairwise_distances(x: Any, y: Any | None = None, distance: str = "squared_l2
         x: ``[B, D]`` float tensor.
         y: ``[B2, D]`` float tensor, or ``None`` for ``y = x`` (then the
             diagonal is exactly zero).
-        distance: ``"squared_l2"``, ``"l2"`` or ``"cosine"``.
+        distance: ``"squared_l2"``, ``"l2"`` or ``"cosine"`` (or an alias).
 
     Returns:
         ``[B, B2]`` non-negative distances, float32 (float64 if ``x`` is

@@ -28,11 +28,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from atl_keras.search import DISTANCES, Distance, ExactSearcher
+from atl_keras.distances import RANKING_DISTANCES, resolve_distance
+from atl_keras.search import Distance, ExactSearcher
 
 __all__ = ["RetrievalEvaluation", "format_metrics_table", "retrieval_metrics"]
 
 _COUNT_KEYS = ("num_queries", "num_queries_without_match")
+
+
+def _ranking_distance(distance: str) -> str:
+    """Canonical ranking distance for the searcher; ``"l2"`` ranks as ``"squared_l2"``."""
+    distance = resolve_distance(distance, RANKING_DISTANCES)
+    return "squared_l2" if distance == "l2" else distance
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
@@ -101,7 +108,9 @@ def retrieval_metrics(
         gallery_labels: ``[N]``; required iff ``gallery_embeddings`` is given.
         ks: the ``k`` values of ``recall_at_k``; each must be ``<= N`` (``<= Q - 1``
             in leave-one-out).
-        distance: ``"squared_l2"``, ``"cosine"`` or ``"dot"`` (see :mod:`atl_keras.search`).
+        distance: ``"squared_l2"``, ``"l2"``, ``"cosine"`` or ``"dot"`` (the package's one
+            vocabulary, aliases allowed: see :mod:`atl_keras.distances`); ``"l2"`` ranks
+            exactly as ``"squared_l2"``.
         chunk_size: queries ranked per step (memory ``O(chunk_size * N)``).
 
     Returns:
@@ -116,8 +125,7 @@ def retrieval_metrics(
         >>> m["recall_at_1"], m["map_at_r"]
     """
     ks = _check_ks(ks)
-    if distance not in DISTANCES:
-        raise ValueError(f"Unknown distance {distance!r}; expected one of {DISTANCES}.")
+    distance = _ranking_distance(distance)
     if (gallery_embeddings is None) != (gallery_labels is None):
         raise ValueError(
             "Pass both `gallery_embeddings` and `gallery_labels` (query -> gallery "
@@ -276,8 +284,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
             raise ValueError(f"`every_n_epochs` must be a positive integer; got {every_n_epochs!r}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
-        if distance not in DISTANCES:
-            raise ValueError(f"Unknown distance {distance!r}; expected one of {DISTANCES}.")
+        distance = resolve_distance(distance, RANKING_DISTANCES)
         self.ks = _check_ks(ks)
         self.query_images = query_images
         self.query_labels = _as_labels(query_labels, "query_labels")

@@ -121,8 +121,8 @@ def path(request, monkeypatch):
     mining = request.node.callspec.params.get("mining")
     if request.param == "sorted" and mining == "batch_hard":
         pytest.skip("batch_hard has a single algorithm")
-    limit = 10**9 if request.param == "compact" else -1
-    monkeypatch.setattr(losses_module, "_COMPACT_MAX_POSITIVES", limit)
+    slots = (64,) if request.param == "compact" else ()  # test batches have B <= 12
+    monkeypatch.setattr(losses_module, "_COMPACT_SLOTS", slots)
     return request.param
 
 

@@ -1,0 +1,181 @@
+"""The losses in plain Keras: any functional model's compile/fit, every target form.
+
+Keras 3's CompileLoss reconciles y_true with y_pred's structure before a loss runs, so
+dict targets never reach a single-output loss on their own; importing atl_keras
+installs `install_keras_target_support`. These tests train real (tiny) functional
+models with `fit` and check the loss value Keras reports against the loss functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import atl_keras as atl  # noqa: E402
+from atl_keras.distances import DISTANCES, RANKING_DISTANCES, resolve_distance  # noqa: E402
+from atl_keras.losses import MINING_MODES, install_keras_target_support  # noqa: E402
+
+ITEMS, PER_ITEM, DIM, TEXT_DIM = 12, 4, 10, 6
+
+
+def make_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [48, 4, 4, 1] float32, labels [48] int64 (> 2**24), text [48, 6])."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(ITEMS, 16))
+    labels = np.repeat(np.arange(ITEMS), PER_ITEM)
+    x = centres[labels] + 0.8 * rng.normal(size=(len(labels), 16))
+    text = rng.normal(size=(ITEMS, TEXT_DIM))[labels].astype(np.float32)
+    return x.reshape(-1, 4, 4, 1).astype(np.float32), (labels + 2**25).astype(np.int64), text
+
+
+def functional_model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.Dense(DIM)(keras.layers.Flatten()(inputs))
+    return keras.Model(inputs, keras.layers.UnitNormalization()(x))
+
+
+def targets(form: str, labels: np.ndarray, text: np.ndarray):
+    if form == "bare":
+        return labels
+    if form == "label_dict":
+        return {"label": labels}
+    return {"label": labels, "text_embedding": text}
+
+
+def fit_and_check(model: keras.Model, loss, dataset, steps: int = 6) -> list[float]:
+    """Fit `steps` steps one per epoch; the loss must be finite and change, weights move."""
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
+    before = [w.copy() for w in model.get_weights()]
+    history = model.fit(dataset, epochs=steps, steps_per_epoch=1, verbose=0)
+    values = history.history["loss"]
+    assert len(values) == steps and np.all(np.isfinite(values)), values
+    assert max(values) - min(values) > 1e-4, values  # training moved the loss
+    assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(before, model.get_weights()))
+    return values
+
+
+LOSS_CASES = [
+    ("triplet", "bare"),
+    ("triplet", "label_dict"),  # what atl.data.pk_dataset yields without text
+    ("triplet", "full_dict"),  # extra keys are ignored
+    ("atl", "full_dict"),
+]
+
+
+@pytest.mark.parametrize("loss_kind,form", LOSS_CASES)
+def test_functional_model_fits_with_every_target_form(loss_kind, form):
+    x, labels, text = make_data()
+    pk = atl.data.pk_dataset(x, labels, None if form == "label_dict" else text, p=4, k=4)
+    if form == "bare":
+        pk = pk.map(lambda images, y: (images, y["label"]))
+    loss = atl.TripletLoss(mining="batch_all") if loss_kind == "triplet" else \
+        atl.AdaptiveTripletLoss(mining="batch_all")
+    values = fit_and_check(functional_model(), loss, pk)
+    assert values[-1] < values[0], values  # and it is learning
+
+
+@pytest.mark.parametrize("mining", MINING_MODES)
+def test_functional_model_fits_every_mining_mode_from_numpy_dict_targets(mining):
+    """numpy x with a dict y (Keras' array adapter slices the dict per batch)."""
+    x, labels, text = make_data(1)
+    model = functional_model(1)
+    loss = atl.AdaptiveTripletLoss(mining=mining, max_images_per_label=PER_ITEM)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
+    y = {"label": labels, "text_embedding": text}
+    history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    values = history.history["loss"]
+    assert np.all(np.isfinite(values)) and max(values) - min(values) > 1e-5, values
+
+
+def test_reported_loss_equals_the_function_and_loss_weights_apply():
+    x, labels, text = make_data(2)
+    model = functional_model(2)
+    emb = model.predict(x, verbose=0)
+    want = float(atl.adaptive_triplet_loss(labels, emb, text, mining="semi_hard"))
+    y = {"label": labels, "text_embedding": text}
+    for weight in (None, 2.5):
+        model.compile(loss=atl.AdaptiveTripletLoss(mining="semi_hard"), loss_weights=weight)
+        got = model.evaluate(x, y, batch_size=len(x), verbose=0)
+        assert got == pytest.approx(want * (weight or 1.0), rel=1e-5)
+
+
+def test_sample_weight_is_refused_with_the_reason():
+    x, labels, text = make_data()
+    model = functional_model()
+    model.compile(optimizer="sgd", loss=atl.AdaptiveTripletLoss())
+    y = {"label": labels, "text_embedding": text}
+    with pytest.raises(ValueError, match="sample_weight or class_weight.*mined across"):
+        model.fit(x, y, sample_weight=np.ones(len(x)), batch_size=16, epochs=1, verbose=0)
+
+
+def test_missing_text_entry_and_installation_are_reported():
+    x, labels, _ = make_data()
+    model = functional_model()
+    model.compile(optimizer="sgd", loss=atl.AdaptiveTripletLoss())
+    with pytest.raises(ValueError, match="text_embedding"):
+        model.fit(x, {"label": labels}, batch_size=16, epochs=1, verbose=0)
+    assert install_keras_target_support()  # idempotent: installed once at import
+
+
+def test_other_losses_keep_keras_behaviour():
+    """The bridge only handles atl losses: a Keras loss with dict targets still gets
+    Keras' own structure error, and plain tensors still train."""
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((8, 3), np.float32)
+    model.fit(x, np.zeros((8, 2), np.float32), verbose=0)
+    with pytest.raises(ValueError, match="different structures"):
+        model.fit(x, {"a": np.zeros((8, 2)), "b": np.zeros((8, 2))}, verbose=0)
+
+
+def test_atl_model_still_computes_its_own_loss():
+    x, labels, text = make_data(3)
+    model = atl.ATLModel(backbone="small_cnn", input_shape=(4, 4, 1), embedding_dim=8)
+    model.compile(optimizer="adam", loss=atl.AdaptiveTripletLoss(mining="batch_hard"))
+    history = model.fit(atl.data.pk_dataset(x, labels, text, p=4, k=4), epochs=2,
+                        steps_per_epoch=1, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+# ---------------------------------------------------------------------------
+# One distance vocabulary.
+# ---------------------------------------------------------------------------
+
+
+def test_one_distance_vocabulary_with_aliases():
+    assert DISTANCES == ("squared_l2", "l2", "cosine")
+    assert RANKING_DISTANCES == ("squared_l2", "l2", "cosine", "dot")
+    assert resolve_distance("Euclidean") == "l2"
+    assert resolve_distance("sqeuclidean") == "squared_l2"
+    assert resolve_distance("dot_product", RANKING_DISTANCES) == "dot"
+    assert atl.TripletLoss(distance="euclidean").distance == "l2"
+    with pytest.raises(ValueError, match="'squared_l2', 'l2', 'cosine'.*aliases"):
+        atl.TripletLoss(distance="manhattan")
+    with pytest.raises(ValueError, match="not a distance the losses can use.*'cosine'"):
+        atl.AdaptiveTripletLoss(distance="dot")
+
+
+def test_metrics_speak_the_same_vocabulary():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(20, 4)).astype(np.float32)
+    labels = np.repeat(np.arange(5), 4)
+    base = atl.retrieval_metrics(emb, labels, ks=(1, 3), distance="squared_l2")
+    for name in ("l2", "euclidean", "sqeuclidean"):
+        assert atl.retrieval_metrics(emb, labels, ks=(1, 3), distance=name) == base
+    assert atl.retrieval_metrics(emb, labels, ks=(1,), distance="dot_product") == \
+        atl.retrieval_metrics(emb, labels, ks=(1,), distance="dot")
+    with pytest.raises(ValueError, match="Unknown distance"):
+        atl.retrieval_metrics(emb, labels, distance="manhattan")
+
+
+def test_margin_triplet_loss_is_exported():
+    labels = tf.constant([0, 0, 1, 1])
+    dist = atl.pairwise_distances(tf.eye(4))
+    margins = tf.fill((4, 4), 0.3)
+    assert float(atl.margin_triplet_loss(labels, dist, margins)) == pytest.approx(
+        float(atl.triplet_loss(labels, tf.eye(4), margin=0.3)))
