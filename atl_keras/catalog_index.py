@@ -371,7 +371,8 @@ def index_catalog(
     if isinstance(model, (str, os.PathLike)):
         if not os.path.exists(model):
             raise FileNotFoundError(f"No model at {os.fspath(model)!r}; train one with `atl train`.")
-        import atl_keras  # noqa: F401  (registers ATLModel)
+        import atl_keras.losses  # noqa: F401  (registers the losses)
+        import atl_keras.model  # noqa: F401  (registers ATLModel)
 
         model = keras.models.load_model(model)
     if batch_size < 1:

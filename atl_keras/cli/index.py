@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         options = index_options(args)
         if args.catalog is None and args.add is None and args.remove is None:
             raise ValueError("Give --catalog (CSV, JSONL or a folder of images), or --add / --remove.")
-        import atl_keras  # noqa: F401  (registers ATLModel and the losses)
         import keras
+
+        import atl_keras.losses  # noqa: F401  (registers the losses)
+        import atl_keras.model  # noqa: F401  (registers ATLModel)
 
         from atl_keras.catalog_index import index_catalog
         from atl_keras.preprocessing import Preprocessing
