@@ -242,8 +242,10 @@ def test_flag_parsers():
     ]
     with pytest.raises(ValueError, match="key=value"):
         parse_channel_arguments("oops")
-    tls = parse_ssl_config('server_key: "KEY" server_cert: "CERT" client_verify: true')
-    assert (tls.server_key, tls.server_cert, tls.custom_ca, tls.client_verify) == (b"KEY", b"CERT", None, True)
+    with pytest.raises(ValueError, match="not a valid PEM"):  # parsed, then the key pair is checked
+        parse_ssl_config('server_key: "KEY" server_cert: "CERT"')
+    with pytest.raises(ValueError, match="needs custom_ca"):
+        parse_ssl_config('server_key: "KEY" server_cert: "CERT" client_verify: true')
     with pytest.raises(ValueError, match="server_cert"):
         parse_ssl_config('server_key: "KEY"')
 
@@ -380,7 +382,7 @@ def _bad_requests(served):
         "empty batch": (predict_request(images=images_proto(np.array([], dtype=object))), IA, "empty batch"),
         "batch too large": (predict_request(images=images_proto([png] * (MAX_BATCH + 1))), IA, f"--max_batch_size={MAX_BATCH}"),
         "not an image": (predict_request(images=images_proto([png, b"not an image"])), IA, "inputs['images'][1] is not an encoded"),
-        "truncated image": (predict_request(images=images_proto([truncated_png])), IA, "failed"),
+        "truncated image": (predict_request(images=images_proto([truncated_png])), IA, "cannot be decoded as an image"),
         "k zero": (predict_request(signature="retrieve", images=images_proto([png]), k=tf.make_tensor_proto(0, dtype=tf.int32)), IA, "k must be >= 1"),
         "k over gallery": (predict_request(signature="retrieve_exact", images=images_proto([png]), k=tf.make_tensor_proto(GALLERY + 1, dtype=tf.int32)), IA, f"gallery_size {GALLERY}"),
         "malformed tensor": (predict_request(images=malformed), IA, "holds 2 values but its shape [3] needs 3"),
@@ -586,6 +588,10 @@ def test_tls(served, tmp_path):
          "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         check=True, capture_output=True, timeout=60,
     )
+    text = f"server_key: {key.read_text()!r} server_cert: {cert.read_text()!r} custom_ca: {cert.read_text()!r}"
+    parsed = parse_ssl_config(text + " client_verify: true")
+    assert (parsed.server_key, parsed.server_cert, parsed.custom_ca, parsed.client_verify) == (
+        key.read_bytes(), cert.read_bytes(), cert.read_bytes(), True)
     config = ServerConfig(
         parse_model_config(MODELS_CONFIG, relative_to=served.root)[:1], port=0,
         file_system_poll_wait_seconds=0, tls=TLSConfig(key.read_bytes(), cert.read_bytes()),

@@ -119,6 +119,7 @@ def grpc_caller(port: int, model: str, image: bytes, k: int):
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=60)  # connected: no handshake in the first call
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model

@@ -7,8 +7,8 @@ AVAILABLE can take a second on a large index. Before a version is swapped in:
 - the records of ``<version>/assets.extra/tf_serving_warmup_requests`` (a TFRecord file
   of ``tensorflow.serving.PredictionLog``, TF Serving's format) are replayed; any that
   fails fails the load, as in TF Serving;
-- every signature without such a record gets one synthesized request (a blank image for
-  ``images``, zeros for numeric inputs, ``k = min(10, gallery_size)``); a signature whose
+- every signature without such a record gets one synthesized request (a blank JPEG and
+  PNG for ``images``, zeros for numeric inputs, ``k = min(10, gallery_size)``); a signature whose
   inputs cannot be synthesized is skipped, and a failure only logs a warning.
 """
 
@@ -67,8 +67,13 @@ def synthesized_inputs(signature: SignatureInfo, manifest: Mapping) -> dict[str,
         if spec.dtype == tf.string:
             if key != "images":
                 return None
-            png = tf.io.encode_png(tf.fill([int(h), int(w), int(c) if c in (1, 3, 4) else 3], tf.constant(128, tf.uint8)))
-            arrays[key] = np.full(shape, png.numpy(), dtype=object)
+            blank = tf.fill([int(h), int(w), 3 if c not in (1, 3) else int(c)], tf.constant(128, tf.uint8))
+            encoded = [tf.io.encode_jpeg(blank).numpy(), tf.io.encode_png(blank).numpy()]  # warm both decoders
+            if shape == [1]:
+                shape = [len(encoded)]
+            array = np.empty(int(np.prod(shape)), dtype=object)
+            array[:] = [encoded[i % len(encoded)] for i in range(array.size)]
+            arrays[key] = array.reshape(shape)
         elif key == "k" and spec.dtype.is_integer and spec.shape.rank == 0:
             arrays[key] = np.array(min(10, int(manifest.get("gallery_size") or 1)), dtype=spec.dtype.as_numpy_dtype)
         elif spec.dtype.is_numpy_compatible:
