@@ -69,7 +69,7 @@ def _config(tmp_path, name="run", **overrides) -> dict:
 
 def _run_script(config: dict, action: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(config), action], cwd=REPO_ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=300)
+                          env=ENV, capture_output=True, text=True, timeout=1200)
 
 
 def _leftovers(directory) -> list[str]:
@@ -202,7 +202,7 @@ def test_disk_full_at_the_first_backup_is_a_clean_error_and_resumable(tmp_path):
     with tiny_disk(tmp_path / "disk", "1m") as disk:
         command = [sys.executable, "-m", "atl_keras.cli", "train", *TINY_FLAGS,
                    "--text-cache-dir", str(tmp_path / "cache"), "--output", str(disk / "run")]
-        full = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        full = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
         assert full.returncode == 1, (full.returncode, full.stderr[-3000:])
         assert "no space left on device" in full.stderr and "Traceback" not in full.stderr
         assert "rerun the same command" in full.stderr
@@ -211,7 +211,7 @@ def test_disk_full_at_the_first_backup_is_a_clean_error_and_resumable(tmp_path):
         assert not backup.exists() or not [f for f in os.listdir(backup) if f.endswith(".h5")]
 
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        rerun = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert (disk / "run" / "model.keras").exists() and not backup.exists()
 
@@ -281,7 +281,7 @@ def test_ctrl_c_prints_one_line_and_the_rerun_resumes(tmp_path):
     assert lines[0].startswith("atl train: interrupted; the backup in") and "rerun the same command" in lines[0]
     assert read_backup_state(str(out / "backup")) is not None
 
-    rerun = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=1200)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "atl train: Resuming from epoch" in rerun.stdout and "of 3" in rerun.stdout
 
