@@ -1,9 +1,10 @@
 """Forward + backward time of TripletLoss and AdaptiveTripletLoss per mining mode.
 
-Each configuration is a `tf.function` computing the loss and its gradient with
-respect to the embeddings, warmed up, then timed ``--repeats`` times, all
-configurations of one batch size round-robin; the median is reported. Batches are P x K (K=4 images per item), D=128 unit embeddings,
-T=512 text embeddings. Ratios are measured in the same run:
+Each configuration is a function computing the loss and its gradient with respect
+to the embeddings, warmed up, then timed ``--repeats`` times, all configurations
+of one batch size round-robin; the median is reported. Batches are P x K (K=4
+images per item), D=128 unit embeddings, T=512 text embeddings. Ratios are
+measured in the same run:
 
 - ATL / Triplet per mining mode and batch size (target <= 1.25 at B=256),
 - semi_hard / batch_hard per loss and batch size (target <= 3 at B=1024).
@@ -14,9 +15,23 @@ on a batch where one image per item carries a different text: the loss then
 detects that the texts are not shared per label and computes the full
 ``[B, T] x [T, B]`` text distances (the cost before the per-label path).
 
+``--xla`` adds, per loss and mode, the same step under ``tf.function(jit_compile=True)``
+next to the default ``tf.function``, each with a fixed batch and with a new label
+batch per call (``--new-batches`` P x K batches of other items, cycled), and
+reports XLA / default and the number of XLA compilations over the new batches
+(counted from XLA's own module dumps, ``XLA_FLAGS=--xla_dump_to``; 1 means no
+recompilation). ``--jax`` runs the same rows under the JAX backend in a
+subprocess (``KERAS_BACKEND=jax``; ``jax.jit`` of value-and-grad), with its jit
+cache size as the compile count; its times are from another process, so the
+JAX / TensorFlow ratio is indicative only.
+
+The losses are built with ``max_images_per_label=K`` (P x K declared, as
+`atl train` knows K); ``--undeclared`` times the default slot ladder instead.
+
 Usage:
     python tools/bench_loss.py [--batch-sizes 64 256 1024] [--repeats 10]
-        [--per-row-text] [--output results/bench_loss.json]
+        [--per-row-text] [--xla] [--jax] [--modes batch_all semi_hard]
+        [--new-batches 20] [--skip-default] [--output results/bench_loss.json]
 """
 
 from __future__ import annotations
@@ -26,25 +41,58 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-tf.get_logger().setLevel("ERROR")  # each (loss, B) traces its own step: retracing notes are expected
-
-from atl_keras.losses import MINING_MODES, AdaptiveTripletLoss, TripletLoss  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
 EMBEDDING_DIM = 128
 TEXT_DIM = 512
 IMAGES_PER_ITEM = 4
 
 
-def make_batch(batch_size: int, seed: int = 0) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """P x K batch: labels [B] int64, embeddings [B, D], text embeddings [B, T]."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--modes", nargs="+", default=None, help="mining modes (default: all)")
+    parser.add_argument("--per-row-text", action="store_true",
+                        help="also time ATL when texts are not shared per label (full path)")
+    parser.add_argument("--xla", action="store_true", help="also time jit_compile=True")
+    parser.add_argument("--jax", action="store_true", help="also time the JAX backend")
+    parser.add_argument("--skip-default", action="store_true",
+                        help="skip the default-only table (with --xla / --jax)")
+    parser.add_argument("--new-batches", type=int, default=20,
+                        help="distinct label batches cycled by the new-batch rows")
+    parser.add_argument("--undeclared", action="store_true",
+                        help="losses without max_images_per_label (the default slot ladder)")
+    parser.add_argument("--output", default="results/bench_loss.json")
+    parser.add_argument("--jax-child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+ARGS = parse_args(None if __name__ == "__main__" else [])
+DUMP_DIR = None
+if ARGS.xla and __name__ == "__main__" and not ARGS.jax_child:
+    # XLA reads its flags once, at load: set before TensorFlow is imported.
+    DUMP_DIR = tempfile.mkdtemp(prefix="bench_loss_xla_")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_dump_to={DUMP_DIR} --xla_dump_hlo_as_text").strip()
+if ARGS.jax_child:
+    os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import keras  # noqa: E402
+
+from atl_keras.losses import MINING_MODES, AdaptiveTripletLoss, TripletLoss  # noqa: E402
+
+
+def make_batch_np(batch_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """P x K batch: labels [B] int64, embeddings [B, D], text embeddings [B, T] (numpy)."""
     rng = np.random.default_rng(seed)
     items = batch_size // IMAGES_PER_ITEM
     labels = np.repeat(rng.choice(10**9, size=items, replace=False), IMAGES_PER_ITEM)
@@ -54,21 +102,43 @@ def make_batch(batch_size: int, seed: int = 0) -> tuple[tf.Tensor, tf.Tensor, tf
     text_per_item = rng.normal(size=(items + 1, TEXT_DIM)).astype(np.float32)
     _, item_index = np.unique(labels, return_inverse=True)
     text = text_per_item[item_index]
-    return tf.constant(labels), tf.constant(emb), tf.constant(text)
+    return labels, emb, text
 
 
-def unshare_text(text: tf.Tensor) -> tf.Tensor:
+def make_batch(batch_size: int, seed: int = 0):
+    """The batch as TensorFlow constants (TensorFlow runs)."""
+    import tensorflow as tf
+
+    return tuple(tf.constant(a) for a in make_batch_np(batch_size, seed))
+
+
+def unshare_text(text):
     """``text`` with every ``IMAGES_PER_ITEM``-th row changed: texts no longer per label."""
+    import tensorflow as tf
+
     values = text.numpy().copy()
     values[::IMAGES_PER_ITEM] += 0.5
     return tf.constant(values)
 
 
-def make_step(loss: tf.keras.losses.Loss, y_true, embeddings: tf.Tensor):
-    """A warmed-up `tf.function` running one forward + backward pass."""
+def build_loss(kind: str, mining: str):
+    k = None if ARGS.undeclared else IMAGES_PER_ITEM
+    if kind == "triplet":
+        return TripletLoss(mining=mining, max_images_per_label=k)
+    return AdaptiveTripletLoss(mining=mining, max_images_per_label=k)
 
-    @tf.function
-    def step(emb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+
+def _targets(loss, labels, text):
+    return {"label": labels, "text_embedding": text} if isinstance(loss, AdaptiveTripletLoss) \
+        else labels
+
+
+def make_step(loss, y_true, embeddings, jit_compile: bool = False):
+    """A warmed-up `tf.function` running one forward + backward pass on a fixed batch."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit_compile)
+    def step(emb):
         with tf.GradientTape() as tape:
             tape.watch(emb)
             value = loss(y_true, emb)
@@ -81,53 +151,75 @@ def make_step(loss: tf.keras.losses.Loss, y_true, embeddings: tf.Tensor):
     return lambda: [t.numpy() for t in step(embeddings)]
 
 
-def time_interleaved(steps: dict[str, object], repeats: int) -> dict[str, float]:
+def make_input_step(loss, batches, jit_compile: bool):
+    """(run, warm-up) of a `tf.function` taking the batch as inputs; ``run`` uses the next
+    batch of ``batches`` on every call (a new label batch each call when len > 1)."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit_compile)
+    def step(labels, emb, text):
+        with tf.GradientTape() as tape:
+            tape.watch(emb)
+            value = loss(_targets(loss, labels, text), emb)
+        return value, tape.gradient(value, emb)
+
+    position = [0]
+
+    def run():
+        batch = batches[position[0] % len(batches)]
+        position[0] += 1
+        return [t.numpy() for t in step(*batch)]
+
+    return run
+
+
+def count_compilations() -> int:
+    """XLA compilations so far in this process (one dumped module per compilation)."""
+    if DUMP_DIR is None:
+        return 0
+    return sum(1 for name in os.listdir(DUMP_DIR) if name.endswith(".before_optimizations.txt"))
+
+
+def time_interleaved(steps: dict, repeats: int, compiles: dict | None = None) -> dict:
     """Median milliseconds per step, timing the steps round-robin.
 
     Interleaving makes the ratios robust to load that changes during the run
-    (the machine is shared): every configuration sees the same conditions.
+    (the machine is shared): every configuration sees the same conditions. With
+    ``compiles``, the XLA compilations each step triggers are added to it.
     """
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict = {name: [] for name in steps}
     for _ in range(repeats):
         for name, run in steps.items():
+            before = count_compilations() if compiles is not None else 0
             start = time.perf_counter()
             run()
             times[name].append((time.perf_counter() - start) * 1000.0)
+            if compiles is not None:
+                compiles[name] = compiles.get(name, 0) + count_compilations() - before
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--per-row-text", action="store_true",
-                        help="also time ATL when texts are not shared per label (full path)")
-    parser.add_argument("--output", default="results/bench_loss.json")
-    args = parser.parse_args(argv)
+def default_rows(args, modes) -> tuple[list, dict]:
+    import tensorflow as tf
 
     rows = []
     for batch_size in args.batch_sizes:
         labels, emb, text = make_batch(batch_size)
         targets = {"label": labels, "text_embedding": text}
         steps = {}
-        for mining in MINING_MODES:
-            steps[("triplet", mining)] = make_step(TripletLoss(mining=mining), labels, emb)
-            steps[("atl", mining)] = make_step(AdaptiveTripletLoss(mining=mining), targets, emb)
+        for mining in modes:
+            steps[("triplet", mining)] = make_step(build_loss("triplet", mining), labels, emb)
+            steps[("atl", mining)] = make_step(build_loss("atl", mining), targets, emb)
             if args.per_row_text:
                 per_row = {"label": labels, "text_embedding": unshare_text(text)}
                 steps[("atl_per_row_text", mining)] = make_step(
-                    AdaptiveTripletLoss(mining=mining), per_row, emb
+                    build_loss("atl", mining), per_row, emb
                 )
         ms = time_interleaved(steps, args.repeats)
-        for mining in MINING_MODES:
+        for mining in modes:
             triplet_ms, atl_ms = ms[("triplet", mining)], ms[("atl", mining)]
-            row = {
-                "batch_size": batch_size,
-                "mining": mining,
-                "triplet_ms": triplet_ms,
-                "atl_ms": atl_ms,
-                "atl_over_triplet": atl_ms / triplet_ms,
-            }
+            row = {"batch_size": batch_size, "mining": mining, "triplet_ms": triplet_ms,
+                   "atl_ms": atl_ms, "atl_over_triplet": atl_ms / triplet_ms}
             line = (f"  B={batch_size:5d} {mining:10s} triplet {triplet_ms:9.2f} ms  "
                     f"atl {atl_ms:9.2f} ms")
             if args.per_row_text:
@@ -136,20 +228,133 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"  atl (per-row text) {row['atl_per_row_text_ms']:9.2f} ms"
             rows.append(row)
             print(line, flush=True)
-
-    by_key = {(r["batch_size"], r["mining"]): r for r in rows}
+    del tf
     semi_over_hard = {}
-    for batch_size in args.batch_sizes:
-        hard = by_key[(batch_size, "batch_hard")]
-        semi = by_key[(batch_size, "semi_hard")]
-        semi_over_hard[str(batch_size)] = {
-            "triplet": semi["triplet_ms"] / hard["triplet_ms"],
-            "atl": semi["atl_ms"] / hard["atl_ms"],
-        }
+    by_key = {(r["batch_size"], r["mining"]): r for r in rows}
+    if "batch_hard" in modes and "semi_hard" in modes:
+        for batch_size in args.batch_sizes:
+            hard, semi = by_key[(batch_size, "batch_hard")], by_key[(batch_size, "semi_hard")]
+            semi_over_hard[str(batch_size)] = {"triplet": semi["triplet_ms"] / hard["triplet_ms"],
+                                               "atl": semi["atl_ms"] / hard["atl_ms"]}
+    return rows, semi_over_hard
 
+
+def xla_rows(args, modes) -> list:
+    """Per (B, loss, mode): default vs XLA, fixed batch and a new label batch per call."""
+    rows = []
+    for batch_size in args.batch_sizes:
+        fixed = [make_batch(batch_size, 0)]
+        fresh = [make_batch(batch_size, seed) for seed in range(1, args.new_batches + 1)]
+        for kind in ("triplet", "atl"):
+            for mining in modes:
+                steps, compiles = {}, {}
+                for jit in (False, True):
+                    loss = build_loss(kind, mining)  # one loss object per step function
+                    for batches, name in ((fixed, "fixed"), (fresh, "new")):
+                        run = make_input_step(loss, batches, jit)
+                        before = count_compilations()
+                        start = time.perf_counter()
+                        run()  # trace (+ compile)
+                        first_ms = (time.perf_counter() - start) * 1000.0
+                        compiles[(jit, name)] = count_compilations() - before
+                        compiles[(jit, name, "first_ms")] = first_ms
+                        steps[(jit, name)] = run
+                # Each new-batch step sees every batch once or more inside the repeats.
+                repeats = max(args.repeats, len(fresh))
+                ms = time_interleaved(steps, repeats, compiles)
+                row = {
+                    "batch_size": batch_size, "loss": kind, "mining": mining,
+                    "default_fixed_ms": ms[(False, "fixed")], "xla_fixed_ms": ms[(True, "fixed")],
+                    "default_new_ms": ms[(False, "new")], "xla_new_ms": ms[(True, "new")],
+                    "xla_first_call_ms": compiles[(True, "new", "first_ms")],
+                    "xla_compilations_new_batches": compiles[(True, "new")],
+                    "new_batches": len(fresh),
+                }
+                row["xla_over_default_fixed"] = row["xla_fixed_ms"] / row["default_fixed_ms"]
+                row["xla_over_default_new"] = row["xla_new_ms"] / row["default_new_ms"]
+                rows.append(row)
+                print(f"  B={batch_size:5d} {kind:7s} {mining:10s} default {row['default_new_ms']:8.2f}"
+                      f" ms  xla {row['xla_new_ms']:8.2f} ms (x{row['xla_over_default_new']:.2f}),"
+                      f" {row['xla_compilations_new_batches']} compilation(s) over "
+                      f"{len(fresh)} label batches", flush=True)
+    return rows
+
+
+def jax_child(args, modes) -> int:
+    """JAX backend rows (run in a subprocess with KERAS_BACKEND=jax); prints JSON."""
+    import jax
+
+    rows = []
+    for batch_size in args.batch_sizes:
+        fixed = [tuple(jax.numpy.asarray(a) for a in make_batch_np(batch_size, 0))]
+        fresh = [tuple(jax.numpy.asarray(a) for a in make_batch_np(batch_size, seed))
+                 for seed in range(1, args.new_batches + 1)]
+        for kind in ("triplet", "atl"):
+            for mining in modes:
+                loss = build_loss(kind, mining)
+
+                def value(emb, labels, text, loss=loss):
+                    return loss(_targets(loss, labels, text), emb)
+
+                step = jax.jit(jax.value_and_grad(value))
+                steps = {}
+                first = {}
+                for batches, name in ((fixed, "fixed"), (fresh, "new")):
+                    position = [0]
+
+                    def run(batches=batches, position=position):
+                        labels, emb, text = batches[position[0] % len(batches)]
+                        position[0] += 1
+                        out = step(emb, labels, text)
+                        jax.block_until_ready(out)
+                        return out
+
+                    start = time.perf_counter()
+                    out = run()
+                    first[name] = (time.perf_counter() - start) * 1000.0
+                    if not np.isfinite(float(out[0])):
+                        raise RuntimeError(f"non-finite JAX loss for {loss.get_config()}")
+                    steps[name] = run
+                ms = time_interleaved(steps, max(args.repeats, len(fresh)))
+                rows.append({"batch_size": batch_size, "loss": kind, "mining": mining,
+                             "jax_fixed_ms": ms["fixed"], "jax_new_ms": ms["new"],
+                             "jax_first_call_ms": first["fixed"],
+                             "jax_compilations": int(step._cache_size()),
+                             "new_batches": len(fresh)})
+    print("JSON:" + json.dumps({"jax": jax.__version__, "rows": rows}), flush=True)
+    return 0
+
+
+def run_jax_subprocess(args) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--jax-child", "1",
+               "--batch-sizes", *map(str, args.batch_sizes), "--repeats", str(args.repeats),
+               "--new-batches", str(args.new_batches)]
+    if args.modes:
+        command += ["--modes", *args.modes]
+    if args.undeclared:
+        command.append("--undeclared")
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("JSON:"):
+            return json.loads(line[5:])
+    raise RuntimeError(f"JAX run failed:\n{out.stderr[-3000:]}")
+
+
+def main(args: argparse.Namespace) -> int:
+    modes = tuple(args.modes or MINING_MODES)
+    if args.jax_child:
+        return jax_child(args, modes)
+    if args.skip_default and not (args.xla or args.jax):
+        raise SystemExit("--skip-default needs --xla or --jax (nothing else to time)")
+    import tensorflow as tf
+
+    rows, semi_over_hard = ([], {}) if args.skip_default else default_rows(args, modes)
     print()
     print(f"forward+backward ms (median of {args.repeats}), D={EMBEDDING_DIM}, T={TEXT_DIM}, "
-          f"P x K batches with K={IMAGES_PER_ITEM}")
+          f"P x K batches with K={IMAGES_PER_ITEM}"
+          f"{'' if args.undeclared else ', max_images_per_label=K'}")
     extra = f" {'ATL per-row text':>17} {'ratio':>6}" if args.per_row_text else ""
     print(f"{'B':>5} {'mining':<11} {'Triplet':>10} {'ATL':>10} {'ATL/Triplet':>12}{extra}")
     for r in rows:
@@ -157,26 +362,52 @@ def main(argv: list[str] | None = None) -> int:
                  if args.per_row_text else "")
         print(f"{r['batch_size']:>5} {r['mining']:<11} {r['triplet_ms']:>10.2f} "
               f"{r['atl_ms']:>10.2f} {r['atl_over_triplet']:>12.2f}{extra}")
-    print()
-    print(f"{'B':>5} {'semi_hard/batch_hard (Triplet)':>31} {'(ATL)':>8}")
-    for batch_size, ratio in semi_over_hard.items():
-        print(f"{batch_size:>5} {ratio['triplet']:>31.2f} {ratio['atl']:>8.2f}")
+    if semi_over_hard:
+        print()
+        print(f"{'B':>5} {'semi_hard/batch_hard (Triplet)':>31} {'(ATL)':>8}")
+        for batch_size, ratio in semi_over_hard.items():
+            print(f"{batch_size:>5} {ratio['triplet']:>31.2f} {ratio['atl']:>8.2f}")
 
     result = {
         "config": {
-            "batch_sizes": args.batch_sizes,
-            "repeats": args.repeats,
-            "embedding_dim": EMBEDDING_DIM,
-            "text_dim": TEXT_DIM,
-            "images_per_item": IMAGES_PER_ITEM,
-            "per_row_text": args.per_row_text,
-            "tensorflow": tf.__version__,
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
+            "batch_sizes": args.batch_sizes, "repeats": args.repeats, "modes": list(modes),
+            "embedding_dim": EMBEDDING_DIM, "text_dim": TEXT_DIM,
+            "images_per_item": IMAGES_PER_ITEM, "per_row_text": args.per_row_text,
+            "max_images_per_label": None if args.undeclared else IMAGES_PER_ITEM,
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
         },
         "rows": rows,
         "semi_hard_over_batch_hard": semi_over_hard,
     }
+
+    if args.xla:
+        print("\nXLA (tf.function(jit_compile=True)) vs default tf.function:")
+        xrows = xla_rows(args, modes)
+        result["xla_rows"] = xrows
+        print(f"\n{'B':>5} {'loss':<8}{'mining':<11}{'fixed: default':>15}{'xla':>9}{'ratio':>7}"
+              f"{'new batch: default':>20}{'xla':>9}{'ratio':>7}{'compiles':>10}")
+        for r in xrows:
+            print(f"{r['batch_size']:>5} {r['loss']:<8}{r['mining']:<11}{r['default_fixed_ms']:>15.2f}"
+                  f"{r['xla_fixed_ms']:>9.2f}{r['xla_over_default_fixed']:>7.2f}"
+                  f"{r['default_new_ms']:>20.2f}{r['xla_new_ms']:>9.2f}"
+                  f"{r['xla_over_default_new']:>7.2f}"
+                  f"{r['xla_compilations_new_batches']:>6}/{r['new_batches']}")
+    if args.jax:
+        jax_result = run_jax_subprocess(args)
+        result["jax"] = jax_result
+        default_ms = {(r["batch_size"], r["loss"], r["mining"]): r["default_new_ms"]
+                      for r in result.get("xla_rows", [])}
+        print(f"\nJAX {jax_result['jax']} backend (jax.jit of value_and_grad, another process):")
+        print(f"{'B':>5} {'loss':<8}{'mining':<11}{'fixed ms':>9}{'new ms':>9}{'compiles':>10}"
+              f"{'first ms':>10}{'vs TF default':>15}")
+        for r in jax_result["rows"]:
+            tf_ms = default_ms.get((r["batch_size"], r["loss"], r["mining"]))
+            ratio = f"{r['jax_new_ms'] / tf_ms:>15.2f}" if tf_ms else f"{'-':>15}"
+            print(f"{r['batch_size']:>5} {r['loss']:<8}{r['mining']:<11}{r['jax_fixed_ms']:>9.2f}"
+                  f"{r['jax_new_ms']:>9.2f}{r['jax_compilations']:>6}/{r['new_batches'] + 1}"
+                  f"{r['jax_first_call_ms']:>10.0f}{ratio}")
+
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=2)
@@ -185,4 +416,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(ARGS))
