@@ -29,6 +29,7 @@ from atl_keras.proxy_losses import (
 from tests.conftest import REPO_ROOT
 
 PML_REFERENCE = REPO_ROOT / "tests" / "data" / "proxy_anchor_pml.json"
+SUBPROCESS_TIMEOUT = 900  # seconds; ~45 s on an idle 2-core machine, much more when it is shared
 
 
 # ----------------------------------------------------------------- loop references (float64)
@@ -394,7 +395,7 @@ print("RESULT " + json.dumps(out))
 def test_two_replicas_mirror_proxies_and_match_one_device():
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(MIRRORED)], cwd=REPO_ROOT,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=SUBPROCESS_TIMEOUT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     out = json.loads(lines[-1][len("RESULT "):])
@@ -425,7 +426,7 @@ def test_same_values_on_the_jax_backend():
     pytest.importorskip("jax")
     proc = subprocess.run([sys.executable, "-c", JAX], cwd=REPO_ROOT,
                           env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     out = json.loads(lines[-1][len("RESULT "):])
