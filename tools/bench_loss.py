@@ -350,6 +350,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--skip-default needs --xla or --jax (nothing else to time)")
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")  # each configuration traces its own step: retracing notes are expected
     rows, semi_over_hard = ([], {}) if args.skip_default else default_rows(args, modes)
     print()
     print(f"forward+backward ms (median of {args.repeats}), D={EMBEDDING_DIM}, T={TEXT_DIM}, "
