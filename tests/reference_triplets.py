@@ -62,8 +62,8 @@ def margin_matrix(
     batch: int,
     margin: float | None = None,
     text: np.ndarray | None = None,
-    min_margin: float = 0.1,
-    max_margin: float = 0.5,
+    min_margin: float = 0.05,
+    max_margin: float = 0.4,
     kind: str = "squared_l2",
     missing_text_margin: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -110,8 +110,8 @@ def reference_loss(
     soft_margin: bool = False,
     margin: float = 0.2,
     text=None,
-    min_margin: float = 0.1,
-    max_margin: float = 0.5,
+    min_margin: float = 0.05,
+    max_margin: float = 0.4,
     semantic_threshold: float | None = None,
     missing_text_margin: float | None = None,
 ) -> float:
@@ -178,7 +178,7 @@ def reference_loss(
 
 
 def reference_statistics(labels, embeddings, kind="squared_l2", margin=0.2, text=None,
-                         min_margin=0.1, max_margin=0.5, semantic_threshold=None,
+                         min_margin=0.05, max_margin=0.4, semantic_threshold=None,
                          missing_text_margin=None) -> dict:
     """fraction_active / mean_active_margin by looping over all triplets."""
     labels = [int(v) for v in np.asarray(labels).reshape(-1)]
