@@ -202,7 +202,8 @@ def exact_neighbors(gallery: np.ndarray, queries: HeldOutQueries, k: int) -> np.
     """Exact top-k gallery rows ``[Q, k]`` of the held-out queries (dot product)."""
     searcher = ExactSearcher(gallery, distance="dot")
     exclude = queries.exclude if np.any(queries.exclude >= 0) else None
-    indices, _ = searcher.search(queries.embeddings, k, exclude=exclude)
+    # 128 queries per step: the [chunk, N] score matrix stays ~N * 0.5 KB, not N * 4 KB.
+    indices, _ = searcher.search(queries.embeddings, k, chunk_size=128, exclude=exclude)
     return indices
 
 
