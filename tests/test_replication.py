@@ -209,7 +209,7 @@ def test_quick_report_has_every_section_method_and_protocol(quick_report):
     for fact in ("Command: `python tools/replicate.py --quick", "CPU cores", "Wall time: 6 runs", "Seeds: 0 ",
                  "Chance level (random ranking"):
         assert fact in report, fact
-    evaluations = [e for p in PROTOCOLS.values() for e in p.evaluations]
+    evaluations = [e for name in ("shop", "fmnist") for e in PROTOCOLS[name].evaluations]  # what --quick runs
     for evaluation in evaluations:
         rows = _rows(report, f"### {EVALUATIONS[evaluation]}\n")
         assert [r[0] for r in rows] == [m.name for m in MAIN_METHODS], (evaluation, rows)
