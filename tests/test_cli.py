@@ -120,3 +120,19 @@ def test_export_serve_query_are_atl_subcommands(capsys):
             cli.main([command, "--help"])
         assert exit_info.value.code == 0
         assert usage in capsys.readouterr().out
+
+
+def test_export_onto_a_full_disk_is_one_line_and_publishes_nothing(trained, tmp_path, capsys):
+    """Before: a raw ResourceExhaustedError traceback ([Op:SaveV2]) from a full disk."""
+    from test_faults import tiny_disk
+
+    out, _ = trained
+    export = load_tool("export")
+    with tiny_disk(tmp_path / "disk", "200k") as disk:
+        code = export.main(["--model", str(out / "model.keras"), "--output-base", str(disk / "shop"),
+                            "--min-recall", "0"])
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert "nothing was published" in err and "Traceback" not in err
+        left = sorted(p.name for p in (disk / "shop").iterdir()) if (disk / "shop").exists() else []
+        assert not [name for name in left if name.isdigit() or name.startswith(".tmp-")], left

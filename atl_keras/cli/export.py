@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: TensorFlow errors that mean "could not write" (a full disk raises ResourceExhaustedError in SaveV2).
+WRITE_ERRORS = ("ResourceExhaustedError", "PermissionDeniedError", "UnavailableError", "DataLossError")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -86,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # ExportError is a ValueError
         print(f"export: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a full disk or an unwritable base: one line, nothing published
+        if not (isinstance(error, OSError) or type(error).__name__ in WRITE_ERRORS):
+            raise
+        print(f"export: error: writing the export failed ({type(error).__name__}: "
+              f"{str(error).splitlines()[0] if str(error) else 'no details'}); nothing was published. "
+              "Free disk space (or choose another --output-base) and rerun.", file=sys.stderr)
+        return 1
     print(f"Exported version {result.version} to {result.path}")
     if result.portable_path is not None:
         print(f"Portable (stock TF Serving, retrieve_exact) version to {result.portable_path}")
