@@ -136,3 +136,19 @@ def test_export_onto_a_full_disk_is_one_line_and_publishes_nothing(trained, tmp_
         assert "nothing was published" in err and "Traceback" not in err
         left = sorted(p.name for p in (disk / "shop").iterdir()) if (disk / "shop").exists() else []
         assert not [name for name in left if name.isdigit() or name.startswith(".tmp-")], left
+
+
+def test_export_output_base_that_is_a_file_fails_before_any_work(trained, tmp_path, capsys):
+    out, _ = trained
+    export = load_tool("export")
+    base = tmp_path / "shop"
+    base.write_text("not a directory")
+    for flag in ("--output-base", "--portable-output-base"):
+        argv = ["--model", str(out / "model.keras"), "--output-base", str(tmp_path / "ok"), "--min-recall", "0"]
+        argv[argv.index("--output-base") + 1 if flag == "--output-base" else len(argv):] = (
+            [str(base), "--min-recall", "0"] if flag == "--output-base" else [flag, str(base)])
+        assert export.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is not a directory" in err and "Traceback" not in err
+        assert base.read_text() == "not a directory"
+        assert not (tmp_path / "ok").exists() or not any((tmp_path / "ok").iterdir())
