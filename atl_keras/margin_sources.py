@@ -40,7 +40,7 @@ import numpy as np
 from keras import ops
 
 from atl_keras.distances import max_distance, pairwise_distances, validate_distance
-from atl_keras.losses import margin_triplet_loss
+from atl_keras.losses import _TripletLossBase, margin_triplet_loss
 
 __all__ = [
     "MAPPINGS",
@@ -231,7 +231,7 @@ def margin_spread(table: np.ndarray, items: Sequence[int] | None = None) -> dict
 
 
 @keras.saving.register_keras_serializable(package="atl_keras")
-class MarginTableTripletLoss(keras.losses.Loss):
+class MarginTableTripletLoss(_TripletLossBase):
     """Triplet loss whose margin of anchor item ``a`` and negative item ``n`` is ``table[a, n]``.
 
     The experiments' one code path: ATL with text margins, its controls and a fixed-margin
@@ -272,18 +272,6 @@ class MarginTableTripletLoss(keras.losses.Loss):
         self.distance = validate_distance(distance)
         self.soft_margin = bool(soft_margin)
 
-    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        if sample_weight is not None:
-            raise ValueError(f"{type(self).__name__} does not support sample_weight (it averages over mined triplets).")
-        with keras.name_scope(self.name):
-            loss = ops.cast(self.call(y_true, y_pred), self.dtype)
-            if keras.backend.backend() == "tensorflow":
-                import tensorflow as tf
-
-                replicas = tf.distribute.get_strategy().num_replicas_in_sync
-                loss = loss * (1.0 / replicas) if replicas > 1 else loss
-            return loss
-
     def call(self, y_true: Any, y_pred: Any) -> Any:
         labels = y_true["label"] if isinstance(y_true, Mapping) else y_true
         labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
@@ -300,7 +288,7 @@ class MarginTableTripletLoss(keras.losses.Loss):
 
     def get_config(self) -> dict[str, Any]:
         return {
-            "name": self.name, "reduction": self.reduction, "dtype": self.dtype,
+            **super().get_config(),
             "table": self.table.tolist(), "mining": self.mining, "distance": self.distance,
             "negative_table": None if self.negative_table is None else self.negative_table.tolist(),
             "soft_margin": self.soft_margin,

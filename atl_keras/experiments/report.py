@@ -315,10 +315,7 @@ def write_report(result: ReplicationResult, output_dir: str = "results") -> dict
     with open(f"{report}.tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(f"{report}.tmp", report)
-    with open(os.path.join(output_dir, "replication_records.json"), "w", encoding="utf-8") as f:
-        json.dump({"wall_seconds": result.wall_seconds, "command": result.command,
-                   "environment": result.environment,
-                   "records": [r.to_json() for r in result.records]}, f, indent=1, default=str)
+    _write_records(result, os.path.join(output_dir, "replication_records.json"))
     paths["report"] = report
     return paths
 
