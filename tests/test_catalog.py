@@ -108,7 +108,8 @@ def test_load_images_in_memory_resizes_only_when_needed():
     assert same is cat.images and kept.all()
     bigger, kept = cat.load_images((8, 6))
     assert bigger.shape == (12, 8, 6, 3) and bigger.dtype == np.uint8
-    np.testing.assert_array_equal(bigger[:, 0, 0, 0], np.arange(12))  # constant images stay constant
+    np.testing.assert_array_equal(bigger[:, 4, 3, 0], np.arange(12))  # constant images stay constant
+    np.testing.assert_array_equal(bigger[:, 0, 0, 0], np.full(12, 255))  # padded like training (4x4 -> 6x6 + 1 row each side)
 
 
 # --------------------------------------------------------------------------- assign_splits

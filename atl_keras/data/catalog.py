@@ -237,13 +237,15 @@ class Catalog:
         strict: bool = False,
         channels: int = 3,
         resize: str = "pad",
+        pad_value: int = 255,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Pixels of every row: ``(uint8 [n_kept, H, W, C], kept_mask bool [N])``.
 
-        In-memory images are resized if needed (all kept). Files are decoded with the
-        `atl_keras.data.images` pipeline: bad files are skipped with one warning (or raise
-        `ImageDecodeError` when ``strict``). Use ``self.subset(kept_mask)`` for matching rows,
-        or `with_images` for both at once.
+        In-memory images of another size are resized with `atl_keras.preprocessing` (pad
+        or stretch as ``resize`` says, all kept): the same pixels as the files would give
+        through the training decode. Files are decoded with the `atl_keras.data.images`
+        pipeline: bad files are skipped with one warning (or raise `ImageDecodeError` when
+        ``strict``). Use ``self.subset(kept_mask)`` for matching rows, or `with_images` for both at once.
         """
         if self.images is not None:
             images = self.images
@@ -253,13 +255,12 @@ class Catalog:
                     f"In-memory images have {images.shape[-1]} channels, asked for {channels}."
                 )
             if tuple(images.shape[1:3]) != tuple(size):
-                import tensorflow as tf  # local: only needed for the rare resize of in-memory images
-
-                x = tf.image.resize(tf.cast(images, tf.float32), size, antialias=True)
-                images = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8).numpy()
+                images = _resize_in_memory(images, size, channels, resize, pad_value)
             return images, np.ones(len(self), dtype=bool)
         assert self.image_paths is not None
-        return decode_images(self.image_paths, image_size, channels=channels, strict=strict, resize=resize)
+        return decode_images(
+            self.image_paths, image_size, channels=channels, strict=strict, resize=resize, pad_value=pad_value
+        )
 
     def with_images(self, image_size: int | Sequence[int], strict: bool = False, **kwargs: Any) -> "Catalog":
         """This catalog with decoded images in memory, bad rows dropped (see `load_images`)."""
@@ -512,3 +513,23 @@ def read_catalog(
         images=None,
         image_paths=image_paths,
     )
+
+
+def _resize_in_memory(
+    images: np.ndarray, size: tuple[int, int], channels: int, resize: str, pad_value: int, chunk: int = 1024
+) -> np.ndarray:
+    """uint8 ``[N, h, w, C]`` -> uint8 ``[N, H, W, C]`` through `atl_keras.preprocessing.resize_image`."""
+    import tensorflow as tf  # local: only needed for the rare resize of in-memory images
+
+    from atl_keras.preprocessing import Preprocessing, resize_image
+
+    prep = Preprocessing(size, channels=channels, resize=resize, pad_value=pad_value)
+    resize_one = tf.function(
+        lambda batch: tf.map_fn(lambda image: resize_image(image, prep), batch,
+                                fn_output_signature=tf.TensorSpec(prep.image_shape, tf.uint8)),
+        reduce_retracing=True,
+    )
+    out = np.empty((len(images), *prep.image_shape), np.uint8)
+    for start in range(0, len(images), chunk):  # bounded memory: one chunk of float pixels at a time
+        out[start:start + chunk] = resize_one(tf.constant(np.asarray(images[start:start + chunk], np.uint8))).numpy()
+    return out
