@@ -17,6 +17,7 @@ Library::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -35,11 +36,27 @@ from tensorflow_serving.apis import (
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 
-class Neighbors(NamedTuple):
-    """Results of one query: gallery ids and scores, best first (a ``(ids, scores)`` tuple)."""
-
+class _Pair(NamedTuple):
     ids: list[str]
     scores: list[float]
+
+
+class Neighbors(_Pair):
+    """Results of one query, best first: an ``(ids, scores)`` tuple (ids = the catalog's item ids).
+
+    Catalog exports (`atl index`) also return, per result, ``image_ids`` (the catalog row's
+    image id) and ``metadata`` (the row's metadata columns, a dict); other exports leave
+    both empty.
+    """
+
+    image_ids: list[str]
+    metadata: list[dict]
+
+    def __new__(cls, ids, scores, image_ids=None, metadata=None):
+        self = super().__new__(cls, ids, scores)
+        self.image_ids = list(image_ids) if image_ids is not None else []
+        self.metadata = list(metadata) if metadata is not None else []
+        return self
 
 
 def make_channel(
@@ -148,7 +165,8 @@ def retrieve(
     """Top-``k`` gallery ids and scores for each encoded query image, best first.
 
     ``signature="retrieve_exact"`` uses the pure-TF brute-force search (the one stock
-    TF Serving can run without ScaNN's ops).
+    TF Serving can run without ScaNN's ops). For a catalog export each `Neighbors` also
+    carries ``image_ids`` and ``metadata`` (the signature's ``image_ids`` / ``metadata`` outputs).
     """
     if not images:
         raise ValueError("retrieve() needs at least one query image")
@@ -158,12 +176,18 @@ def retrieve(
         stub_or_channel, model,
         {"images": np.array(list(images), dtype=object), "k": np.int32(k)},
         signature=signature, version=version, version_label=version_label,
-        output_filter=("ids", "scores"), timeout=timeout,
+        timeout=timeout,  # no output_filter: every output, so catalog exports' image_ids/metadata come too
         dtypes={"images": tf.string, "k": tf.int32}, wait_for_ready=wait_for_ready,
     )
+    image_ids = out.get("image_ids", [None] * len(out["ids"]))
+    metadata = out.get("metadata", [None] * len(out["ids"]))
     return [
-        Neighbors([i.decode("utf-8") for i in ids], [float(s) for s in scores])
-        for ids, scores in zip(out["ids"], out["scores"])
+        Neighbors(
+            [i.decode("utf-8") for i in ids], [float(s) for s in scores],
+            None if rows is None else [r.decode("utf-8") for r in rows],
+            None if meta is None else [json.loads(m.decode("utf-8") or "{}") for m in meta],
+        )
+        for ids, scores, rows, meta in zip(out["ids"], out["scores"], image_ids, metadata)
     ]
 
 
@@ -189,12 +213,19 @@ def get_model_status(channel: grpc.Channel, model: str, *, version: int | None =
 
 
 def format_table(queries: Sequence[str], results: Sequence[Neighbors]) -> str:
-    """Plain-text table: query, rank, id, score."""
-    rows = [("query", "rank", "id", "score")]
-    for query, (ids, scores) in zip(queries, results):
+    """Plain-text table: query, rank, id, score (+ image_id, metadata for catalog exports)."""
+    catalog = any(getattr(r, "image_ids", None) for r in results)
+    rows = [("query", "rank", "id", "score") + (("image_id", "metadata") if catalog else ())]
+    for query, result in zip(queries, results):
+        ids, scores = result
         for rank, (item, score) in enumerate(zip(ids, scores), start=1):
-            rows.append((query, str(rank), item, f"{score:.4f}"))
-    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+            extra = ()
+            if catalog:
+                image_ids, metadata = getattr(result, "image_ids", []), getattr(result, "metadata", [])
+                extra = (image_ids[rank - 1] if rank <= len(image_ids) else "",
+                         json.dumps(metadata[rank - 1], ensure_ascii=False, sort_keys=True) if rank <= len(metadata) else "")
+            rows.append((query, str(rank), item, f"{score:.4f}") + extra)
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
