@@ -190,3 +190,35 @@ def test_cache_survives_a_torn_append(tmp_path):
     assert len(reopened) == 2
     reopened.append(["c" * 64], np.full((1, 4), 2, np.float32))
     np.testing.assert_array_equal(reopened.gather(["c" * 64, "a" * 64]), [[2] * 4, [1] * 4])
+
+
+def test_served_results_carry_item_id_image_id_and_metadata_through_the_client(tmp_path, capsys):
+    """A catalog export behind the gRPC server (127.0.0.1): `client.retrieve` and `atl query`
+    return each result's item id, image id and metadata columns, for both retrieve signatures."""
+    from atl_keras.serving import client
+    from atl_keras.serving.model_config import ServedModel
+    from atl_keras.serving.server import ModelServer, ServerConfig
+
+    catalog = write_catalog(tmp_path, 40)
+    base, portable = str(tmp_path / "shop"), str(tmp_path / "shop-portable")
+    index_catalog(tiny_model(), catalog, base, portable_output_base=portable)
+    rows = {r.image_id: r for r in read_index_catalog(catalog)}
+    query_path = str(tmp_path / "img" / "products-0005.png")
+    query = open(query_path, "rb").read()
+    server = ModelServer(ServerConfig([ServedModel("shop", base), ServedModel("shop-portable", portable)],
+                                      port=0, file_system_poll_wait_seconds=0)).start()
+    try:
+        target = f"127.0.0.1:{server.port}"
+        for model, signature in (("shop", "retrieve"), ("shop", "retrieve_exact"), ("shop-portable", "retrieve_exact")):
+            (result,) = client.retrieve(target, model, [query], k=4, signature=signature, wait_for_ready=True)
+            ids, scores = result  # still an (ids, scores) pair
+            assert len(ids) == len(result.image_ids) == len(result.metadata) == 4
+            assert result.image_ids[0] == "img/products-0005.png" and ids[0] == "sku-2"
+            for item, image_id, metadata in zip(ids, result.image_ids, result.metadata):
+                assert rows[image_id].item_id == item and rows[image_id].metadata == metadata
+        assert client.main(["--server", target, "--model", "shop", "--image", query_path, "--k", "2"]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == ["query", "rank", "id", "score", "image_id", "metadata"]
+        assert table[2].split()[2] == "sku-2" and "img/products-0005.png" in table[2] and '{"colour": "blue"}' in table[2]
+    finally:
+        server.stop(grace=0)
