@@ -3,6 +3,7 @@
     atl replicate --quick                         # CI-sized, < 2 min, hashing encoder, into runs/replicate-quick
     atl replicate --seeds 5 --ablations           # the published replication (~80 min, 2 cores)
     atl replicate --experiment weak_label         # the pre-registered margin-source experiment (8 seeds)
+    atl replicate --experiment weak_label --proxies 8   # + the proxy losses beside ATL (issue 15)
     atl replicate --dataset catalog:products.csv --seeds 2 --schedule quick   # does text help on MY catalog?
 
 (`python tools/replicate.py` is the same command.) Writes <output>/replication.md,
@@ -61,6 +62,12 @@ def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> ar
     parser.add_argument("--from-records", default=None, metavar="JSON",
                         help="re-render the report from a replication_records.json (no training); give the same "
                              "--schedule/--seeds/--protocols/--ablations it was made with")
+    parser.add_argument("--proxies", type=int, default=0, metavar="N",
+                        help="weak_label experiment: also train the proxy losses (adaptive proxy with the text, "
+                             "permuted, fixed margins; ProxyAnchor) on seeds 0..N-1 and report them beside "
+                             "ATL (an addition to the pre-registered design; default 0: not run)")
+    parser.add_argument("--proxy-oracle", action="store_true",
+                        help="with --proxies: also the adaptive proxy loss with oracle margins")
     parser.add_argument("--no-reuse", action="store_true", help="retrain runs even when a matching record exists")
     return parser.parse_args(argv)
 
@@ -84,6 +91,10 @@ def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
     if seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
+    if args.proxies < 0 or args.proxies > seeds:
+        print(f"error: --proxies must be between 0 and --seeds ({seeds}): the proxy runs are paired with ATL's "
+              "seeds", file=sys.stderr)
+        return 2
     try:
         config = ReplicationConfig(
             protocols=_comma_list(protocols),
@@ -94,7 +105,11 @@ def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
             ablations=args.ablations,
             ablation_protocols=_comma_list(args.ablation_protocols),
             text_encoder=args.text_encoder or ("hashing" if args.quick else "use-m3"),
-            work_dir=args.work_dir or ("runs/weak-label" if experiment == "weak_label" else "runs/replication"),
+            # --quick keeps its records apart: a quick run must not overwrite a full run's records.
+            work_dir=args.work_dir or ("runs/replicate-quick/work" if args.quick else
+                                       "runs/weak-label" if experiment == "weak_label" else "runs/replication"),
+            proxy_seeds=tuple(range(args.proxies)),
+            proxy_oracle=args.proxy_oracle,
             text_cache_dir=args.text_cache_dir,
             reuse=not args.no_reuse,
         )

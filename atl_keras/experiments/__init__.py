@@ -38,7 +38,7 @@ from atl_keras.experiments.runs import ReplicationResult, RunRecord, load_result
 from atl_keras.experiments.statistics import aggregate, compare, paired_t_p_value, student_t_two_sided_p
 from atl_keras.experiments.plots import chance_recall, plot_recall_curves, plot_retrieval_grid
 from atl_keras.experiments.report import render_report, write_report
-from atl_keras.experiments.methods import weak_label_methods
+from atl_keras.experiments.methods import weak_label_methods, weak_label_proxy_methods
 from atl_keras.experiments.weak_label import holm, paired_differences, render_weak_label_report, t_critical
 
 __all__ = [
@@ -75,6 +75,7 @@ __all__ = [
     "student_t_two_sided_p",
     "write_report",
     "weak_label_methods",
+    "weak_label_proxy_methods",
     "holm",
     "paired_differences",
     "render_weak_label_report",

@@ -42,6 +42,11 @@ class Method:
     def is_atl(self) -> bool:
         return self.loss == "atl"
 
+    @property
+    def is_proxy(self) -> bool:
+        """One learnable proxy per training item (``adaptive_proxy``, ``proxy_anchor``)."""
+        return self.loss in ("adaptive_proxy", "proxy_anchor")
+
 TRIPLET_BATCH_HARD = Method("triplet_batch_hard", "Triplet (m=0.2), batch-hard", "triplet", "batch_hard")
 TRIPLET_SEMI_HARD = Method("triplet_semi_hard", "Triplet (m=0.2), semi-hard", "triplet", "semi_hard")
 ATL_USE = Method("atl_use", "ATL (USE, m in [0.05, 0.4]), batch-hard", "atl", "batch_hard")
@@ -73,7 +78,7 @@ def ablation_methods() -> tuple[Method, ...]:
 def method_title(method: Method, config: ReplicationConfig) -> str:
     """The method's title, naming the encoder actually used (e.g. ``hashing`` in quick mode)."""
     encoder = method.text_encoder or config.text_encoder
-    if method.is_atl and encoder != "use-m3":
+    if (method.is_atl or method.is_proxy) and encoder != "use-m3":
         return method.title.replace("USE", encoder)
     return method.title
 
@@ -119,3 +124,29 @@ def weak_label_methods(oracle: bool = True, threshold: bool = True, shuffled: bo
                           variant_threshold=True, ablation="block B"))
     return tuple(out)
 
+
+
+#: Margin sources of the adaptive proxy loss in the weak-label experiment, in run order
+#: (the oracle last: it is a testbed check, the first to drop when time is short).
+WEAK_LABEL_PROXY_SOURCES = ("text", "permuted", "fixed", "oracle")
+
+
+def weak_label_proxy_methods(oracle: bool = True) -> tuple[Method, ...]:
+    """The proxy losses beside ATL in the weak-label experiment (an addition to its
+    pre-registered design, issue 15).
+
+    ``adaptive_proxy_<source>``: `atl_keras.AdaptiveProxyLoss` with the margin table of that
+    source through the same catalog-scaled mapping onto [0.05, 0.4] as the ATL conditions (one
+    margin per (class, negative proxy) pair; no mining). ``proxy_anchor``: ProxyAnchor with PML's
+    defaults, no text (the proxy baseline). Run order: text, permuted, fixed, ProxyAnchor, oracle.
+    """
+    sources = [s for s in WEAK_LABEL_PROXY_SOURCES if s != "oracle"]
+    out = [Method(f"adaptive_proxy_{source}", f"adaptive proxy loss, {WEAK_LABEL_SOURCE_TITLES[source]}",
+                  "adaptive_proxy", margin_source=source, margin_mapping="catalog", ablation="proxy")
+           for source in sources]
+    out.append(Method("proxy_anchor", "ProxyAnchor (delta 0.1, alpha 32; no text)", "proxy_anchor",
+                      margin_mapping="catalog", ablation="proxy"))
+    if oracle:
+        out.append(Method("adaptive_proxy_oracle", f"adaptive proxy loss, {WEAK_LABEL_SOURCE_TITLES['oracle']}",
+                          "adaptive_proxy", margin_source="oracle", margin_mapping="catalog", ablation="proxy"))
+    return tuple(out)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from atl_keras.experiments.methods import MAIN_METHODS, Method, ablation_methods, weak_label_methods
+from atl_keras.experiments.methods import (
+    MAIN_METHODS,
+    Method,
+    ablation_methods,
+    weak_label_methods,
+    weak_label_proxy_methods,
+)
 
 #: Metrics in the report tables, in this order.
 METRICS = ("recall_at_1", "recall_at_10", "recall_at_20", "map_at_r")
@@ -107,6 +113,10 @@ class ReplicationConfig:
     reuse: bool = True  # reuse a run's record from work_dir when its settings are identical
     experiment: str = "paper"  # "paper" (baselines vs ATL) | "weak_label" (margin sources)
     dataset: str | None = None  # a user's catalog:PATH / deepfashion-inshop:ROOT instead of protocols
+    #: weak_label only: also train the proxy losses (`weak_label_proxy_methods`) on these seeds
+    #: (a subset of `seeds`; an addition to the pre-registered design, reported separately).
+    proxy_seeds: tuple[int, ...] = ()
+    proxy_oracle: bool = False  # with proxy_seeds: also the adaptive proxy loss with oracle margins
 
     def __post_init__(self) -> None:
         if self.experiment not in EXPERIMENTS:
@@ -127,6 +137,14 @@ class ReplicationConfig:
                 raise ValueError(f"Unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)} or pass a Schedule.")
         if self.max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {self.max_k}.")
+        self.proxy_seeds = tuple(int(s) for s in self.proxy_seeds)
+        if self.proxy_seeds and self.experiment != "weak_label":
+            raise ValueError("proxy_seeds (the proxy losses beside ATL) belong to the weak_label experiment; "
+                             "use experiment='weak_label' or drop them.")
+        stray = sorted(set(self.proxy_seeds) - set(self.seeds))
+        if stray or len(set(self.proxy_seeds)) != len(self.proxy_seeds):
+            raise ValueError(f"proxy_seeds must be distinct and among seeds {self.seeds} (paired by seed), "
+                             f"got {self.proxy_seeds}.")
 
     @property
     def schedule_obj(self) -> Schedule:
@@ -146,8 +164,23 @@ class ReplicationConfig:
         """Methods run on `protocol`: the main three, plus the ablations where asked; for the
         weak-label experiment its margin-source conditions."""
         if self.experiment == "weak_label":
-            return weak_label_methods(oracle=protocol != "catalog", threshold=protocol == "variant_shop",
-                                      shuffled=protocol == "catalog")
+            methods = weak_label_methods(oracle=protocol != "catalog", threshold=protocol == "variant_shop",
+                                         shuffled=protocol == "catalog")
+            if self.proxy_seeds:
+                methods += weak_label_proxy_methods(oracle=self.proxy_oracle and protocol != "catalog")
+            return methods
         if self.ablations and protocol in self.ablation_protocols:
             return MAIN_METHODS + ablation_methods()
         return MAIN_METHODS
+
+    def method_seeds(self, method: Method) -> tuple[int, ...]:
+        """The seeds `method` runs on: `proxy_seeds` for the weak-label proxy losses, else `seeds`."""
+        return self.proxy_seeds if self.experiment == "weak_label" and method.is_proxy else self.seeds
+
+    def plan(self) -> list[tuple[str, Method, int]]:
+        """Every ``(protocol, method, seed)`` to run, in run order. The weak-label experiment
+        runs seed-major (a stopped run still has complete paired seeds); the paper's method-major."""
+        if self.experiment == "weak_label":
+            return [(p, m, s) for p in self.protocols for s in self.seeds for m in self.methods(p)
+                    if s in self.method_seeds(m)]
+        return [(p, m, s) for p in self.protocols for m in self.methods(p) for s in self.method_seeds(m)]

@@ -316,10 +316,7 @@ def run_replication(
     """
     start = time.perf_counter()
     records = []
-    if config.experiment == "weak_label":  # seed-major: a stopped run still has complete paired seeds
-        plan = [(config.protocol(p), m, s) for p in config.protocols for s in config.seeds for m in config.methods(p)]
-    else:
-        plan = [(config.protocol(p), m, s) for p in config.protocols for m in config.methods(p) for s in config.seeds]
+    plan = [(config.protocol(p), m, s) for p, m, s in config.plan()]
     for i, (protocol, method, seed) in enumerate(plan, 1):
         if progress:
             progress(f"[{i}/{len(plan)}] {protocol.name} {method.name} seed={seed} ...")
@@ -344,7 +341,7 @@ def load_result(path: str, config: ReplicationConfig) -> ReplicationResult:
     fields = {f.name for f in dataclasses.fields(RunRecord)}
     records = {(r["protocol"], r["method"], int(r["seed"])): RunRecord(**{k: v for k, v in r.items() if k in fields})
                for r in payload["records"]}
-    wanted = [(p, m.name, s) for p in config.protocols for m in config.methods(p) for s in config.seeds]
+    wanted = [(p, m.name, s) for p, m, s in config.plan()]
     missing = [w for w in wanted if w not in records]
     if missing:
         raise ValueError(f"{path} has no record of {len(missing)} runs this configuration needs, e.g. {missing[0]}; "

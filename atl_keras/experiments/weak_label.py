@@ -36,6 +36,7 @@ __all__ = [
     "holm",
     "paired_differences",
     "planned_comparisons",
+    "proxy_comparisons",
     "render_weak_label_report",
     "t_critical",
 ]
@@ -249,6 +250,62 @@ def _condition_table(records: Sequence[RunRecord], evaluation: str, methods: Seq
     return lines
 
 
+def proxy_comparisons(oracle: bool = True) -> list[tuple[str, str, str]]:
+    """The proxy losses beside ATL ``(label, method, baseline)``: an addition to the
+    pre-registered design (issue 15), descriptive, Holm over this family only."""
+    n = weak_label_method_name
+    out = [
+        ("P1 adaptive proxy: text - random", "adaptive_proxy_text", "adaptive_proxy_permuted"),
+        ("P2 adaptive proxy: text - fixed", "adaptive_proxy_text", "adaptive_proxy_fixed"),
+        ("P3 adaptive proxy text - ATL text, batch-hard", "adaptive_proxy_text", n("text", "batch_hard")),
+        ("P4 adaptive proxy text - ATL text, semi-hard", "adaptive_proxy_text", n("text", "semi_hard")),
+        ("P5 ProxyAnchor - ATL text, batch-hard", "proxy_anchor", n("text", "batch_hard")),
+        ("P6 adaptive proxy text - ProxyAnchor", "adaptive_proxy_text", "proxy_anchor"),
+    ]
+    if oracle:
+        out.append(("P7 adaptive proxy: oracle - random", "adaptive_proxy_oracle", "adaptive_proxy_permuted"))
+    return out
+
+
+#: ATL conditions shown beside the proxy losses (same seeds).
+PROXY_ATL_ROWS = ("text_bh", "permuted_bh", "fixed_bh", "oracle_bh", "text_sh")
+
+
+def _proxy_section(records: Sequence[RunRecord], evaluation: str, metrics: Sequence[str], atl_methods: Sequence,
+                   proxy_methods: Sequence, config: Any) -> list[str]:
+    """The proxy losses beside ATL: conditions on the proxies' seeds and paired comparisons."""
+    seeds = sorted({r.seed for r in records if r.method in {m.name for m in proxy_methods}})
+    if not seeds:
+        return []
+    on_seeds = [r for r in records if r.seed in seeds]
+    proxy_cfg = next((r.train_config for r in records if r.method.startswith("adaptive_proxy")), {}) or {}
+    scale = proxy_cfg.get("proxy_scale") or 16.0
+    lr_mult = proxy_cfg.get("proxy_lr_multiplier", 10.0)
+    lines = [
+        "### Addition (not pre-registered): the proxy losses beside ATL", "",
+        "Added after the pre-registered experiment ran (issue 15); nothing above depends on these runs, and "
+        "the comparisons below are descriptive, not decision rules. Same protocol, shops, seeds (paired), "
+        "schedule, sampler (P x K), backbone, optimiser and evaluation as the ATL conditions; the proxy "
+        "losses learn one proxy per training item (learning rate x"
+        f"{lr_mult:g}). `adaptive_proxy_<source>`: the adaptive proxy loss (scale {scale:g}) with the same "
+        "catalog-scaled margin table as the ATL condition of that source, one additive margin per "
+        "(class, negative proxy) pair, no mining. `proxy_anchor`: ProxyAnchor (PML semantics, delta 0.1, "
+        "alpha 32), no text.", "",
+        f"Proxy runs on seeds {', '.join(map(str, seeds))}; the ATL rows here are restricted to the same seeds.", "",
+    ]
+    shown = [m for m in atl_methods if m.name in PROXY_ATL_ROWS] + list(proxy_methods)
+    lines += _condition_table(on_seeds, evaluation, shown, metrics, config) + [""]
+    names = {m.name for m in atl_methods} | {m.name for m in proxy_methods}
+    comparisons = [c for c in proxy_comparisons() if c[1] in names and c[2] in names]
+    lines += [f"#### Paired comparisons, {METRIC_NAMES[metrics[0]]} (paired over the proxy seeds; Holm over "
+              "these comparisons; descriptive)", ""]
+    lines += _difference_rows(paired_differences(on_seeds, evaluation, metrics[0], comparisons)) + [""]
+    for metric in metrics[1:]:
+        lines += [f"#### {METRIC_NAMES.get(metric, metric)} (same comparisons; descriptive)", ""]
+        lines += _difference_rows(paired_differences(on_seeds, evaluation, metric, comparisons)) + [""]
+    return lines
+
+
 def render_weak_label_report(result: ReplicationResult) -> str:
     """The markdown report of a weak-label experiment (every run, differences, verdicts)."""
     config = result.config
@@ -273,12 +330,19 @@ def render_weak_label_report(result: ReplicationResult) -> str:
         f"Python {env.get('python', '?')}, TensorFlow {env.get('tensorflow', '?')}, Keras {env.get('keras', '?')}, "
         f"GPUs: {env.get('gpus', '?')}",
         "- Results are deterministic for the same machine, seed, code and library versions; other machines give "
-        "other numbers (seen: R@1 0.6407 vs 0.6704 for one configuration).", "",
+        "other numbers (seen: R@1 0.6407 vs 0.6704 for one configuration).",
     ]
+    if getattr(config, "proxy_seeds", ()):
+        lines.append(f"- Proxy losses (an addition, not pre-registered; see \"Addition\" below): seeds "
+                     f"{', '.join(map(str, config.proxy_seeds))}")
+    lines.append("")
     for protocol_name in config.protocols:
         protocol = config.protocol(protocol_name)
-        methods = config.methods(protocol_name)
-        records = [r for r in result.records if r.protocol == protocol_name]
+        all_methods = config.methods(protocol_name)
+        methods = [m for m in all_methods if not m.is_proxy]  # the pre-registered conditions
+        proxy_methods = [m for m in all_methods if m.is_proxy]
+        all_records = [r for r in result.records if r.protocol == protocol_name]
+        records = [r for r in all_records if r.method not in {m.name for m in proxy_methods}]
         for evaluation in protocol.evaluations:
             metrics = [PRIMARY_METRIC] + [m for m in SECONDARY_METRICS
                                           if any(m in r.metrics.get(evaluation, {}) for r in records)]
@@ -309,10 +373,12 @@ def render_weak_label_report(result: ReplicationResult) -> str:
                 for metric in metrics:
                     lines += [f"{METRIC_NAMES.get(metric, metric)}:", ""]
                     lines += _difference_rows(paired_differences(records, evaluation, metric, context), False) + [""]
+            if proxy_methods:
+                lines += _proxy_section(all_records, evaluation, metrics, methods, proxy_methods, config)
+            order = [m.name for m in all_methods]
             lines += ["### Every run", "", "| method | seed | " + " | ".join(METRIC_NAMES.get(m, m) for m in metrics)
                       + " | seconds | host | code |", "|---|---|" + "---|" * len(metrics) + "---|---|---|"]
-            for r in sorted(records, key=lambda r: ([m.name for m in methods].index(r.method)
-                                                   if r.method in [m.name for m in methods] else 99, r.seed)):
+            for r in sorted(all_records, key=lambda r: (order.index(r.method) if r.method in order else 99, r.seed)):
                 cells = [f"{r.metrics.get(evaluation, {}).get(m, math.nan):.4f}" for m in metrics]
                 lines.append(f"| `{r.method}` | {r.seed} | " + " | ".join(cells)
                              + f" | {r.seconds:.0f} | {r.host or 'n/a'} | {r.code_version or 'n/a'} |")
