@@ -568,6 +568,9 @@ def _export_reserved(
     gallery_rows: GalleryRows | None,
     extra_assets: dict[str, str] | None,
 ) -> ExportResult:
+    from atl_keras.proxies import strip_proxies
+
+    model = strip_proxies(model)  # a proxy head is training-only: never saved into an export
     if gallery.ndim != 2 or len(gallery) == 0:
         raise ExportError(f"The gallery is empty or not [N, D] (shape {gallery.shape}).")
     if len(gallery_ids) != len(gallery):
