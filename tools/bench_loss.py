@@ -28,10 +28,21 @@ JAX / TensorFlow ratio is indicative only.
 The losses are built with ``max_images_per_label=K`` (P x K declared, as
 `atl train` knows K); ``--undeclared`` times the default slot ladder instead.
 
+``--proxy`` adds the proxy losses (issue 15) per (B, C) in ``--proxy-batch-sizes`` x
+``--proxy-classes`` (default B in {256, 1024, 4096}, C in {1k, 10k}): `AdaptiveProxyLoss`
+with class-text margins computed per batch (``[B, T] x [T, C]``), with a precomputed
+``[C, C]`` margin matrix (C <= 4096 only), `ProxyAnchorLoss`, and ATL batch_hard (no
+proxies, so it does not depend on C), interleaved in one run; gradients with respect to the
+embeddings and the proxies; ratios to ATL's median. Labels are P x K over C classes
+(with repeats when B / K > C). ``--proxy --skip-default`` times the proxy rows only
+(``tools/bench_proxy_loss.py`` is that command).
+
 Usage:
     python tools/bench_loss.py [--batch-sizes 64 256 1024] [--repeats 10]
         [--per-row-text] [--xla] [--jax] [--modes batch_all semi_hard]
         [--new-batches 20] [--skip-default] [--output results/bench_loss.json]
+        [--proxy [--proxy-batch-sizes 256 1024 4096] [--proxy-classes 1000 10000]
+         [--proxy-repeats 7]]
 """
 
 from __future__ import annotations
@@ -69,6 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="distinct label batches cycled by the new-batch rows")
     parser.add_argument("--undeclared", action="store_true",
                         help="losses without max_images_per_label (the default slot ladder)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="also time the proxy losses against ATL batch_hard per (B, C)")
+    parser.add_argument("--proxy-batch-sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--proxy-classes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--proxy-repeats", type=int, default=None, help="default: --repeats")
     parser.add_argument("--output", default="results/bench_loss.json")
     parser.add_argument("--jax-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -239,6 +255,92 @@ def default_rows(args, modes) -> tuple[list, dict]:
     return rows, semi_over_hard
 
 
+#: The precomputed [C, C] margin matrix is timed up to this many classes (C^2 floats).
+MAX_MATRIX_CLASSES = 4096
+
+
+def make_proxy_batch(batch_size: int, classes: int, seed: int = 0):
+    """labels [B] in [0, C) (P x K; repeats when B / K > C), unit embeddings [B, D], class
+    texts [C, T], the rows' texts [B, T], proxies [C, D] (numpy)."""
+    rng = np.random.default_rng(seed)
+    items = batch_size // IMAGES_PER_ITEM
+    chosen = rng.choice(classes, size=items, replace=items > classes)
+    labels = np.resize(np.repeat(chosen, IMAGES_PER_ITEM), batch_size).astype(np.int64)
+    emb = rng.normal(size=(batch_size, EMBEDDING_DIM)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    class_text = rng.normal(size=(classes, TEXT_DIM)).astype(np.float32)
+    proxies = rng.normal(size=(classes, EMBEDDING_DIM)).astype(np.float32)
+    return labels, emb, class_text, class_text[labels], proxies
+
+
+def make_proxy_step(loss, y_true, embeddings, proxies=None):
+    """A warmed-up callable: one forward + backward pass, gradients with respect to the
+    embeddings and (for proxy losses) the proxies."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(emb, prox):
+        with tf.GradientTape() as tape:
+            tape.watch(emb)
+            if prox is None:
+                value = loss(y_true, emb)
+                return value, tape.gradient(value, emb)
+            tape.watch(prox)
+            value = loss(y_true, emb, proxies=prox)
+            return (value, *tape.gradient(value, [emb, prox]))
+
+    for _ in range(2):
+        out = step(embeddings, proxies)
+    if not all(np.all(np.isfinite(t.numpy())) for t in out):
+        raise RuntimeError(f"non-finite loss or gradient for {type(loss).__name__}")
+    return lambda: [t.numpy() for t in step(embeddings, proxies)]
+
+
+def proxy_rows(args) -> list:
+    """Per (B, C): the proxy losses and ATL batch_hard, interleaved; ratios to ATL."""
+    import tensorflow as tf
+
+    from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss, class_margin_matrix
+
+    repeats = args.proxy_repeats or args.repeats
+    rows = []
+    for batch_size in args.proxy_batch_sizes:
+        for classes in args.proxy_classes:
+            labels, emb, class_text, text, proxies = make_proxy_batch(batch_size, classes)
+            lab, emb_t, prox = tf.constant(labels), tf.constant(emb), tf.constant(proxies)
+            targets = {"label": lab, "text_embedding": tf.constant(text)}
+            steps = {
+                "atl_batch_hard": make_proxy_step(build_loss("atl", "batch_hard"), targets, emb_t),
+                "adaptive_proxy_text": make_proxy_step(
+                    AdaptiveProxyLoss(class_text_embeddings=class_text, precompute_margins=False), targets, emb_t, prox),
+                "proxy_anchor": make_proxy_step(ProxyAnchorLoss(), targets, emb_t, prox),
+            }
+            if classes <= MAX_MATRIX_CLASSES:
+                steps["adaptive_proxy_matrix"] = make_proxy_step(
+                    AdaptiveProxyLoss(margin_matrix=class_margin_matrix(class_text)), targets, emb_t, prox)
+            ms = time_interleaved(steps, repeats)
+            for name, value in ms.items():
+                rows.append({"batch_size": batch_size, "classes": classes, "contender": name,
+                             "median_ms": value, "ratio_to_atl": value / ms["atl_batch_hard"]})
+                print(f"  B={batch_size:5d} C={classes:6d} {name:<22} {value:10.2f} ms "
+                      f"{value / ms['atl_batch_hard']:6.2f} x ATL", flush=True)
+    return rows
+
+
+def print_proxy_table(rows: list, repeats: int) -> None:
+    contenders = ("adaptive_proxy_text", "adaptive_proxy_matrix", "proxy_anchor")
+    print(f"\nproxy losses vs ATL batch_hard, forward+backward ms (median of {repeats}; ratio = loss / ATL, same run)")
+    print(f"{'B':>5} {'C':>6} {'ATL ms':>9}" + "".join(f"{name:>24}" for name in contenders))
+    by_key = {(r["batch_size"], r["classes"], r["contender"]): r for r in rows}
+    for batch_size, classes in dict.fromkeys((r["batch_size"], r["classes"]) for r in rows):
+        atl = by_key[(batch_size, classes, "atl_batch_hard")]["median_ms"]
+        cells = []
+        for name in contenders:
+            r = by_key.get((batch_size, classes, name))
+            cells.append(f"{'-':>24}" if r is None else f"{r['median_ms']:>13.2f} ({r['ratio_to_atl']:>6.2f}x)")
+        print(f"{batch_size:>5} {classes:>6} {atl:>9.2f}" + "".join(cells))
+
+
 def xla_rows(args, modes) -> list:
     """Per (B, loss, mode): default vs XLA, fixed batch and a new label batch per call."""
     rows = []
@@ -346,8 +448,8 @@ def main(args: argparse.Namespace) -> int:
     modes = tuple(args.modes or MINING_MODES)
     if args.jax_child:
         return jax_child(args, modes)
-    if args.skip_default and not (args.xla or args.jax):
-        raise SystemExit("--skip-default needs --xla or --jax (nothing else to time)")
+    if args.skip_default and not (args.xla or args.jax or args.proxy):
+        raise SystemExit("--skip-default needs --xla, --jax or --proxy (nothing else to time)")
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # each configuration traces its own step: retracing notes are expected
@@ -382,6 +484,11 @@ def main(args: argparse.Namespace) -> int:
         "semi_hard_over_batch_hard": semi_over_hard,
     }
 
+    if args.proxy:
+        print("\nproxy losses (issue 15) vs ATL batch_hard:")
+        result["proxy_rows"] = proxy_rows(args)
+        result["config"]["proxy_repeats"] = args.proxy_repeats or args.repeats
+        print_proxy_table(result["proxy_rows"], args.proxy_repeats or args.repeats)
     if args.xla:
         print("\nXLA (tf.function(jit_compile=True)) vs default tf.function:")
         xrows = xla_rows(args, modes)
