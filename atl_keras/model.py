@@ -27,10 +27,14 @@ from atl_keras.distribute import gather_replicas, in_multi_replica_context
 from atl_keras.losses import AdaptiveTripletLoss, TripletLoss, triplet_statistics
 from atl_keras.proxies import ProxyHead
 
-__all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS", "TRIPLET_STATISTICS"]
+__all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS", "PROXY_STATISTICS",
+           "TRIPLET_STATISTICS"]
 
 #: Batch statistics tracked as metrics while training with TripletLoss / AdaptiveTripletLoss.
 TRIPLET_STATISTICS = ("fraction_active", "mean_active_margin")
+#: Batch statistics tracked while training with a proxy loss (`atl_keras.proxy_losses`):
+#: the share of rows whose nearest proxy (cosine) is their own class's.
+PROXY_STATISTICS = ("proxy_accuracy",)
 
 POOLINGS = ("avg", "max", "gem")
 
@@ -132,7 +136,9 @@ class ATLModel(keras.Model):
         track_triplet_statistics: with `TripletLoss` / `AdaptiveTripletLoss`, track
             ``fraction_active`` (violating / valid triplets) and ``mean_active_margin``
             (mean margin of violating triplets) of each (global) batch as metrics, shown
-            in History and TensorBoard. ``O(B^2 log B)``, no gradient.
+            in History and TensorBoard. ``O(B^2 log B)``, no gradient. With a proxy loss
+            it tracks ``proxy_accuracy`` instead (rows whose nearest proxy is their class's;
+            ``O(B C D)``); statistics that do not apply to the compiled loss are not logged.
         num_proxies: C > 0 adds a `atl_keras.proxies.ProxyHead` of C class proxies (labels
             0..C-1) for proxy losses (`atl_keras.proxy_losses`); ``compute_loss`` passes them
             as ``loss(y, y_pred, proxies=...)``. Not on the inference path (``call``).
@@ -205,6 +211,11 @@ class ATLModel(keras.Model):
             ProxyHead(self.num_proxies, embedding_dim, self.proxy_learning_rate_multiplier, name="proxy_head")
             if self.num_proxies
             else None
+        )
+        self.proxy_statistics = (
+            {name: keras.metrics.Mean(name=name) for name in PROXY_STATISTICS}
+            if track_triplet_statistics and self.num_proxies
+            else {}
         )
         self.build((None, *self.image_shape))
 
@@ -284,6 +295,8 @@ class ATLModel(keras.Model):
                     "ATLModel(..., num_proxies=<number of training classes>)."
                 )
             extra["proxies"] = self.proxy_head.proxies
+            if self.proxy_statistics:
+                self._update_proxy_statistics(y, y_pred)
         if sample_weight is None:
             value = loss_fn(y, y_pred, **extra)
         else:
@@ -367,6 +380,34 @@ class ATLModel(keras.Model):
             return
         for name, metric in self.statistics.items():
             metric.update_state(ops.stop_gradient(stats[name]))
+
+    def _update_proxy_statistics(self, y: Any, y_pred: Any) -> None:
+        """Update ``proxy_accuracy``: rows of ``y_pred [B, D]`` whose nearest proxy (cosine)
+        is their label's (no gradient)."""
+        labels = ops.reshape(y["label"] if isinstance(y, dict) else y, (-1,))
+        proxies = ops.stop_gradient(self.proxy_head.proxies)  # [C, D]
+        norms = ops.sqrt(ops.maximum(ops.sum(ops.square(proxies), axis=1), 1e-12))  # [C]
+        cosine = ops.matmul(ops.stop_gradient(ops.cast(y_pred, "float32")), ops.transpose(proxies)) / norms
+        nearest = ops.argmax(cosine, axis=1)  # [B]
+        hits = ops.cast(ops.equal(ops.cast(nearest, "int64"), ops.cast(labels, "int64")), "float32")
+        self.proxy_statistics["proxy_accuracy"].update_state(ops.mean(hits))
+
+    @property
+    def metrics(self) -> list:
+        """Keras' metrics without the batch statistics that do not apply to the compiled loss
+        (triplet statistics of a proxy or margin-table loss would read 0: they are not logged)."""
+        metrics = super().metrics
+        loss_fn = getattr(self, "loss", None)
+        if loss_fn is None:
+            return metrics
+        loss_fn = keras.losses.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
+        hidden = []
+        if not isinstance(loss_fn, (AdaptiveTripletLoss, TripletLoss)):
+            hidden += list(getattr(self, "statistics", {}).values())
+        if not getattr(loss_fn, "needs_proxies", False):
+            hidden += list(getattr(self, "proxy_statistics", {}).values())
+        hidden_ids = {id(m) for m in hidden}
+        return [m for m in metrics if id(m) not in hidden_ids]
 
     # ----------------------------------------------------------------- inference
     def embed(self, images: np.ndarray | tf.Tensor | tf.data.Dataset, batch_size: int = 256) -> np.ndarray:
