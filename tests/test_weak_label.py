@@ -248,3 +248,81 @@ def test_quick_never_writes_over_published_results(tmp_path):
     from atl_keras.cli import main
 
     assert main(["replicate", "--experiment", "paper", "--dataset", "catalog:x.csv"]) == 2
+
+
+# --------------------------------------------------------------------------- proxy losses beside ATL (issue 15)
+def test_proxy_methods_share_atls_controls_and_differ_only_in_the_loss():
+    import dataclasses
+
+    from atl_keras.experiments import weak_label_proxy_methods
+    from atl_keras.experiments.runs import train_config
+
+    config = ReplicationConfig(experiment="weak_label", protocols=("variant_shop",), seeds=(0, 1, 2),
+                               schedule="weak_label", proxy_seeds=(0, 1), proxy_oracle=True)
+    protocol = config.protocol("variant_shop")
+    atl = {m.margin_source: m for m in weak_label_methods() if m.mining == "batch_hard"}
+    proxies = weak_label_proxy_methods()
+    assert [m.name for m in proxies] == ["adaptive_proxy_text", "adaptive_proxy_permuted", "adaptive_proxy_fixed",
+                                         "proxy_anchor", "adaptive_proxy_oracle"]
+    for method in proxies:
+        assert method.is_proxy and not method.is_atl
+        source = method.margin_source if method.loss == "adaptive_proxy" else "text"
+        a = dataclasses.asdict(train_config(protocol, method, 1, config.schedule_obj, config))
+        b = dataclasses.asdict(train_config(protocol, atl[source], 1, config.schedule_obj, config))
+        assert {k for k in a if a[k] != b[k]} == {"loss", "output_dir"}, method.name
+    assert weak_label_proxy_methods(oracle=False)[-1].name == "proxy_anchor"
+
+
+def test_proxy_seeds_are_run_seed_major_on_their_seeds_only_and_checked():
+    config = ReplicationConfig(experiment="weak_label", protocols=("variant_shop",), seeds=(0, 1, 2),
+                               schedule="quick", proxy_seeds=(0, 1))
+    plan = [(m.name, s) for _, m, s in config.plan()]
+    assert len(plan) == 9 * 3 + 4 * 2
+    assert [s for _, s in plan] == sorted(s for _, s in plan)  # seed-major: stopping keeps paired seeds
+    assert {s for name, s in plan if name == "proxy_anchor"} == {0, 1}
+    assert "adaptive_proxy_oracle" not in {name for name, _ in plan}  # opt-in (proxy_oracle)
+    assert len(ReplicationConfig(experiment="weak_label", protocols=("variant_shop",), seeds=(0, 1),
+                                 schedule="quick").plan()) == 18  # no proxies unless asked
+    with pytest.raises(ValueError, match="among seeds"):
+        ReplicationConfig(experiment="weak_label", protocols=("variant_shop",), seeds=(0, 1), proxy_seeds=(2,))
+    with pytest.raises(ValueError, match="weak_label"):
+        ReplicationConfig(seeds=(0, 1), proxy_seeds=(0,))
+
+
+def _result_with_proxies(proxy_seeds=(0, 1, 2)):
+    base = _synthetic_result(effect=0.05)
+    config = ReplicationConfig(experiment="weak_label", protocols=("variant_shop",), seeds=base.config.seeds,
+                               schedule="quick", proxy_seeds=proxy_seeds)
+    rng = np.random.default_rng(5)
+    extra = [_record(m.name, s, 0.45 + 0.01 * s + (0.03 if m.name == "adaptive_proxy_text" else 0.0)
+                     + rng.normal(0, 0.001), variant=0.5)
+             for m in config.methods("variant_shop") if m.is_proxy for s in proxy_seeds]
+    return base, ReplicationResult(config, base.records + extra, 1.0, base.command, base.environment)
+
+
+def test_report_adds_the_proxy_losses_beside_atl_and_leaves_the_pre_registered_analysis_unchanged():
+    base, with_proxies = _result_with_proxies()
+    plain, report = render_weak_label_report(base), render_weak_label_report(with_proxies)
+    head = lambda text: text.split("### Context")[0].split("## Synthetic shop")[1]  # noqa: E731
+    assert head(report) == head(plain)  # conditions, C1-C5, verdicts, secondary metrics: identical
+    assert "Proxy losses (an addition, not pre-registered" in report and "seeds 0, 1, 2" in report
+    addition = report.split("### Addition (not pre-registered)")[1].split("### Every run")[0]
+    assert "Proxy runs on seeds 0, 1, 2; the ATL rows here are restricted to the same seeds." in addition
+    for name in ("text_bh", "permuted_bh", "fixed_bh", "oracle_bh", "text_sh", "adaptive_proxy_text",
+                 "adaptive_proxy_permuted", "adaptive_proxy_fixed", "proxy_anchor"):
+        assert f"| `{name}` | 3 |" in addition, name  # n = the proxy seeds, ATL restricted to them
+    for label in ("P1", "P2", "P3", "P4", "P5", "P6"):
+        assert f"| {label} " in addition
+    assert "| P7 " not in addition  # no oracle proxy run
+    p1 = next(line for line in addition.splitlines() if line.startswith("| P1 "))
+    cells = [c.strip() for c in p1.split("|")]
+    assert cells[2:4] == ["3", "3/3"] and float(cells[4]) == pytest.approx(0.03, abs=0.003)  # on the 3 proxy seeds
+    runs = report.split("### Every run")[1]
+    assert sum(line.startswith("| `proxy_anchor` |") for line in runs.splitlines()) == 3
+
+
+def test_atl_replicate_refuses_more_proxy_seeds_than_seeds(capsys):
+    from atl_keras.cli import main
+
+    assert main(["replicate", "--experiment", "weak_label", "--seeds", "2", "--proxies", "3"]) == 2
+    assert "--proxies" in capsys.readouterr().err
