@@ -223,3 +223,39 @@ def test_batching_server_grpc_and_rest_concurrently(tmp_path):
     for (how, i), emb in results.items():
         np.testing.assert_allclose(emb, model.embed(pixels[i:i + 2]), atol=1e-5, err_msg=how)
         np.testing.assert_allclose(emb, results[("grpc", i)], atol=1e-6)  # batches differ run to run
+
+
+def test_worker_pool_lets_a_full_batch_form(tmp_path):
+    """A request waiting for its batch holds a gRPC worker thread: with batching the pool has
+    at least 2 * max_batch_size threads, so 4 concurrent clients fill a batch of 4 although
+    --grpc_max_threads is 2 (before: 2 rows waited for the 10 s batch timeout)."""
+    build_fixture_model(tmp_path / "atl", 1)
+    config = ServerConfig(
+        [ServedModel("atl", str(tmp_path / "atl"))], port=0, file_system_poll_wait_seconds=0, grpc_max_threads=2,
+        batching=BatchingParameters(max_batch_size=4, num_batch_threads=1, batch_timeout_micros=10_000_000),
+    )
+    pngs = [encode_png(p) for p in random_pixels(4, seed=5)]
+    with ModelServer(config) as server:
+        assert server.worker_threads == 8
+        sizes: list[int] = []
+        run = server.batcher._run_signature
+
+        def recording(signature, arrays):
+            sizes.append(len(arrays["images"]))
+            return run(signature, arrays)
+
+        server.batcher._run_signature = recording
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+        def predict(png: bytes) -> None:
+            req = predict_pb2.PredictRequest()
+            req.model_spec.name = "atl"
+            req.inputs["images"].CopyFrom(tf.make_tensor_proto(np.array([png], dtype=object)))
+            stub.Predict(req, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for future in [pool.submit(predict, png) for png in pngs]:
+                future.result(60)
+        channel.close()
+    assert sizes == [4]

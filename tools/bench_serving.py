@@ -1,23 +1,38 @@
 """Benchmark serving: in-process vs served (gRPC and REST), with and without batching.
 
-    .venv/bin/python tools/bench_serving.py                     # ~3 min on 2 cores
+    .venv/bin/python tools/bench_serving.py                     # ~4 min on 2 cores
     .venv/bin/python tools/bench_serving.py --export-base saved_models/shop --model shop
+    .venv/bin/python tools/bench_serving.py --only gRPC --concurrency 1,32 --skip-cold-start
 
 One ``retrieve`` request = one JPEG query image, k=10. In one run, on 127.0.0.1 only:
 
 1. An export (``atl_keras.export.export_model``: ATLModel small_cnn 64x64x3, ScaNN over
    ``--gallery`` items) is written to a temp dir, unless ``--export-base`` is given.
 2. Two server processes (``python -m atl_keras.serving.server``, gRPC + REST): batching
-   off, and ``--enable_batching`` with ``--batching_parameters_file``.
+   off, and ``--enable_batching`` with ``--batching_parameters_file`` (``--batching``).
 3. Contenders, interleaved and repeated ``--rounds`` times, each for ``--seconds`` per
-   cell at concurrency 1, 8, 32: in-process (the same SavedModel's ``retrieve`` called in
-   this process), gRPC (stock ``tensorflow_serving`` stubs), REST (``http.client``
-   keep-alive, ``{"inputs": {"images": [{"b64": ...}], "k": 10}}``).
-4. Cold start: a fresh server process, first request after health says SERVING vs the
+   cell at concurrency 1, 8, 32:
+   - in-process: the same SavedModel's ``retrieve`` called in this process from ``c``
+     threads (``tf.saved_model.load(...).signatures["retrieve"]`` on ready tensors);
+   - gRPC (stock ``tensorflow_serving`` stubs, sync channel) and REST (``http.client``
+     keep-alive, ``{"inputs": {"images": [{"b64": ...}], "k": 10}}``) from a load
+     generator of ``--client-procs`` processes (default 4) started once: a cell at
+     concurrency ``c`` runs ``c`` client threads spread over ``min(c, procs)`` processes,
+     so 32 clients are not serialised on one interpreter's GIL. The clients share the
+     2 cores with the server: the table reports their CPU per request (all threads of
+     the load-generator processes over the cell) beside the server process's;
+   - gRPC floor (c=1): a bare Python gRPC server (same thread pool size and options as
+     ours, generic handler, no proto parsing) that busy-waits for the in-process p50 and
+     answers the bytes of a real response. Whatever a served request costs on top of the
+     model here is the floor of any Python gRPC server and client on this machine; the
+     run prints it against the 1.2x budget (0.2 x the in-process p50).
+4. Where a served request's time goes (this process, interleaved): a no-op RPC,
+   validation, the signature call with and without conversion, the response.
+5. Cold start: a fresh server process, first request after health says SERVING vs the
    median warm request, with warmup on (default) and off.
 
-Prints p50/p90/p99 latency (ms) and throughput (req/s) per cell, then the ratios the
-serving issue asks for.
+Prints p50/p90/p99 latency (ms), throughput (req/s) and CPU ms per request (client,
+server; for in-process: this process) per cell, then the ratios the serving issue asks for.
 """
 
 from __future__ import annotations
@@ -73,6 +88,12 @@ def build_export(base: pathlib.Path, gallery: int, size: int) -> None:
                  min_recall=0.0)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) process ``pid`` has used so far (Linux /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A server subprocess with gRPC and REST on free 127.0.0.1 ports."""
 
@@ -105,6 +126,9 @@ class Server:
                 time.sleep(0.02)
         raise TimeoutError("server did not become SERVING")
 
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.proc.pid)
+
     def close(self) -> None:
         self.proc.terminate()
         try:
@@ -113,7 +137,7 @@ class Server:
             self.proc.kill()
 
 
-def grpc_caller(port: int, model: str, image: bytes, k: int):
+def grpc_caller(port: int, model: str, image: bytes, k: int, raw: bool = False):
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -127,26 +151,9 @@ def grpc_caller(port: int, model: str, image: bytes, k: int):
     request.inputs["images"].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
     request.inputs["k"].CopyFrom(tf.make_tensor_proto(k, dtype=tf.int32))
 
-    def call() -> None:
-        stub.Predict(request, timeout=30)
-
-    return call
-
-
-def rest_caller(port: int, model: str, image: bytes, k: int):
-    body = json.dumps({"signature_name": "retrieve",
-                       "inputs": {"images": [{"b64": base64.b64encode(image).decode()}], "k": k}}).encode()
-    local = threading.local()
-
-    def call() -> None:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("POST", f"/v1/models/{model}:predict", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
-        if resp.status != 200:
-            raise RuntimeError(data)
+    def call():
+        response = stub.Predict(request, timeout=30)
+        return response.SerializeToString() if raw else None
 
     return call
 
@@ -164,6 +171,194 @@ def inprocess_caller(base: pathlib.Path, image: bytes, k: int):
         out["ids"].numpy(), out["scores"].numpy()
 
     return call
+
+
+# --------------------------------------------------------------------------- load generator
+
+FLOOR_METHOD = "/atl.bench.Floor/Echo"
+
+
+def _client_worker() -> None:
+    """``--client-worker``: one load-generator process, driven by JSON lines on stdin.
+
+    Command ``{"kind": "grpc"|"rest"|"floor", "port", "model", "request" (base64 of the
+    serialized PredictRequest or REST body), "threads", "seconds", "start" (time.time())}``;
+    answer ``{"latencies": [s], "requests", "elapsed", "cpu"}`` (``cpu``: this process's
+    CPU seconds over the window, every thread including gRPC's own).
+    """
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    channels: dict = {}
+
+    def caller(cmd: dict):
+        kind, port, payload = cmd["kind"], cmd["port"], base64.b64decode(cmd["request"])
+        if kind == "rest":
+            local = threading.local()
+
+            def call() -> None:
+                conn = getattr(local, "conn", None)
+                if conn is None:
+                    conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn.request("POST", f"/v1/models/{cmd['model']}:predict", payload,
+                             {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(data)
+
+            return call
+        if port not in channels:
+            channels[port] = grpc.insecure_channel(f"127.0.0.1:{port}")
+            grpc.channel_ready_future(channels[port]).result(timeout=60)
+        channel = channels[port]
+        if kind == "floor":
+            echo = channel.unary_unary(FLOOR_METHOD)
+            return lambda: echo(payload, timeout=30)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest.FromString(payload)
+        return lambda: stub.Predict(request, timeout=30)
+
+    callers: dict = {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        key = (cmd["kind"], cmd["port"])
+        if key not in callers:
+            callers[key] = caller(cmd)
+            for _ in range(5):  # connect, warm
+                callers[key]()
+        call = callers[key]
+        if not cmd["threads"]:
+            print(json.dumps({"ready": True}), flush=True)
+            continue
+        latencies: list[float] = []
+        lock = threading.Lock()
+        stop = cmd["start"] + cmd["seconds"]
+
+        def worker() -> None:
+            mine = []
+            while time.time() < cmd["start"]:
+                time.sleep(0.001)
+            while time.time() < stop:
+                t0 = time.perf_counter()
+                call()
+                mine.append(time.perf_counter() - t0)
+            with lock:
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=worker) for _ in range(cmd["threads"])]
+        for t in threads:
+            t.start()
+        while time.time() < cmd["start"]:
+            time.sleep(0.001)
+        cpu0, t0 = time.process_time(), time.time()
+        for t in threads:
+            t.join()
+        print(json.dumps({"latencies": latencies, "requests": len(latencies), "elapsed": time.time() - t0,
+                          "cpu": time.process_time() - cpu0}), flush=True)
+
+
+class ClientPool:
+    """``procs`` load-generator processes (``--client-worker``), started once and reused.
+
+    A cell at concurrency ``c`` runs ``c`` client threads spread over ``min(c, procs)``
+    processes, so the clients are not serialised on one Python interpreter's GIL.
+    """
+
+    def __init__(self, procs: int):
+        env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
+        self.procs = [
+            subprocess.Popen([sys.executable, __file__, "--client-worker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, cwd=REPO, env=env, text=True)
+            for _ in range(procs)
+        ]
+
+    def _ask(self, procs, cmds) -> list[dict]:
+        for proc, cmd in zip(procs, cmds):
+            proc.stdin.write(json.dumps(cmd) + "\n")
+            proc.stdin.flush()
+        answers = []
+        for proc in procs:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"load-generator process exited with {proc.wait()}")
+            answers.append(json.loads(line))
+        return answers
+
+    def prepare(self, target: dict) -> None:
+        """Connect every process to ``target`` and warm it."""
+        self._ask(self.procs, [dict(target, threads=0)] * len(self.procs))
+
+    def measure(self, target: dict, concurrency: int, seconds: float) -> tuple[list[float], float, float]:
+        """(latencies in s, req/s, client CPU ms per request) of one cell."""
+        procs = self.procs[: min(concurrency, len(self.procs))]
+        split = [concurrency // len(procs) + (i < concurrency % len(procs)) for i in range(len(procs))]
+        start = time.time() + 0.1
+        answers = self._ask(procs, [dict(target, threads=n, seconds=seconds, start=start) for n in split])
+        latencies = [x for a in answers for x in a["latencies"]]
+        rps = sum(a["requests"] / a["elapsed"] for a in answers)
+        cpu_ms = sum(a["cpu"] for a in answers) / max(1, len(latencies)) * 1e3
+        return latencies, rps, cpu_ms
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _floor_server(port: int, hold: float, response: bytes, max_workers: int) -> None:
+    """``--floor-server``: a bare Python gRPC server with our server's thread pool and options
+    whose one method holds for ``hold`` s (busy, like the model) and answers ``response``.
+
+    It decodes nothing and runs nothing: what a served request costs on top of ``hold``
+    here is the floor of any Python gRPC server on this machine.
+    """
+    import concurrent.futures
+
+    import grpc
+
+    def echo(request: bytes, context) -> bytes:
+        end = time.perf_counter() + hold
+        while time.perf_counter() < end:
+            pass
+        return response
+
+    handler = grpc.method_handlers_generic_handler(
+        FLOOR_METHOD.split("/")[1], {FLOOR_METHOD.split("/")[2]: grpc.unary_unary_rpc_method_handler(echo)})
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print("ready", flush=True)
+    sys.stdin.read()  # until the parent closes stdin
+    server.stop(0)
+
+
+class FloorServer:
+    def __init__(self, hold: float, response: bytes, max_workers: int = 16):
+        self.port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--floor-server", str(self.port), repr(hold),
+             base64.b64encode(response).decode(), str(max_workers)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, env=env, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("floor server did not start")
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def overhead_breakdown(base: pathlib.Path, port: int, model: str, image: bytes, k: int, n: int = 300) -> dict:
@@ -260,7 +455,35 @@ def cold_start(base: pathlib.Path, model: str, image: bytes, k: int, warmup: boo
         server.close()
 
 
+def grpc_request_bytes(model: str, image: bytes, k: int) -> bytes:
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = "retrieve"
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
+    request.inputs["k"].CopyFrom(tf.make_tensor_proto(k, dtype=tf.int32))
+    return request.SerializeToString()
+
+
+def rest_body(image: bytes, k: int) -> bytes:
+    return json.dumps({"signature_name": "retrieve",
+                       "inputs": {"images": [{"b64": base64.b64encode(image).decode()}], "k": k}}).encode()
+
+
+DEFAULT_BATCHING = ("max_batch_size { value: 32 } batch_timeout_micros { value: 0 } "
+                    "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--client-worker"]:
+        _client_worker()
+        return
+    if sys.argv[1:2] == ["--floor-server"]:
+        port, hold, response, workers = sys.argv[2:6]
+        _floor_server(int(port), float(hold), base64.b64decode(response), int(workers))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export-base", default=None, help="serve this export instead of building one")
     parser.add_argument("--model", default="bench")
@@ -269,10 +492,16 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=1.5, help="per cell and round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batching", default="max_batch_size { value: 32 } batch_timeout_micros { value: 0 } "
-                        "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }",
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
+    parser.add_argument("--client-procs", type=int, default=4,
+                        help="load-generator processes the served contenders' client threads are spread over")
+    parser.add_argument("--only", default="", help="run only contenders whose name contains one of these "
+                        "comma-separated words (in-process always runs)")
+    parser.add_argument("--skip-cold-start", action="store_true")
+    parser.add_argument("--batching", default=DEFAULT_BATCHING,
                         help="BatchingParameters text for the batching server")
     args = parser.parse_args()
+    concurrency = tuple(int(c) for c in args.concurrency.split(","))
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-serving-"))
     if args.export_base:
@@ -285,31 +514,71 @@ def main() -> None:
               flush=True)
     size = args.image_size
     image = jpeg(np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    request = grpc_request_bytes(args.model, image, args.k)
+    body = rest_body(image, args.k)
 
     params = tmp / "batching.txt"
     params.write_text(args.batching)
     servers = {"off": Server(base, args.model, []),
                "on": Server(base, args.model, ["--enable_batching", "--batching_parameters_file", str(params)])}
+    pool = ClientPool(args.client_procs)
+    floor = None
     try:
         for s in servers.values():
             s.wait_serving()
-        callers = {"in-process": inprocess_caller(base, image, args.k)}
+        inprocess = inprocess_caller(base, image, args.k)
+        targets: dict[str, dict] = {}
+        owners: dict[str, Server | FloorServer] = {}  # the process answering each target
         for batching, s in servers.items():
-            callers[f"gRPC batching={batching}"] = grpc_caller(s.port, args.model, image, args.k)
-            callers[f"REST batching={batching}"] = rest_caller(s.rest_port, args.model, image, args.k)
-        for call in callers.values():  # connect and warm each path
-            for _ in range(20):
-                call()
+            owners[f"gRPC batching={batching}"] = owners[f"REST batching={batching}"] = s
+            targets[f"gRPC batching={batching}"] = {"kind": "grpc", "port": s.port, "model": args.model,
+                                                    "request": base64.b64encode(request).decode()}
+            targets[f"REST batching={batching}"] = {"kind": "rest", "port": s.rest_port, "model": args.model,
+                                                    "request": base64.b64encode(body).decode()}
+        # the floor: a bare Python gRPC server holding each request for the in-process p50
+        for _ in range(30):
+            inprocess()
+        hold = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            inprocess()
+            hold.append(time.perf_counter() - t0)
+        hold_s = float(np.median(hold))
+        response = grpc_caller(servers["off"].port, args.model, image, args.k, raw=True)()
+        floor = FloorServer(hold_s, response)
+        owners["gRPC floor"] = floor
+        targets["gRPC floor"] = {"kind": "floor", "port": floor.port, "model": args.model,
+                                 "request": base64.b64encode(request).decode()}
+        words = [w for w in args.only.split(",") if w]
+        targets = {n: t for n, t in targets.items() if not words or any(w in n for w in words)}
+        for target in targets.values():
+            pool.prepare(target)
         breakdown = overhead_breakdown(base, servers["off"].port, args.model, image, args.k)
-        results: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+        # (latencies, req/s per round, client CPU ms/req per round, server CPU ms/req per round)
+        results: dict[tuple[str, int], tuple[list[float], list[float], list[float], list[float]]] = {}
         for _ in range(args.rounds):
-            for c in CONCURRENCY:
-                for name, call in callers.items():
-                    lat, rps = measure(call, c, args.seconds)
-                    entry = results.setdefault((name, c), ([], []))
+            for c in concurrency:
+                cpu0 = time.process_time()
+                lat, rps = measure(inprocess, c, args.seconds)
+                entry = results.setdefault(("in-process", c), ([], [], [], []))
+                entry[0].extend(lat)
+                entry[1].append(rps)
+                entry[3].append((time.process_time() - cpu0) / max(1, len(lat)) * 1e3)
+                for name, target in targets.items():
+                    if name == "gRPC floor" and c != 1:
+                        continue  # its busy handler holds the GIL: a floor for c=1 only
+                    server_cpu = owners[name].cpu_seconds()
+                    lat, rps, cpu = pool.measure(target, c, args.seconds)
+                    server_cpu = owners[name].cpu_seconds() - server_cpu
+                    entry = results.setdefault((name, c), ([], [], [], []))
                     entry[0].extend(lat)
                     entry[1].append(rps)
+                    entry[2].append(cpu)
+                    entry[3].append(server_cpu / max(1, len(lat)) * 1e3)
     finally:
+        pool.close()
+        if floor is not None:
+            floor.close()
         for s in servers.values():
             s.close()
 
@@ -319,25 +588,43 @@ def main() -> None:
     def rps(name: str, c: int) -> float:
         return float(np.mean(results[(name, c)][1]))
 
-    print(f"\n{'contender':24s} {'c':>3s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'req/s':>8s}")
-    for c in CONCURRENCY:
-        for name in callers:
-            print(f"{name:24s} {c:3d} {p(name, c, 50):8.2f} {p(name, c, 90):8.2f} {p(name, c, 99):8.2f} {rps(name, c):8.1f}")
+    names = ["in-process", *targets]
+    print(f"\n{'contender':24s} {'c':>3s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'req/s':>8s} "
+          f"{'CPU ms/req: client':>19s} {'server':>7s}")
+    for c in concurrency:
+        for name in names:
+            if (name, c) not in results:
+                continue
+            cpu, server_cpu = results[(name, c)][2:]
+            cpu_text = f"{np.mean(cpu):19.3f}" if cpu else f"{'(in this process)':>19s}"
+            cpu_text += f" {np.mean(server_cpu):7.3f}"
+            print(f"{name:24s} {c:3d} {p(name, c, 50):8.2f} {p(name, c, 90):8.2f} {p(name, c, 99):8.2f} "
+                  f"{rps(name, c):8.1f} {cpu_text}")
     print()
-    base_p50 = p("in-process", 1, 50)
-    for name in callers:
-        if name != "in-process":
-            print(f"c=1 p50 {name} / in-process: {p(name, 1, 50) / base_p50:.2f}  (target <= 1.2)")
+    if 1 in concurrency:
+        base_p50 = p("in-process", 1, 50)
+        for name in targets:
+            if name != "gRPC floor":
+                print(f"c=1 p50 {name} / in-process: {p(name, 1, 50) / base_p50:.2f}  (target <= 1.2)")
+        if "gRPC floor" in targets:
+            floor_p50 = p("gRPC floor", 1, 50)
+            print(f"gRPC floor (bare Python gRPC server, same thread pool and request/response bytes, "
+                  f"handler busy for the in-process p50 {hold_s * 1e3:.2f} ms): p50 {floor_p50:.2f} ms, "
+                  f"/ in-process {floor_p50 / base_p50:.2f}; transport alone {floor_p50 - hold_s * 1e3:.2f} ms "
+                  f"vs the 1.2x budget of {0.2 * base_p50:.2f} ms")
     for how in ("gRPC", "REST"):
         name = f"{how} batching=on"
-        print(f"{name}: c=32 / c=1 throughput {rps(name, 32) / rps(name, 1):.2f} (target >= 3), "
-              f"c=32 p99 {p(name, 32, 99):.1f} ms (target <= 100)")
+        if name in targets and 1 in concurrency and 32 in concurrency:
+            print(f"{name}: c=32 / c=1 throughput {rps(name, 32) / rps(name, 1):.2f} (target >= 3), "
+                  f"c=32 p99 {p(name, 32, 99):.1f} ms (target <= 100)")
 
     print("\nwhere a served request's time goes (p50 ms, interleaved):")
     for name, ms in breakdown.items():
         print(f"  {name:30s} {ms:7.3f}")
     print(f"  => conversion around the signature call: "
           f"{breakdown['signature via run_signature'] - breakdown['signature on ready tensors']:.3f} ms")
+    if args.skip_cold_start:
+        return
     print()
     for warmup in (True, False):
         first, warm = cold_start(base, args.model, image, args.k, warmup)

@@ -8,6 +8,7 @@ raise :class:`RequestError` with the status to answer.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Mapping
 
 import grpc
@@ -42,7 +43,7 @@ def _proto_shape(proto: tensor_pb2.TensorProto, key: str) -> tuple[int, ...]:
 
 def _check_value_count(proto: tensor_pb2.TensorProto, key: str, dims: tuple[int, ...]) -> None:
     """The values a TensorProto holds must fill its shape (``make_ndarray`` would silently pad)."""
-    n = int(np.prod(dims, dtype=np.int64))
+    n = math.prod(dims)
     if proto.tensor_content:
         itemsize = tf.dtypes.as_dtype(proto.dtype).size
         if len(proto.tensor_content) != n * itemsize:
@@ -127,7 +128,7 @@ def arrays_from_protos(
                 f"{_dtype_name(spec.dtype.as_datatype_enum)} ({spec.dtype.name})"
             )
         dims = _proto_shape(proto, key)
-        if int(np.prod(dims, dtype=np.int64)) > MAX_TENSOR_ELEMENTS:
+        if math.prod(dims) > MAX_TENSOR_ELEMENTS:
             raise invalid_argument(f"inputs[{key!r}] with shape {list(dims)} is too large")
         _check_value_count(proto, key, dims)
         try:

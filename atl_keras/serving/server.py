@@ -68,6 +68,8 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 #: 25 megapixels: a 24 MP camera photo passes; decoded RGB costs up to 75 MB (float: 300 MB).
 DEFAULT_MAX_IMAGE_PIXELS = 25_000_000
+#: With batching the worker pool grows to 2 * max_batch_size threads, at most this many.
+MAX_BATCHING_WORKERS = 256
 
 
 # --------------------------------------------------------------------------- config
@@ -204,6 +206,20 @@ class ModelServer:
         for name in self.manager.models:
             self.health.set(name, serving if self.manager.has_versions(name) else not_serving)
 
+    @property
+    def worker_threads(self) -> int:
+        """Threads handling gRPC (and REST) requests.
+
+        ``grpc_max_threads``; with batching at least ``2 * max_batch_size`` (up to
+        ``MAX_BATCHING_WORKERS``): a request waiting for its batch holds a thread, so a
+        smaller pool would cap the batch size below what concurrent clients send and
+        queue requests in front of the batcher instead of in it.
+        """
+        threads = self.config.grpc_max_threads
+        if self.config.batching is not None:
+            threads = max(threads, min(2 * self.config.batching.max_batch_size, MAX_BATCHING_WORKERS))
+        return threads
+
     def start(self) -> "ModelServer":
         """Load the initial versions (blocking), bind, start serving and polling."""
         size = self.config.max_message_size
@@ -213,7 +229,7 @@ class ModelServer:
         options += list(self.config.channel_arguments)
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.config.grpc_max_threads, thread_name_prefix="grpc"
+                max_workers=self.worker_threads, thread_name_prefix="grpc"
             ),
             options=options,
         )
@@ -251,7 +267,7 @@ class ModelServer:
 
             api = RestApi(
                 self.manager, run=self._run, max_batch_size=self.config.max_batch_size,
-                max_image_pixels=self.config.max_image_pixels, threads=self.config.grpc_max_threads,
+                max_image_pixels=self.config.max_image_pixels, threads=self.worker_threads,
             )
             self.rest = RestServer(
                 api, self.config.host, self.config.rest_api_port, max_body_size=self.config.max_message_size
