@@ -255,30 +255,6 @@ def _masked_min(x: Any, mask: Any, axis: int = 1) -> tuple[Any, Any]:
     return -best, present
 
 
-def _reverse_cummax(x: Any) -> Any:
-    """Suffix maximum along axis 1 of a non-negative ``[R, K]`` tensor.
-
-    ``out[:, j] = max(x[:, j:])``, by log2(K) doubling steps (each a shift
-    and an elementwise max): ``O(R K log K)`` work in ~log2(K) ops, far
-    cheaper than a generic associative scan (keras.ops has no ``cummax``).
-    The shift pads with 0, hence the non-negativity requirement.
-    """
-    width = x.shape[1]
-    if width is not None:  # static width: unrolled
-        shift = 1
-        while shift < width:
-            x = ops.maximum(x, ops.pad(x[:, shift:], [[0, 0], [0, shift]]))
-            shift *= 2
-        return x
-    width = ops.shape(x)[1]  # dynamic width (TF graph with unknown batch size)
-
-    def body(shift: Any, y: Any) -> tuple[Any, Any]:
-        shifted = ops.concatenate([y[:, shift:], ops.zeros_like(y[:, :shift])], axis=1)
-        return shift * 2, ops.maximum(y, shifted)
-
-    return ops.while_loop(lambda shift, y: shift < width, body, (1, x))[1]
-
-
 def _reverse_cumsum(x: Any) -> Any:
     """``[R, K]`` -> ``[R, K + 1]`` with ``out[:, j] = sum(x[:, j:])`` (``out[:, K] = 0``).
 
@@ -502,6 +478,16 @@ def _hinge(x: Any, soft_margin: bool) -> Any:
 
 # --------------------------------------------------------------------------
 # Mining strategies on a distance matrix and a margin matrix.
+#
+# batch_all and semi_hard choose among algorithms at run time (few positives per
+# anchor -> [B, Q, B] tensors, else an O(B^2 log B) sort). Differentiating
+# through that run-time choice is what XLA executes badly: the gradient of a
+# conditional makes the forward branch export every intermediate of *both*
+# branches, unfused. So the branches are not differentiated: each one runs on
+# stop-gradient inputs and returns the loss value and its exact gradient
+# weights (``w_pos = dL/d d_ap`` and ``w_neg = dL/d c_an`` as [B, B] tensors);
+# `_attach_gradient` turns them back into a differentiable loss outside the
+# branch. Same value, same gradient, one algorithm executed.
 # --------------------------------------------------------------------------
 
 
@@ -519,84 +505,100 @@ def _slot_ladder(max_images_per_label: int | None) -> tuple[int, ...]:
     return (max(max_images_per_label - 1, 1),)
 
 
+def _hinge_and_slope(x: Any, valid: Any, soft_margin: bool) -> tuple[Any, Any, Any]:
+    """Per-triplet loss, its derivative in ``x`` and the count the mean divides by.
+
+    Hinge: the mean runs over violating triplets (``x > 0``; the derivative is 1
+    there, 0 elsewhere, as relu's). Softplus: over every valid triplet
+    (derivative ``sigmoid(x)``). Returns ``(loss, slope, count)``, loss and slope
+    zero outside the counted set, count a scalar.
+    """
+    zeros = ops.zeros_like(x)
+    if soft_margin:
+        counted = valid
+        loss = ops.where(counted, ops.softplus(x), zeros)
+        slope = ops.where(counted, ops.sigmoid(x), zeros)
+    else:
+        counted = ops.logical_and(valid, x > 0)
+        loss = ops.where(counted, x, zeros)
+        slope = ops.cast(counted, x.dtype)
+    return loss, slope, ops.sum(ops.cast(counted, x.dtype))
+
+
+def _mean_with_weights(
+    total: Any, count: Any, w_pos: Any, w_neg: Any
+) -> tuple[Any, Any, Any]:
+    """``(total / count, w_pos / count, w_neg / count)``, zeros when ``count == 0``."""
+    scale = ops.where(count > 0, 1.0 / ops.maximum(count, 1.0), ops.zeros_like(count))
+    return total * scale, w_pos * scale, w_neg * scale
+
+
+def _attach_gradient(value: Any, w_pos: Any, w_neg: Any, dist: Any, c: Any) -> Any:
+    """``value`` (a constant) with gradient ``w_pos`` w.r.t. ``dist`` and ``w_neg`` w.r.t. ``c``.
+
+    ``value + (s - stop_gradient(s))`` with ``s = sum(w_pos * dist) + sum(w_neg * c)``:
+    the added term is exactly 0 in value and carries the gradient.
+    """
+    w_pos, w_neg = ops.stop_gradient(w_pos), ops.stop_gradient(w_neg)
+    surrogate = ops.sum(w_pos * dist) + ops.sum(w_neg * c)
+    return ops.stop_gradient(value) + (surrogate - ops.stop_gradient(surrogate))
+
+
 def _few_or_sorted(
     compact: Any, sorted_: Any, dist: Any, margins: Any, positive: Any, negative: Any,
     soft_margin: bool, slots: tuple[int, ...],
 ) -> Any:
-    """Run ``compact(..., slots=Q)`` with the smallest ``Q`` in ``slots`` that holds every
-    anchor's positives, else ``sorted_``: chosen at run time among static-shape branches."""
-    args = (dist, margins, positive, negative, soft_margin)
+    """The loss of ``compact(..., slots=Q)`` with the smallest ``Q`` in ``slots`` that holds
+    every anchor's positives, else of ``sorted_``: chosen at run time among static-shape
+    branches, which run on stop-gradient inputs and return ``(value, w_pos, w_neg)``."""
+    c = margins - dist
+    args = (ops.stop_gradient(dist), ops.stop_gradient(c), positive, negative, soft_margin)
     if not slots:
-        return sorted_(*args)
-    most = ops.max(ops.sum(ops.cast(positive, "int32"), axis=1))
-    branches = [lambda q=q: compact(*args, slots=q) for q in slots] + [lambda: sorted_(*args)]
-    index = sum(ops.cast(ops.greater(most, q), "int32") for q in slots)
-    if len(branches) == 2:
-        return ops.cond(ops.equal(index, 0), branches[0], branches[1])
-    return ops.switch(index, branches)
+        value, w_pos, w_neg = sorted_(*args)
+    else:
+        most = ops.max(ops.sum(ops.cast(positive, "int32"), axis=1))
+        branches = [lambda q=q: compact(*args, slots=q) for q in slots] + [lambda: sorted_(*args)]
+        index = sum(ops.cast(ops.greater(most, q), "int32") for q in slots)
+        if len(branches) == 2:
+            value, w_pos, w_neg = ops.cond(ops.equal(index, 0), branches[0], branches[1])
+        else:
+            value, w_pos, w_neg = ops.switch(index, branches)
+    return _attach_gradient(value, w_pos, w_neg, dist, c)
 
 
-def _positive_slots(dist: Any, positive: Any, slots: int) -> tuple[Any, Any]:
-    """Each anchor's positive distances in ``Q = slots`` slots: (``[B, Q]`` d_ap, ``[B, Q]`` valid).
+def _positive_slots(dist: Any, positive: Any, slots: int) -> tuple[Any, Any, Any]:
+    """Each anchor's positives in ``Q = slots`` slots: ``[B, Q]`` d_ap, valid, column.
 
     The caller guarantees that no anchor has more than ``Q`` positives. ``Q``
-    zero columns are appended so ``top_k`` is valid for any ``B`` (static ``k``).
+    zero columns are appended so ``top_k`` is valid for any ``B`` (static
+    ``k``); an empty slot's column points into that padding (>= B).
     """
     posf = ops.pad(ops.cast(positive, dist.dtype), [[0, 0], [0, slots]])
-    flags, index = ops.top_k(posf, slots)
+    flags, column = ops.top_k(posf, slots)
     padded = ops.pad(dist, [[0, 0], [0, slots]])
-    return ops.take_along_axis(padded, index, axis=1), flags > 0
+    return ops.take_along_axis(padded, column, axis=1), flags > 0, column
 
 
-def _compact_triplets(
-    dist: Any, margins: Any, positive: Any, negative: Any, slots: int
-) -> tuple[Any, Any, Any]:
-    """``[B, Q, B]`` triplet values ``x = d_ap + c_an``, validity and slot validity."""
-    d_ap, slot_valid = _positive_slots(dist, positive, slots)
-    c = margins - dist
-    x = ops.expand_dims(d_ap, 2) + ops.expand_dims(c, 1)
-    valid = ops.logical_and(ops.expand_dims(slot_valid, 2), ops.expand_dims(negative, 1))
-    return x, valid, slot_valid
+def _slots_to_columns(weights: Any, column: Any, width: Any) -> Any:
+    """``[B, Q]`` per-slot values -> ``[B, B]`` at each slot's column (empty slots dropped)."""
+    onehot = ops.one_hot(column, width + ops.shape(column)[1], dtype=weights.dtype)  # [B, Q, B + Q]
+    return ops.sum(ops.expand_dims(weights, 2) * onehot, axis=1)[:, :width]
 
 
 def _batch_all_compact(
-    dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool, slots: int
-) -> Any:
-    x, valid, _ = _compact_triplets(dist, margins, positive, negative, slots)
-    zeros = ops.zeros_like(x)
-    if soft_margin:
-        total = ops.sum(ops.where(valid, ops.softplus(x), zeros))
-        count = ops.sum(ops.cast(valid, x.dtype))
-    else:
-        active = ops.logical_and(valid, x > 0)
-        total = ops.sum(ops.where(active, x, zeros))
-        count = ops.sum(ops.cast(active, x.dtype))
-    return _safe_mean(total, count)
-
-
-def _semi_hard_compact(
-    dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool, slots: int
-) -> Any:
-    d_ap, slot_valid = _positive_slots(dist, positive, slots)
-    c = margins - dist
-    farther = ops.logical_and(
-        ops.expand_dims(negative, 1),
-        ops.expand_dims(ops.stop_gradient(dist), 1) > ops.expand_dims(ops.stop_gradient(d_ap), 2),
-    )  # [B, Q, B]
-    floor = ops.stop_gradient(ops.min(c)) - 1.0
-    c3 = ops.expand_dims(c, 1)
-    farther_best = ops.max(ops.where(farther, c3, ops.zeros_like(c3) + floor), axis=2)
-    fallback, has_negative = _masked_min(c, negative)
-    chosen = ops.where(ops.any(farther, axis=2), farther_best, ops.expand_dims(fallback, 1))
-    valid = ops.logical_and(slot_valid, ops.expand_dims(has_negative, 1))
-    losses = _hinge(d_ap + chosen, soft_margin)
-    losses = ops.where(valid, losses, ops.zeros_like(losses))
-    return _safe_mean(ops.sum(losses), ops.sum(ops.cast(valid, dist.dtype)))
+    dist: Any, c: Any, positive: Any, negative: Any, soft_margin: bool, slots: int
+) -> tuple[Any, Any, Any]:
+    d_ap, slot_valid, column = _positive_slots(dist, positive, slots)
+    x = ops.expand_dims(d_ap, 2) + ops.expand_dims(c, 1)  # [B, Q, B]
+    valid = ops.logical_and(ops.expand_dims(slot_valid, 2), ops.expand_dims(negative, 1))
+    loss, slope, count = _hinge_and_slope(x, valid, soft_margin)
+    w_pos = _slots_to_columns(ops.sum(slope, axis=2), column, ops.shape(dist)[1])
+    return _mean_with_weights(ops.sum(loss), count, w_pos, ops.sum(slope, axis=1))
 
 
 def _batch_all_hinge_sums(
     dist: Any, margins: Any, positive: Any, negative: Any
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, Any, Any, Any]:
     """Sums over violating triplets without materialising ``[B, B, B]``.
 
     For anchor ``a`` and positive ``p`` the violating negatives are those with
@@ -606,8 +608,8 @@ def _batch_all_hinge_sums(
     ``O(B^2 log B)`` time, ``O(B^2)`` memory.
 
     Returns:
-        (sum of hinges, number of violating triplets, sum of their margins),
-        float scalars.
+        (sum of hinges, number of violating triplets, sum of their margins:
+        float scalars; ``[B, B]`` number of violating negatives per positive pair).
     """
     c = margins - dist
     # Non-negatives get a key <= -d_ap for every p, so they are never counted.
@@ -623,25 +625,39 @@ def _batch_all_hinge_sums(
     c_suffix = _reverse_cumsum(sort(ops.where(negative, c, zeros)))
     m_suffix = _reverse_cumsum(sort(ops.where(negative, margins, zeros)))
     first = _searchsorted_right(sorted_keys, -dist)  # [B, B]: first c > -d_ap
-    count = ops.cast(ops.shape(dist)[1] - first, dist.dtype)
+    count = ops.where(positive, ops.cast(ops.shape(dist)[1] - first, dist.dtype), zeros)
     c_sum = ops.take_along_axis(c_suffix, first, axis=1)
     m_sum = ops.take_along_axis(m_suffix, first, axis=1)
     hinge_sum = ops.sum(ops.where(positive, count * dist + c_sum, zeros))
-    active = ops.sum(ops.where(positive, count, zeros))
     margin_sum = ops.sum(ops.where(positive, m_sum, zeros))
-    return hinge_sum, active, margin_sum
+    return hinge_sum, ops.sum(count), margin_sum, count
 
 
-def _batch_all_sorted(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+def _violating_positives(dist: Any, c: Any, positive: Any, negative: Any) -> Any:
+    """``[B, B]``: per anchor-negative pair, the number of positives with ``d_ap > -c_an``.
+
+    One sort of each anchor's positive distances and a ``searchsorted``; non-positives
+    get a key below every ``-c_an`` so they are never counted.
+    """
+    floor = -ops.max(c) - 1.0
+    keys = ops.sort(ops.where(positive, dist, ops.zeros_like(dist) + floor), axis=1)
+    first = _searchsorted_right(keys, -c)  # first d_ap > -c_an
+    count = ops.cast(ops.shape(dist)[1] - first, dist.dtype)
+    return ops.where(negative, count, ops.zeros_like(count))
+
+
+def _batch_all_sorted(
+    dist: Any, c: Any, positive: Any, negative: Any, soft_margin: bool
+) -> tuple[Any, Any, Any]:
     if not soft_margin:
-        hinge_sum, active, _ = _batch_all_hinge_sums(dist, margins, positive, negative)
-        return _safe_mean(hinge_sum, active)
+        hinge_sum, active, _, per_pair = _batch_all_hinge_sums(dist, c + dist, positive, negative)
+        w_neg = _violating_positives(dist, c, positive, negative)
+        return _mean_with_weights(hinge_sum, active, per_pair, w_neg)
     # softplus: every valid triplet contributes; [B, B, B] is unavoidable.
-    x = ops.expand_dims(dist, 2) + ops.expand_dims(margins - dist, 1)  # [a, p, n]
+    x = ops.expand_dims(dist, 2) + ops.expand_dims(c, 1)  # [a, p, n]
     valid = ops.logical_and(ops.expand_dims(positive, 2), ops.expand_dims(negative, 1))
-    total = ops.sum(ops.where(valid, ops.softplus(x), ops.zeros_like(x)))
-    count = ops.sum(ops.cast(valid, dist.dtype))
-    return _safe_mean(total, count)
+    loss, slope, count = _hinge_and_slope(x, valid, soft_margin)
+    return _mean_with_weights(ops.sum(loss), count, ops.sum(slope, axis=2), ops.sum(slope, axis=1))
 
 
 def _batch_all(
@@ -654,7 +670,7 @@ def _batch_all(
 def _batch_hard(
     dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool, slots: tuple[int, ...]
 ) -> Any:
-    del slots  # one O(B^2) algorithm
+    del slots  # one O(B^2) algorithm, no run-time choice: differentiated directly
     hardest_positive, has_positive = _masked_max(dist, positive)
     hardest_negative, has_negative = _masked_max(margins - dist, negative)
     valid = ops.logical_and(has_positive, has_negative)
@@ -663,36 +679,119 @@ def _batch_hard(
     return _safe_mean(ops.sum(losses), ops.sum(ops.cast(valid, dist.dtype)))
 
 
-def _semi_hard_sorted(dist: Any, margins: Any, positive: Any, negative: Any, soft_margin: bool) -> Any:
+def _fallback_negative(c: Any, negative: Any) -> tuple[Any, Any]:
+    """Per anchor, the negative minimising ``c_an`` (int32 ``[B]``) and whether one exists."""
+    ceiling = ops.max(c) + 1.0
+    index = ops.argmin(ops.where(negative, c, ops.zeros_like(c) + ceiling), axis=1)
+    return ops.cast(index, "int32"), ops.any(negative, axis=1)
+
+
+def _semi_hard_from_choice(
+    d_ap: Any, chosen: Any, valid: Any, c: Any, soft_margin: bool
+) -> tuple[Any, Any, Any, Any]:
+    """Loss of each positive pair given its chosen negative's column ``chosen`` (int ``[B, S]``).
+
+    Returns ``(sum of losses, count, [B, S] slope)``, zero outside ``valid``; the mean runs
+    over every valid pair (zero losses included).
+    """
+    x = d_ap + ops.take_along_axis(c, chosen, axis=1)
+    zeros = ops.zeros_like(x)
+    count = ops.sum(ops.cast(valid, x.dtype))
+    loss = ops.where(valid, _hinge(x, soft_margin), zeros)
+    slope = ops.sigmoid(x) if soft_margin else ops.cast(x > 0, x.dtype)
+    slope = ops.where(valid, slope, zeros)
+    return ops.sum(loss), count, slope
+
+
+def _semi_hard_compact(
+    dist: Any, c: Any, positive: Any, negative: Any, soft_margin: bool, slots: int
+) -> tuple[Any, Any, Any]:
+    d_ap, slot_valid, column = _positive_slots(dist, positive, slots)
+    farther = ops.logical_and(
+        ops.expand_dims(negative, 1), ops.expand_dims(dist, 1) > ops.expand_dims(d_ap, 2)
+    )  # [B, Q, B]
+    floor = ops.min(c) - 1.0
+    c3 = ops.expand_dims(c, 1)
+    farther_best = ops.cast(ops.argmax(ops.where(farther, c3, ops.zeros_like(c3) + floor), axis=2), "int32")
+    fallback, has_negative = _fallback_negative(c, negative)
+    chosen = ops.where(ops.any(farther, axis=2), farther_best, ops.expand_dims(fallback, 1))
+    valid = ops.logical_and(slot_valid, ops.expand_dims(has_negative, 1))
+    total, count, slope = _semi_hard_from_choice(d_ap, chosen, valid, c, soft_margin)
+    width = ops.shape(dist)[1]
+    w_pos = _slots_to_columns(slope, column, width)
+    w_neg = ops.sum(ops.expand_dims(slope, 2) * ops.one_hot(chosen, width, dtype=slope.dtype), axis=1)
+    return _mean_with_weights(total, count, w_pos, w_neg)
+
+
+def _reverse_argmax(x: Any) -> tuple[Any, Any]:
+    """Suffix maximum along axis 1 of a non-negative ``[R, K]`` tensor, and where it is.
+
+    ``best[:, j] = max(x[:, j:])`` and ``where[:, j]`` (int32) the position of that
+    maximum (the first one on ties), by log2(K) doubling steps (each a shift and an
+    elementwise comparison). The shift pads with 0, hence the non-negativity requirement.
+    """
+    index = ops.zeros_like(x, dtype="int32") + ops.expand_dims(
+        ops.arange(ops.shape(x)[1], dtype="int32"), 0
+    )
+
+    def step(shift: Any, best: Any, where: Any) -> tuple[Any, Any]:
+        later = ops.pad(best[:, shift:], [[0, 0], [0, shift]])
+        later_where = ops.pad(where[:, shift:], [[0, 0], [0, shift]])
+        take = later > best
+        return ops.where(take, later, best), ops.where(take, later_where, where)
+
+    width = x.shape[1]
+    if width is not None:  # static width: unrolled
+        shift = 1
+        while shift < width:
+            x, index = step(shift, x, index)
+            shift *= 2
+        return x, index
+    width = ops.shape(x)[1]  # dynamic width (TF graph with unknown batch size)
+
+    def body(shift: Any, best: Any, where: Any) -> tuple[Any, Any, Any]:
+        later = ops.concatenate([best[:, shift:], ops.zeros_like(best[:, :shift])], axis=1)
+        later_where = ops.concatenate([where[:, shift:], ops.zeros_like(where[:, :shift])], axis=1)
+        take = later > best
+        return shift * 2, ops.where(take, later, best), ops.where(take, later_where, where)
+
+    _, x, index = ops.while_loop(lambda shift, best, where: shift < width, body, (1, x, index))
+    return x, index
+
+
+def _semi_hard_sorted(
+    dist: Any, c: Any, positive: Any, negative: Any, soft_margin: bool
+) -> tuple[Any, Any, Any]:
     """Semi-hard mining in ``O(B^2 log B)``: one sort per anchor by distance.
 
     With each anchor's distances sorted ascending, the negatives farther than
     ``p`` occupy the suffix starting at ``searchsorted(d_ap, side="right")``
-    (a negative tied with ``d_ap`` is not farther), so a suffix max of ``c``
+    (a negative tied with ``d_ap`` is not farther), so a suffix arg-max of ``c``
     over negatives, read there, is the semi-hard choice.
     """
-    c = margins - dist
     zeros = ops.zeros_like(c)
-    order = ops.argsort(ops.stop_gradient(dist), axis=1)  # ascending
+    order = ops.cast(ops.argsort(dist, axis=1), "int32")  # ascending
 
     def sort(values: Any) -> Any:
         return ops.take_along_axis(values, order, axis=1)
 
-    # Shift c so negatives are >= 1 and non-negatives 0 (suffix max pads with 0).
-    floor = ops.stop_gradient(ops.min(c)) - 1.0
-    lifted = sort(ops.where(negative, c - floor, zeros))
-    best_suffix = ops.pad(_reverse_cummax(lifted), [[0, 0], [0, 1]])
-    count_suffix = _reverse_cumsum(sort(ops.cast(negative, dist.dtype)))
+    # Shift c so negatives are >= 1 and non-negatives 0 (the suffix max pads with 0).
+    lifted = sort(ops.where(negative, c - (ops.min(c) - 1.0), zeros))
+    best, where = _reverse_argmax(lifted)
+    best = ops.pad(best, [[0, 0], [0, 1]])  # position B: no farther entry (0: not a negative)
+    where = ops.pad(where, [[0, 0], [0, 1]])
     first = _searchsorted_right(sort(dist), dist)  # [B, B]: first d > d_ap
-    farther_best = ops.take_along_axis(best_suffix, first, axis=1) + floor
-    farther_count = ops.take_along_axis(count_suffix, first, axis=1)
-    fallback, has_negative = _masked_min(c, negative)  # farthest under its margin
-    chosen = ops.where(farther_count > 0, farther_best, ops.expand_dims(fallback, 1))
-
+    farther = ops.take_along_axis(best, first, axis=1) > 0
+    farther_best = ops.take_along_axis(order, ops.minimum(ops.take_along_axis(where, first, axis=1),
+                                                          ops.shape(dist)[1] - 1), axis=1)
+    fallback, has_negative = _fallback_negative(c, negative)
+    chosen = ops.where(farther, farther_best, ops.expand_dims(fallback, 1))
     valid = ops.logical_and(positive, ops.expand_dims(has_negative, 1))
-    losses = _hinge(dist + chosen, soft_margin)
-    losses = ops.where(valid, losses, zeros)
-    return _safe_mean(ops.sum(losses), ops.sum(ops.cast(valid, dist.dtype)))
+    total, count, slope = _semi_hard_from_choice(dist, chosen, valid, c, soft_margin)
+    rows = ops.zeros_like(chosen) + ops.expand_dims(ops.arange(ops.shape(dist)[0], dtype="int32"), 1)
+    pairs = ops.stack([ops.reshape(rows, [-1]), ops.reshape(chosen, [-1])], axis=1)
+    w_neg = ops.scatter(pairs, ops.reshape(slope, [-1]), ops.shape(dist))
+    return _mean_with_weights(total, count, slope, w_neg)
 
 
 def _semi_hard(
@@ -1003,7 +1102,7 @@ def triplet_statistics(
         margins = ops.cast(margins, dist.dtype)
         if mask is not None:
             negative = ops.logical_and(negative, mask)
-    _, active, margin_sum = _batch_all_hinge_sums(dist, margins, positive, negative)
+    _, active, margin_sum, _ = _batch_all_hinge_sums(dist, margins, positive, negative)
     posf = ops.cast(positive, dist.dtype)
     negf = ops.cast(negative, dist.dtype)
     valid = ops.sum(ops.sum(posf, axis=1) * ops.sum(negf, axis=1))

@@ -302,7 +302,8 @@ def build_loss(
             raise ValueError("margin_source/margin_mapping other than text/linear need the data and item text embeddings.")
         return margin_table_loss(config, data, item_text)
     if config.loss == "triplet":
-        return TripletLoss(margin=config.margin, mining=config.mining, distance=config.distance)
+        return TripletLoss(margin=config.margin, mining=config.mining, distance=config.distance,
+                           max_images_per_label=config.k)
     return AdaptiveTripletLoss(
         min_margin=config.min_margin,
         max_margin=config.max_margin,
@@ -310,6 +311,7 @@ def build_loss(
         distance=config.distance,
         semantic_threshold=config.semantic_threshold,
         missing_text_margin=config.missing_text_margin,
+        max_images_per_label=config.k,  # P x K batches: one [B, K-1, B] branch (a speed hint)
     )
 
 
