@@ -39,8 +39,12 @@ text-encoders: $(STAMP)
 run: setup
 	$(PY) tools/main_job.py --output runs/main --export-base saved_models/shop
 
+# Two pytest-xdist workers, one per core: a file's tests stay on one worker (module fixtures
+# are built once) and the longest files start first (tests/conftest.py, LONGEST_FIRST).
+# `make test PYTEST_WORKERS=0` runs everything in one process.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # TF_CPP_MIN_LOG_LEVEL=3: TensorFlow's C++ notes (CPU features, cuInit, type inference
 # of the losses' switch) stay out of the table; `make bench TF_CPP_MIN_LOG_LEVEL=0` shows them.
