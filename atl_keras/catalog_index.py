@@ -55,7 +55,7 @@ class CatalogError(ValueError):
     """The catalog cannot be indexed as asked (nothing was written)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class CatalogRow:
     """One catalog image: its file, the product it shows, its own id and metadata columns."""
 
@@ -177,10 +177,15 @@ def _sha256(path: str) -> str | None:
         return None
 
 
-def content_hashes(paths: Sequence[str], threads: int = 4) -> list[str | None]:
-    """sha256 of each file's bytes (``None``: missing, empty or unreadable), in parallel."""
+def content_hashes(paths: Sequence[str], threads: int = 4, chunk: int = 1024) -> list[str | None]:
+    """sha256 of each file's bytes (``None``: missing, empty or unreadable), in parallel.
+
+    One task per `chunk` paths: `ThreadPoolExecutor.map` submits every item at once and
+    ignores ``chunksize``, so one future per file cost ~2 KB per catalog row.
+    """
+    chunks = [paths[start:start + chunk] for start in range(0, len(paths), chunk)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(_sha256, paths, chunksize=256))
+        return [digest for part in pool.map(lambda part: [_sha256(p) for p in part], chunks) for digest in part]
 
 
 # -------------------------------------------------------------------------------- cache

@@ -58,6 +58,7 @@ from atl_keras.index import (
     TunedIndex,
     fixed_index,
     held_out_queries,
+    release_searcher,
     scann_ops,
     tune_index,
 )
@@ -608,14 +609,17 @@ def _export_reserved(
     temporaries: list[str] = [staging]
     try:
         row_assets = _write_row_assets(staging, gallery_rows) if gallery_rows is not None else None
+        state = None
+        if tuned is not None:
+            state = tuned.searcher.serialize_to_module()
+            release_searcher(tuned.searcher)  # the state's variables are the index from here on
         targets = [(export_base, tuned)]
         if portable_export_base:
             targets.append((portable_export_base, None))
         written = []
         for base, index in targets:
             module = RetrievalModule(
-                model, gallery, gallery_ids,
-                index.searcher.serialize_to_module() if index is not None else None,
+                model, gallery, gallery_ids, state if index is not None else None,
                 preprocessing, index.config if index is not None else None, row_assets,
             )
             manifest = {
@@ -630,6 +634,7 @@ def _export_reserved(
             temporaries.append(tmp_path)
             written.append((tmp_path, os.path.join(base, str(version)), manifest))
             del module
+            state = None
         _publish_all([(tmp, final) for tmp, final, _ in written], force)
     finally:
         for path in temporaries:

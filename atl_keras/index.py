@@ -15,7 +15,7 @@ thousands of items can sit within 1e-3 of a query's k-th score, so the tie-aware
 ann-benchmarks (`scann_recall`) reads ~1.0 for almost any index; it is reported beside the
 set recall, never gated on.
 
-Tuning (`tune_index`): trees are built for exact float scoring inside the searched leaves
+Tuning (`tune_index`): spherical k-means trees are built for exact float scoring inside the searched leaves
 (``scoring="exact"``; ~sqrt(N) leaves, and 2x / 4x that from 20k items on) and for
 asymmetric hashing with exact re-ranking (``scoring="ah"``, ~sqrt(N) leaves); leaves
 searched and the re-rank size are search-time parameters of ScaNN, so the sweep over them
@@ -39,7 +39,7 @@ from atl_keras._optional import require
 require("scann", "scann", "atl_keras.index (the ScaNN gallery index)")  # registers the Scann>* ops
 from scann.scann_ops.py import scann_ops
 
-from atl_keras.search import ExactSearcher, exact_search
+from atl_keras.search import exact_search
 
 #: Below this gallery size a tree + hashing index buys nothing: score every item.
 BRUTE_FORCE_BELOW = 2000
@@ -57,7 +57,9 @@ class ScannConfig:
     `num_leaves == 0` means no partitioning tree and exact float scoring of every item
     (small galleries). ``scoring="exact"`` scores the items of the searched leaves with
     exact dot products (no re-ranking needed); ``"ah"`` scores them with asymmetric
-    hashing and re-ranks the best ``reorder_k`` exactly.
+    hashing and re-ranks the best ``reorder_k`` exactly. ``spherical=True`` trains the tree
+    with spherical k-means (unit-norm centres: the right partition for dot-product search
+    of unit vectors; `tune_index` uses it).
     """
 
     num_leaves: int = 0
@@ -68,6 +70,7 @@ class ScannConfig:
     reorder_k: int = 0
     default_k: int = 10
     scoring: str = "ah"
+    spherical: bool = False
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -155,6 +158,7 @@ def build_scann_searcher(
         num_leaves=config.num_leaves,
         num_leaves_to_search=config.num_leaves_to_search,
         training_sample_size=config.training_sample_size or min(len(gallery), 100_000),
+        spherical=config.spherical,
     )
     if config.scoring == "exact":
         return builder.score_brute_force().build()
@@ -165,6 +169,21 @@ def build_scann_searcher(
     if config.reorder_k > 0:
         builder = builder.reorder(config.reorder_k)
     return builder.build()
+
+
+def release_searcher(searcher: Any) -> None:
+    """Free a TF-ops ScaNN searcher now (its resource holds a copy of the gallery).
+
+    `scann_ops` searchers live in TensorFlow's resource manager under a unique shared
+    name: dropping the Python object does not free them (each build during tuning
+    leaked ~N * D * 4 bytes). Searchers without a handle are left to the garbage collector.
+    """
+    import tensorflow as tf
+
+    handle = getattr(searcher, "searcher_handle", None)
+    if handle is not None:
+        tf.raw_ops.DestroyResourceOp(resource=handle, ignore_lookup_error=True)
+        searcher.searcher_handle = None
 
 
 # ---------------------------------------------------------------------------------- recall
@@ -198,13 +217,33 @@ def held_out_queries(
     )
 
 
-def exact_neighbors(gallery: np.ndarray, queries: HeldOutQueries, k: int) -> np.ndarray:
-    """Exact top-k gallery rows ``[Q, k]`` of the held-out queries (dot product)."""
-    searcher = ExactSearcher(gallery, distance="dot")
-    exclude = queries.exclude if np.any(queries.exclude >= 0) else None
-    # 128 queries per step: the [chunk, N] score matrix stays ~N * 0.5 KB, not N * 4 KB.
-    indices, _ = searcher.search(queries.embeddings, k, chunk_size=128, exclude=exclude)
-    return indices
+def exact_neighbors(gallery: np.ndarray, queries: HeldOutQueries, k: int, chunk_size: int = 32) -> np.ndarray:
+    """Exact top-k gallery rows ``[Q, k]`` of the held-out queries (dot product).
+
+    Best score first, equal scores by increasing row (as `atl_keras.search.ExactSearcher`);
+    each query's ``exclude`` row is never returned. Scores the gallery in place, `chunk_size`
+    queries at a time: extra memory is a ``[chunk_size, N]`` float32 block (128 B per
+    gallery item at the default), never a copy of the gallery.
+    """
+    gallery = np.asarray(gallery, dtype=np.float32)
+    embeddings = np.asarray(queries.embeddings, dtype=np.float32)
+    n = len(gallery)
+    limit = n - 1 if np.any(queries.exclude >= 0) else n
+    if not 1 <= k <= limit:
+        raise ValueError(f"k must be in [1, {limit}] for a gallery of {n} items, got {k}.")
+    out = np.empty((len(embeddings), k), np.int64)
+    for start in range(0, len(embeddings), chunk_size):
+        scores = embeddings[start:start + chunk_size] @ gallery.T  # [c, N]
+        for row, own in enumerate(queries.exclude[start:start + chunk_size]):
+            if own >= 0:
+                scores[row, own] = -np.inf
+        # the k-th best score, then every item at least that good (ties included), ordered
+        kth = np.partition(scores, n - k, axis=1)[:, n - k]
+        for row in range(len(scores)):
+            candidates = np.flatnonzero(scores[row] >= kth[row])
+            order = np.lexsort((candidates, -scores[row, candidates]))[:k]
+            out[start + row] = candidates[order]
+    return out
 
 
 def drop_excluded(indices: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
@@ -365,8 +404,9 @@ def tune_index(
     ]
     sample = min(n, 100_000)
     scorings = ["exact", "ah"] if quantize is None else (["ah"] if quantize else ["exact"])
-    plans = [(count, "exact") for count in leaf_counts if "exact" in scorings]
-    plans += [(base_leaves, "ah")] if "ah" in scorings else []
+    # AH first: its training is the largest transient, best paid while no other searcher is alive.
+    plans = [(base_leaves, "ah")] if "ah" in scorings else []
+    plans += [(count, "exact") for count in leaf_counts if "exact" in scorings]
     candidates: list[dict[str, Any]] = []
     best: tuple | None = None  # (meets, qps or recall, searcher, config, candidate)
     for leaves, scoring in plans:
@@ -384,6 +424,7 @@ def tune_index(
             reorder_k=max(reorders),
             default_k=k,
             scoring=scoring,
+            spherical=True,  # unit vectors, dot product: spherical k-means leaves (fewer searched per recall)
         )
         searcher = build_scann_searcher(gallery, base)
         for reorder_k in reorders:
@@ -399,9 +440,13 @@ def tune_index(
                 candidates.append(candidate)
                 key = (1.0, qps) if meets else (0.0, recall["set_recall"])
                 if best is None or key > best[:2]:
+                    if best is not None and best[2] is not searcher:
+                        release_searcher(best[2])  # one searcher (gallery copy) alive besides this build
                     best = (*key, searcher, config, candidate)
                 if meets:
                     break
+        if best[2] is not searcher:
+            release_searcher(searcher)
     assert best is not None
     _, _, searcher, config, chosen = best
     report = {

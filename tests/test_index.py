@@ -186,3 +186,32 @@ def test_tie_aware_matches_scann_recall_definition():
     queries = gallery[:20]
     exact = numpy_leave_one_out_top_k(gallery, np.arange(20), 5)
     assert tie_aware_recall(exact, exact, queries, gallery) == 1.0
+
+
+def test_exact_neighbors_matches_a_loop_with_ties_and_exclusion():
+    from atl_keras.index import HeldOutQueries, exact_neighbors
+
+    gallery = clustered_unit_vectors(300, 8, clusters=4, seed=7)
+    gallery[50] = gallery[10]  # exact ties: the lower row comes first
+    gallery[51] = gallery[10]
+    queries = HeldOutQueries(gallery[[10, 3, 200]].copy(), np.array([10, -1, 200]), "test")
+    found = exact_neighbors(gallery, queries, k=5, chunk_size=2)
+    for query, own, row in zip(queries.embeddings, queries.exclude, found):
+        scores = [(-float(np.dot(query, g)), i) for i, g in enumerate(gallery.astype(np.float64)) if i != own]
+        assert row.tolist() == [i for _, i in sorted(scores)[:5]]
+    assert found[0][:2].tolist() == [50, 51]  # own row 10 excluded, its two copies first
+
+
+def test_tuning_releases_the_searchers_it_does_not_keep(monkeypatch):
+    import atl_keras.index as index
+
+    built, released = [], []
+    original_build, original_release = index.build_scann_searcher, index.release_searcher
+    monkeypatch.setattr(index, "build_scann_searcher", lambda *a, **k: built.append(original_build(*a, **k)) or built[-1])
+    monkeypatch.setattr(index, "release_searcher", lambda s: released.append(s) or original_release(s))
+    gallery = clustered_unit_vectors(25_000, 16, clusters=40, seed=3)
+    tuned = index.tune_index(gallery, k=10, min_recall=0.9)
+    assert len(built) >= 3 and tuned.searcher in built  # AH + exact trees at 1x/2x/4x sqrt(N) leaves
+    assert {id(s) for s in released} == {id(s) for s in built if s is not tuned.searcher}
+    assert all(s.searcher_handle is None for s in released)
+    tuned.searcher.search_batched(gallery[:3], final_num_neighbors=10)  # the kept one still searches
