@@ -472,8 +472,10 @@ def rest_body(image: bytes, k: int) -> bytes:
                        "inputs": {"images": [{"b64": base64.b64encode(image).decode()}], "k": k}}).encode()
 
 
+#: Two batch threads: one batch's Python work (merge, split, responses) overlaps the other's
+#: TensorFlow run; no timeout: batches form while both threads are busy (see serving/README.md).
 DEFAULT_BATCHING = ("max_batch_size { value: 32 } batch_timeout_micros { value: 0 } "
-                    "num_batch_threads { value: 1 } max_enqueued_batches { value: 64 }")
+                    "num_batch_threads { value: 2 } max_enqueued_batches { value: 64 }")
 
 
 def main() -> None:

@@ -116,7 +116,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.model_spec.version.value = loaded.version
             response.model_spec.signature_name = name
             for key in request.output_filter or outputs:
-                response.outputs[key].CopyFrom(tensor_proto(outputs[key]))
+                tensor_proto(outputs[key], response.outputs[key])
             return response
 
     @_rpc
