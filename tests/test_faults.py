@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,13 +37,19 @@ TINY_FLAGS = [
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO_ROOT)}
 
 #: Runs `run_training(TrainConfig(**json))` and, at phase NAME, either kills itself (SIGKILL) or
-#: fills the disk under the output directory (`fill:NAME`).
+#: fills the disk under the output directory (`fill:NAME`). Optional third argument, JSON
+#: {phase: directory}: at each of those earlier phases the output directory is copied there
+#: while the process waits, i.e. exactly what a SIGKILL at that phase would leave on disk (one
+#: training process gives the states of several kills).
 SCRIPT = """
-import json, os, signal, sys
+import json, os, shutil, signal, sys
 from atl_keras.train import TrainConfig, run_training
 config, action = json.loads(sys.argv[1]), sys.argv[2]
+snapshots = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 mode, _, at = action.rpartition(":")
 def on_phase(name):
+    if name in snapshots:
+        shutil.copytree(config["output_dir"], snapshots[name])
     if name != at:
         return
     if mode == "fill":
@@ -67,8 +74,9 @@ def _config(tmp_path, name="run", **overrides) -> dict:
     return {**TINY, "output_dir": str(tmp_path / name), "text_cache_dir": str(tmp_path / "cache"), **overrides}
 
 
-def _run_script(config: dict, action: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(config), action], cwd=REPO_ROOT,
+def _run_script(config: dict, action: str, snapshots: dict | None = None) -> subprocess.CompletedProcess:
+    extra = [json.dumps(snapshots)] if snapshots else []
+    return subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(config), action, *extra], cwd=REPO_ROOT,
                           env=ENV, capture_output=True, text=True, timeout=1200)
 
 
@@ -82,20 +90,38 @@ def _leftovers(directory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted run: what every resumed run must reproduce."""
+    """An uninterrupted run: what every resumed run must reproduce (`.phases`: the phases it
+    reported, in order)."""
     tmp = tmp_path_factory.mktemp("reference")
-    return run_training(TrainConfig(**_config(tmp)), verbose=0)
+    phases = []
+    result = run_training(TrainConfig(**_config(tmp)), verbose=0, on_phase=phases.append)
+    result.phases = tuple(phases)
+    return result
 
 
 # ---------------------------------------------------------------------- kills, final phase
-@pytest.mark.parametrize("phase", ["trained", "projector", "model"])
-def test_kill_in_the_final_phase_resumes_and_matches_an_uninterrupted_run(tmp_path, reference, phase):
+FINAL_PHASES = ("trained", "projector", "model")
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """{phase: output directory a kill at that phase leaves}: one training subprocess, SIGKILLed
+    at the last of FINAL_PHASES, its output directory copied at the earlier ones."""
+    tmp = tmp_path_factory.mktemp("killed")
+    config = _config(tmp)
+    snapshots = {phase: str(tmp / f"at-{phase}") for phase in FINAL_PHASES[:-1]}
+    proc = _run_script(config, f"kill:{FINAL_PHASES[-1]}", snapshots)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return {**snapshots, FINAL_PHASES[-1]: config["output_dir"]}
+
+
+@pytest.mark.parametrize("phase", FINAL_PHASES)
+def test_kill_in_the_final_phase_resumes_and_matches_an_uninterrupted_run(tmp_path, reference, killed, phase):
     """Keras' BackupAndRestore deleted backup/ when fit returned: a kill during evaluation /
     export / model save made the rerun start from epoch 1. Now the backup stays until the
     final files are written, and the rerun only evaluates and writes them."""
     config = _config(tmp_path)
-    killed = _run_script(config, f"kill:{phase}")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    shutil.copytree(killed[phase], tmp_path / "run")
     out = tmp_path / "run"
     assert read_backup_state(str(out / "backup")).epoch == 2
     assert not (out / "metrics.json").exists()
@@ -112,21 +138,29 @@ def test_kill_in_the_final_phase_resumes_and_matches_an_uninterrupted_run(tmp_pa
 
 
 # -------------------------------------------------------------------------- torn backups
-def _interrupted_run(tmp_path, at: str = "trained") -> dict:
-    """A run stopped (exception) at phase `at`, its backup left behind."""
-    config = _config(tmp_path)
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """The output directory of a run stopped (exception) at phase "trained", its backup left
+    behind; built once, copied by `_interrupted_run`."""
+    tmp = tmp_path_factory.mktemp("interrupted")
 
     def stop(name):
-        if name == at:
+        if name == "trained":
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_training(TrainConfig(**config), verbose=0, on_phase=stop)
-    return config
+        run_training(TrainConfig(**_config(tmp)), verbose=0, on_phase=stop)
+    return tmp / "run"
 
 
-def test_torn_newest_backup_falls_back_to_the_previous_one(tmp_path, reference):
-    config = _interrupted_run(tmp_path)
+def _interrupted_run(tmp_path, interrupted) -> dict:
+    """A copy of the `interrupted` run under `tmp_path`; returns its config."""
+    shutil.copytree(interrupted, tmp_path / "run")
+    return _config(tmp_path)
+
+
+def test_torn_newest_backup_falls_back_to_the_previous_one(tmp_path, reference, interrupted):
+    config = _interrupted_run(tmp_path, interrupted)
     backup = tmp_path / "run" / "backup"
     newest = read_backup_state(str(backup))
     assert newest.epoch == 2
@@ -140,8 +174,8 @@ def test_torn_newest_backup_falls_back_to_the_previous_one(tmp_path, reference):
     assert result.test_metrics == reference.test_metrics
 
 
-def test_empty_metadata_still_finds_the_backup_by_name(tmp_path, reference):
-    config = _interrupted_run(tmp_path)
+def test_empty_metadata_still_finds_the_backup_by_name(tmp_path, reference, interrupted):
+    config = _interrupted_run(tmp_path, interrupted)
     (tmp_path / "run" / "backup" / "training_metadata.json").write_text("")
     result = run_training(TrainConfig(**config), verbose=0)
     assert result.initial_epoch == 2
@@ -233,10 +267,10 @@ def test_disk_full_at_the_final_model_write_keeps_the_backup(tmp_path, reference
         assert not (disk / "run" / "backup").exists()
 
 
-def test_backup_write_error_keeps_the_previous_backup(tmp_path, monkeypatch):
+def test_backup_write_error_keeps_the_previous_backup(tmp_path, monkeypatch, reference):
     import atl_keras.backup as backup_module
 
-    model = run_training(TrainConfig(**_config(tmp_path, epochs=1)), verbose=0).model
+    model = reference.model
     backup = str(tmp_path / "b")
     write_backup(model, backup, epoch=1)
 
@@ -435,10 +469,8 @@ def test_garbage_saved_model_is_a_clear_value_error(tmp_path):
         TextEncoder(_garbage_model(tmp_path))
 
 
-def test_every_phase_is_reported_in_order(tmp_path):
-    seen = []
-    run_training(TrainConfig(**_config(tmp_path, epochs=1)), verbose=0, on_phase=seen.append)
-    assert tuple(seen) == PHASES
+def test_every_phase_is_reported_in_order(reference):
+    assert reference.phases == PHASES
 
 
 # ------------------------------------------------------------------------- serving, query
