@@ -417,6 +417,7 @@ def index_catalog(
             raise CatalogError(_bad_message(skipped, len(rows)))
         for row, digest in zip(rows, hashes):
             row.sha256 = digest
+        del hashes
 
         # 3. embed what the cache does not hold, one file per distinct content
         cache = EmbeddingCache(cache_dir or os.path.join(output_base, ".embedding-cache"),
@@ -453,9 +454,13 @@ def index_catalog(
             skipped_missing=sum(1 for s in skipped if s["reason"] == "missing or empty"),
             skipped_corrupt=len(bad),
         )
+        del rows, todo, todo_keys, todo_paths, corrupt  # per-row Python objects the export does not need
 
         # 4. the gallery (the index's own memory) and the export
         gallery = cache.gather([r.sha256 for r in kept])
+        cache_folder = cache.folder
+        del cache  # its key -> row dict
+        _trim_heap()
         with tempfile.TemporaryDirectory(dir=output_base, prefix=".tmp-rows-") as staging:
             rows_path = os.path.join(staging, ROWS_NAME)
             with open(rows_path, "w", encoding="utf-8") as f:
@@ -467,7 +472,7 @@ def index_catalog(
                     "source": os.path.abspath(catalog) if isinstance(catalog, str) else None,
                     **counts,
                     "skipped_examples": skipped[:_MAX_NAMED],
-                    "embedding_cache": os.path.abspath(cache.folder),
+                    "embedding_cache": os.path.abspath(cache_folder),
                 },
                 **(extra_manifest or {}),
             }
@@ -480,6 +485,21 @@ def index_catalog(
                 extra_assets={ROWS_NAME: rows_path},
             )
     return CatalogIndexResult(export, counts, skipped)
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc's malloc_trim; elsewhere a no-op).
+
+    Decoding, hashing and the row tables free memory into the main thread's malloc arena;
+    the index build allocates its large transient from ScaNN's worker threads (other
+    arenas), which cannot reuse it, so without this both count in the peak.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _first_occurrences(rows: Iterable[CatalogRow], keys: set[str]) -> Iterable[CatalogRow]:

@@ -46,6 +46,9 @@ BRUTE_FORCE_BELOW = 2000
 SCORINGS = ("exact", "ah")
 #: Galleries at least this large also try trees with 2x and 4x sqrt(N) leaves.
 MORE_LEAVES_ABOVE = 20_000
+#: Rows the AH codebooks (16 centres per 2-dim block) are trained on: plenty for 16 centres,
+#: and a 100k sample (ScaNN's default) made the AH build's transient ~3 KB per gallery item.
+AH_TRAINING_SAMPLE = 25_000
 #: Held-out queries sampled from the gallery for the gate and the tuning.
 DEFAULT_QUERIES = 1000
 
@@ -165,6 +168,7 @@ def build_scann_searcher(
     builder = builder.score_ah(
         config.dimensions_per_block,
         anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
+        training_sample_size=min(len(gallery), AH_TRAINING_SAMPLE),
     )
     if config.reorder_k > 0:
         builder = builder.reorder(config.reorder_k)
