@@ -26,22 +26,26 @@ def repo_root() -> pathlib.Path:
 
 
 # ------------------------------------------------------------------ parallel runs (make test)
-#: Files that take longest, longest first (seconds of one file alone on an idle 2-core
-#: machine, measured 2026-12-01). `make test` runs the suite on 2 pytest-xdist workers
-#: with `--dist loadfile --no-loadscope-reorder`: each file stays on one worker (its
-#: module fixtures are built once) and files are handed out in collection order, so the
-#: long ones go first and the short ones fill in at the end (longest-processing-time
-#: first). Files not listed keep their alphabetical order after these.
+#: Files that take longest, longest first (`--durations`, 2026-12-01). `make test` runs the
+#: suite on 2 pytest-xdist workers with `--dist loadfile --no-loadscope-reorder`: each file
+#: stays on one worker (its module fixtures are built once) and files are handed out in
+#: collection order, so the long ones start first and the short ones fill in at the end
+#: (longest-processing-time first). Files not listed keep their alphabetical order after these.
 LONGEST_FIRST = (
     "test_losses_jax.py",
+    "test_losses_xla.py",
     "test_readme_cli.py",
-    "test_packaging.py",
     "test_faults.py",
+    "test_distribute.py",
+    "test_serving.py",
+    "test_export.py",
     "test_replication.py",
     "test_weak_label.py",
-    "test_serving.py",
+    "test_proxy_losses.py",
+    "test_packaging.py",
     "test_readme.py",
-    "test_distribute.py",
+    "test_losses_keras_native.py",
+    "test_model.py",
     "test_train.py",
 )
 
