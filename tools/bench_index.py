@@ -219,7 +219,8 @@ def bench_set(name: str, vectors, args) -> dict:
         state = tuned.searcher.serialize_to_module()
         memory = sum(int(np.prod(v.shape)) * v.dtype.size for v in state.variables)
         results["project"] = {"build_s": build, "memory_bytes": memory, "recall": project_recall,
-                              "param": f"{tuned.config.scoring}{' sph' if tuned.config.spherical else ''} leaves "
+                              "param": f"{tuned.config.scoring}{' sph' if tuned.config.spherical else ''}"
+                                       f"{' int8-centres' if tuned.config.quantize_centroids else ''} leaves "
                                        f"{tuned.config.num_leaves_to_search}/{tuned.config.num_leaves} "
                                        f"reorder {tuned.config.reorder_k}"}
         for algo in ("hnswlib", "faiss-ivf"):
