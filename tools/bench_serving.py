@@ -614,11 +614,18 @@ def main() -> None:
                   f"handler busy for the in-process p50 {hold_s * 1e3:.2f} ms): p50 {floor_p50:.2f} ms, "
                   f"/ in-process {floor_p50 / base_p50:.2f}; transport alone {floor_p50 - hold_s * 1e3:.2f} ms "
                   f"vs the 1.2x budget of {0.2 * base_p50:.2f} ms")
+    cores = os.cpu_count() or 1
     for how in ("gRPC", "REST"):
         name = f"{how} batching=on"
         if name in targets and 1 in concurrency and 32 in concurrency:
             print(f"{name}: c=32 / c=1 throughput {rps(name, 32) / rps(name, 1):.2f} (target >= 3), "
                   f"c=32 p99 {p(name, 32, 99):.1f} ms (target <= 100)")
+            # what 3x needs in CPU: client + server CPU per request at c=32, times 3x the c=1 rate
+            cpu_per_request = np.mean(results[(name, 32)][2]) + np.mean(results[(name, 32)][3])
+            need = 3 * rps(name, 1) * cpu_per_request / 1e3
+            print(f"  3x c=1 = {3 * rps(name, 1):.0f} req/s at {cpu_per_request:.2f} CPU ms/req (client + server) "
+                  f"needs {need:.2f} of the {cores} cores; c=32 got {rps(name, 32) * cpu_per_request / 1e3:.2f} cores "
+                  f"(the rest: other processes, or idle); in-process c=32 / c=1 {rps('in-process', 32) / rps('in-process', 1):.2f}")
 
     print("\nwhere a served request's time goes (p50 ms, interleaved):")
     for name, ms in breakdown.items():

@@ -354,7 +354,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_config_file", default="", help="TF Serving models.config (text ModelServerConfig)")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
                    help="seconds between scans for new versions (0 = load once)")
-    p.add_argument("--grpc_max_threads", type=int, default=16, help="gRPC worker threads")
+    p.add_argument("--grpc_max_threads", type=int, default=16,
+                   help="gRPC worker threads (with batching at least 2 * max_batch_size, up to 256)")
     p.add_argument("--max_batch_size", type=int, default=256, help="largest batch per request (0 = no limit)")
     p.add_argument("--max_message_size", type=int, default=64 * 1024 * 1024,
                    help="largest gRPC message in bytes, both directions")
