@@ -579,10 +579,19 @@ def _positive_slots(dist: Any, positive: Any, slots: int) -> tuple[Any, Any, Any
     return ops.take_along_axis(padded, column, axis=1), flags > 0, column
 
 
+def _scatter_rows(values: Any, columns: Any, width: Any) -> Any:
+    """``out[r, columns[r, s]] += values[r, s]``: ``[R, S]`` values -> ``[R, width]`` (duplicates add).
+
+    A scatter of ``R * S`` entries: cheaper than a ``[R, S, width]`` one-hot product.
+    """
+    rows = ops.zeros_like(columns) + ops.expand_dims(ops.arange(ops.shape(columns)[0], dtype=columns.dtype), 1)
+    pairs = ops.stack([ops.reshape(rows, [-1]), ops.reshape(columns, [-1])], axis=1)
+    return ops.scatter(pairs, ops.reshape(values, [-1]), (ops.shape(columns)[0], width))
+
+
 def _slots_to_columns(weights: Any, column: Any, width: Any) -> Any:
     """``[B, Q]`` per-slot values -> ``[B, B]`` at each slot's column (empty slots dropped)."""
-    onehot = ops.one_hot(column, width + ops.shape(column)[1], dtype=weights.dtype)  # [B, Q, B + Q]
-    return ops.sum(ops.expand_dims(weights, 2) * onehot, axis=1)[:, :width]
+    return _scatter_rows(weights, column, width + ops.shape(column)[1])[:, :width]
 
 
 def _batch_all_compact(
@@ -719,8 +728,7 @@ def _semi_hard_compact(
     total, count, slope = _semi_hard_from_choice(d_ap, chosen, valid, c, soft_margin)
     width = ops.shape(dist)[1]
     w_pos = _slots_to_columns(slope, column, width)
-    w_neg = ops.sum(ops.expand_dims(slope, 2) * ops.one_hot(chosen, width, dtype=slope.dtype), axis=1)
-    return _mean_with_weights(total, count, w_pos, w_neg)
+    return _mean_with_weights(total, count, w_pos, _scatter_rows(slope, chosen, width))
 
 
 def _reverse_argmax(x: Any) -> tuple[Any, Any]:
@@ -788,10 +796,7 @@ def _semi_hard_sorted(
     chosen = ops.where(farther, farther_best, ops.expand_dims(fallback, 1))
     valid = ops.logical_and(positive, ops.expand_dims(has_negative, 1))
     total, count, slope = _semi_hard_from_choice(dist, chosen, valid, c, soft_margin)
-    rows = ops.zeros_like(chosen) + ops.expand_dims(ops.arange(ops.shape(dist)[0], dtype="int32"), 1)
-    pairs = ops.stack([ops.reshape(rows, [-1]), ops.reshape(chosen, [-1])], axis=1)
-    w_neg = ops.scatter(pairs, ops.reshape(slope, [-1]), ops.shape(dist))
-    return _mean_with_weights(total, count, slope, w_neg)
+    return _mean_with_weights(total, count, slope, _scatter_rows(slope, chosen, ops.shape(dist)[1]))
 
 
 def _semi_hard(
