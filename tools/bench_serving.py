@@ -231,31 +231,9 @@ def _client_worker() -> None:
         if not cmd["threads"]:
             print(json.dumps({"ready": True}), flush=True)
             continue
-        latencies: list[float] = []
-        lock = threading.Lock()
-        stop = cmd["start"] + cmd["seconds"]
-
-        def worker() -> None:
-            mine = []
-            while time.time() < cmd["start"]:
-                time.sleep(0.001)
-            while time.time() < stop:
-                t0 = time.perf_counter()
-                call()
-                mine.append(time.perf_counter() - t0)
-            with lock:
-                latencies.extend(mine)
-
-        threads = [threading.Thread(target=worker) for _ in range(cmd["threads"])]
-        for t in threads:
-            t.start()
-        while time.time() < cmd["start"]:
-            time.sleep(0.001)
-        cpu0, t0 = time.process_time(), time.time()
-        for t in threads:
-            t.join()
-        print(json.dumps({"latencies": latencies, "requests": len(latencies), "elapsed": time.time() - t0,
-                          "cpu": time.process_time() - cpu0}), flush=True)
+        latencies, elapsed, cpu = run_threads(call, cmd["threads"], cmd["seconds"], start_at=cmd["start"])
+        print(json.dumps({"latencies": latencies, "requests": len(latencies), "elapsed": elapsed,
+                          "cpu": cpu}), flush=True)
 
 
 class ClientPool:
@@ -413,28 +391,43 @@ def overhead_breakdown(base: pathlib.Path, port: int, model: str, image: bytes, 
     return {name: float(np.median(v)) * 1e3 for name, v in times.items()}
 
 
-def measure(call, concurrency: int, seconds: float) -> tuple[list[float], float]:
-    """Run ``call`` from ``concurrency`` threads for ``seconds``; (latencies in s, req/s)."""
+def run_threads(call, threads: int, seconds: float, start_at: float | None = None) -> tuple[list[float], float, float]:
+    """Call ``call`` in a loop from ``threads`` threads for ``seconds``.
+
+    ``start_at`` (wall clock, ``time.time()``) lets processes started apart begin together;
+    default now. Returns (latencies in s, elapsed s, this process's CPU s).
+    """
+    start = time.time() if start_at is None else start_at
+    stop = start + seconds
     latencies: list[float] = []
     lock = threading.Lock()
-    stop = time.perf_counter() + seconds
 
     def worker() -> None:
         mine = []
-        while time.perf_counter() < stop:
+        while time.time() < start:
+            time.sleep(0.001)
+        while time.time() < stop:
             t0 = time.perf_counter()
             call()
             mine.append(time.perf_counter() - t0)
         with lock:
             latencies.extend(mine)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
         t.start()
-    for t in threads:
+    while time.time() < start:
+        time.sleep(0.001)
+    cpu0, t0 = time.process_time(), time.time()
+    for t in pool:
         t.join()
-    return latencies, len(latencies) / (time.perf_counter() - start)
+    return latencies, time.time() - t0, time.process_time() - cpu0
+
+
+def measure(call, concurrency: int, seconds: float) -> tuple[list[float], float]:
+    """Run ``call`` from ``concurrency`` threads for ``seconds``; (latencies in s, req/s)."""
+    latencies, elapsed, _ = run_threads(call, concurrency, seconds)
+    return latencies, len(latencies) / elapsed
 
 
 def cold_start(base: pathlib.Path, model: str, image: bytes, k: int, warmup: bool) -> tuple[float, float]:
