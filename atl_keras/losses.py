@@ -606,7 +606,7 @@ def _batch_all_compact(
 
 
 def _batch_all_hinge_sums(
-    dist: Any, margins: Any, positive: Any, negative: Any
+    dist: Any, c: Any, positive: Any, negative: Any, margins: Any | None = None
 ) -> tuple[Any, Any, Any, Any]:
     """Sums over violating triplets without materialising ``[B, B, B]``.
 
@@ -617,10 +617,10 @@ def _batch_all_hinge_sums(
     ``O(B^2 log B)`` time, ``O(B^2)`` memory.
 
     Returns:
-        (sum of hinges, number of violating triplets, sum of their margins:
-        float scalars; ``[B, B]`` number of violating negatives per positive pair).
+        (sum of hinges, number of violating triplets, sum of their margins (None
+        without ``margins``): float scalars; ``[B, B]`` number of violating
+        negatives per positive pair).
     """
-    c = margins - dist
     # Non-negatives get a key <= -d_ap for every p, so they are never counted.
     floor = -ops.stop_gradient(ops.max(dist)) - 1.0
     keys = ops.where(negative, c, ops.zeros_like(c) + floor)
@@ -632,13 +632,15 @@ def _batch_all_hinge_sums(
     zeros = ops.zeros_like(c)
     sorted_keys = sort(keys)
     c_suffix = _reverse_cumsum(sort(ops.where(negative, c, zeros)))
-    m_suffix = _reverse_cumsum(sort(ops.where(negative, margins, zeros)))
     first = _searchsorted_right(sorted_keys, -dist)  # [B, B]: first c > -d_ap
     count = ops.where(positive, ops.cast(ops.shape(dist)[1] - first, dist.dtype), zeros)
     c_sum = ops.take_along_axis(c_suffix, first, axis=1)
-    m_sum = ops.take_along_axis(m_suffix, first, axis=1)
     hinge_sum = ops.sum(ops.where(positive, count * dist + c_sum, zeros))
-    margin_sum = ops.sum(ops.where(positive, m_sum, zeros))
+    margin_sum = None
+    if margins is not None:
+        m_suffix = _reverse_cumsum(sort(ops.where(negative, margins, zeros)))
+        m_sum = ops.take_along_axis(m_suffix, first, axis=1)
+        margin_sum = ops.sum(ops.where(positive, m_sum, zeros))
     return hinge_sum, ops.sum(count), margin_sum, count
 
 
@@ -659,7 +661,7 @@ def _batch_all_sorted(
     dist: Any, c: Any, positive: Any, negative: Any, soft_margin: bool
 ) -> tuple[Any, Any, Any]:
     if not soft_margin:
-        hinge_sum, active, _, per_pair = _batch_all_hinge_sums(dist, c + dist, positive, negative)
+        hinge_sum, active, _, per_pair = _batch_all_hinge_sums(dist, c, positive, negative)
         w_neg = _violating_positives(dist, c, positive, negative)
         return _mean_with_weights(hinge_sum, active, per_pair, w_neg)
     # softplus: every valid triplet contributes; [B, B, B] is unavoidable.
@@ -697,19 +699,15 @@ def _fallback_negative(c: Any, negative: Any) -> tuple[Any, Any]:
 
 def _semi_hard_from_choice(
     d_ap: Any, chosen: Any, valid: Any, c: Any, soft_margin: bool
-) -> tuple[Any, Any, Any, Any]:
+) -> tuple[Any, Any, Any]:
     """Loss of each positive pair given its chosen negative's column ``chosen`` (int ``[B, S]``).
 
     Returns ``(sum of losses, count, [B, S] slope)``, zero outside ``valid``; the mean runs
-    over every valid pair (zero losses included).
+    over every valid pair (zero losses included, unlike batch_all's hinge mean).
     """
     x = d_ap + ops.take_along_axis(c, chosen, axis=1)
-    zeros = ops.zeros_like(x)
-    count = ops.sum(ops.cast(valid, x.dtype))
-    loss = ops.where(valid, _hinge(x, soft_margin), zeros)
-    slope = ops.sigmoid(x) if soft_margin else ops.cast(x > 0, x.dtype)
-    slope = ops.where(valid, slope, zeros)
-    return ops.sum(loss), count, slope
+    loss, slope, _ = _hinge_and_slope(x, valid, soft_margin)
+    return ops.sum(loss), ops.sum(ops.cast(valid, x.dtype)), slope
 
 
 def _semi_hard_compact(
@@ -1107,7 +1105,7 @@ def triplet_statistics(
         margins = ops.cast(margins, dist.dtype)
         if mask is not None:
             negative = ops.logical_and(negative, mask)
-    _, active, margin_sum, _ = _batch_all_hinge_sums(dist, margins, positive, negative)
+    _, active, margin_sum, _ = _batch_all_hinge_sums(dist, margins - dist, positive, negative, margins)
     posf = ops.cast(positive, dist.dtype)
     negf = ops.cast(negative, dist.dtype)
     valid = ops.sum(ops.sum(posf, axis=1) * ops.sum(negf, axis=1))
