@@ -194,7 +194,8 @@ class EmbeddingCache:
 
     One folder per model + preprocessing (``key``): ``vectors.f32`` (rows) and ``keys.txt``
     (one hash per row). Appends take an exclusive lock; a torn append (a kill between the
-    two files) is trimmed to the rows both files hold when the cache is next opened.
+    two files) is trimmed to the rows both files hold when the cache is next opened, or by the
+    next append (an append re-reads the files only when their sizes are not the ones it left).
     """
 
     def __init__(self, root: str, key: str, dim: int) -> None:
@@ -205,6 +206,10 @@ class EmbeddingCache:
         self._keys = os.path.join(self.folder, "keys.txt")
         with self._locked():
             self.rows = self._load_and_trim()
+            self._sizes = self._file_sizes()
+
+    def _file_sizes(self) -> tuple[int, int]:
+        return tuple(os.path.getsize(p) if os.path.exists(p) else 0 for p in (self._keys, self._vectors))
 
     def _locked(self):
         lock = open(os.path.join(self.folder, ".lock"), "w")
@@ -243,7 +248,8 @@ class EmbeddingCache:
         """Store ``vectors [n, D]`` under ``keys`` (already cached keys are skipped)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._locked():
-            self.rows = self._load_and_trim()  # another process may have appended
+            if self._file_sizes() != self._sizes:  # another process appended (or left a torn append)
+                self.rows = self._load_and_trim()
             new = [(k, v) for k, v in zip(keys, vectors) if k not in self.rows]
             if not new:
                 return
@@ -258,10 +264,14 @@ class EmbeddingCache:
             start = len(self.rows)
             for offset, (k, _) in enumerate(new):
                 self.rows[k] = start + offset
+            self._sizes = self._file_sizes()
 
     def gather(self, keys: Sequence[str]) -> np.ndarray:
-        """``[len(keys), D]`` float32 vectors of cached keys (memory-mapped read)."""
-        out = np.empty((len(keys), self.dim), np.float32)
+        """``[len(keys), D]`` float32 vectors of cached keys (memory-mapped read; aligned for
+        a copy-free index build, see `atl_keras.index.aligned_empty`)."""
+        from atl_keras.index import aligned_empty
+
+        out = aligned_empty((len(keys), self.dim))
         if not keys:
             return out
         stored = np.memmap(self._vectors, dtype=np.float32, mode="r").reshape(-1, self.dim)

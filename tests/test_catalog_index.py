@@ -192,6 +192,21 @@ def test_cache_survives_a_torn_append(tmp_path):
     np.testing.assert_array_equal(reopened.gather(["c" * 64, "a" * 64]), [[2] * 4, [1] * 4])
 
 
+def test_cache_appends_see_other_writers_and_their_torn_appends(tmp_path):
+    """Two open caches on one folder (two `atl index` runs): each append folds in the other's
+    rows, and a torn append another writer left is trimmed before the next rows land."""
+    first = ci.EmbeddingCache(str(tmp_path), "key", dim=4)
+    second = ci.EmbeddingCache(str(tmp_path), "key", dim=4)
+    first.append(["a" * 64], np.full((1, 4), 1, np.float32))
+    second.append(["b" * 64, "a" * 64], np.full((2, 4), 2, np.float32))  # "a" is already stored
+    with open(os.path.join(first.folder, "vectors.f32"), "ab") as f:  # a third writer killed mid-append
+        f.write(np.full((1, 4), 9, np.float32).tobytes())
+    first.append(["c" * 64], np.full((1, 4), 3, np.float32))
+    for cache in (first, ci.EmbeddingCache(str(tmp_path), "key", dim=4)):
+        assert len(cache) == 3
+        np.testing.assert_array_equal(cache.gather(["c" * 64, "b" * 64, "a" * 64]), [[3] * 4, [2] * 4, [1] * 4])
+
+
 def test_served_results_carry_item_id_image_id_and_metadata_through_the_client(tmp_path, capsys):
     """A catalog export behind the gRPC server (127.0.0.1): `client.retrieve` and `atl query`
     return each result's item id, image id and metadata columns, for both retrieve signatures."""

@@ -202,16 +202,50 @@ def test_exact_neighbors_matches_a_loop_with_ties_and_exclusion():
     assert found[0][:2].tolist() == [50, 51]  # own row 10 excluded, its two copies first
 
 
-def test_tuning_releases_the_searchers_it_does_not_keep(monkeypatch):
+def test_tuning_keeps_one_searcher_alive_and_reports_the_one_it_returns(monkeypatch):
     import atl_keras.index as index
 
-    built, released = [], []
+    built, released, alive_at_build = [], [], []
     original_build, original_release = index.build_scann_searcher, index.release_searcher
-    monkeypatch.setattr(index, "build_scann_searcher", lambda *a, **k: built.append(original_build(*a, **k)) or built[-1])
+
+    def build(*args, **kwargs):
+        alive_at_build.append(sum(1 for s in built if s not in released))
+        built.append(original_build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(index, "build_scann_searcher", build)
     monkeypatch.setattr(index, "release_searcher", lambda s: released.append(s) or original_release(s))
     gallery = clustered_unit_vectors(25_000, 16, clusters=40, seed=3)
-    tuned = index.tune_index(gallery, k=10, min_recall=0.9)
-    assert len(built) >= 3 and tuned.searcher in built  # AH + exact trees at 1x/2x/4x sqrt(N) leaves
-    assert {id(s) for s in released} == {id(s) for s in built if s is not tuned.searcher}
+    queries = index.held_out_queries(gallery, count=300, seed=1)
+    tuned = index.tune_index(gallery, k=10, min_recall=0.9, queries=queries)
+    assert len(built) >= 3 and tuned.searcher is built[-1]  # AH + exact trees at 1x/2x/4x sqrt(N) leaves
+    assert alive_at_build == [0] * len(built)  # every earlier searcher was freed before a build
+    assert {id(s) for s in released} == {id(s) for s in built[:-1]}
     assert all(s.searcher_handle is None for s in released)
-    tuned.searcher.search_batched(gallery[:3], final_num_neighbors=10)  # the kept one still searches
+    # the chosen candidate was measured on the returned searcher (rebuilt if its tree was freed)
+    chosen = tuned.report["chosen"]
+    assert chosen["build"] == max(c["build"] for c in tuned.report["candidates"])
+    found = index.search_held_out(tuned.searcher, queries, 10, **tuned.config.search_kwargs)
+    assert index.set_recall(found, index.exact_neighbors(gallery, queries, 10)) == chosen["set_recall"]
+    assert chosen["set_recall"] >= 0.9 and chosen["leaves_to_search"] == tuned.config.num_leaves_to_search
+
+
+def test_build_wraps_an_aligned_gallery_without_a_copy_and_copies_any_other():
+    from atl_keras.index import TF_ALIGNMENT, _check_gallery, aligned_empty
+
+    aligned = aligned_empty((300, 8))
+    assert aligned.ctypes.data % TF_ALIGNMENT == 0 and aligned.flags.c_contiguous
+    aligned[...] = clustered_unit_vectors(300, 8, clusters=4, seed=1)
+    assert _check_gallery(aligned) is aligned
+    buffer = np.zeros(300 * 8 + 1, np.float32)
+    shifted = buffer[1:].reshape(300, 8)  # 4 bytes off any 64-byte boundary
+    shifted[...] = aligned
+    read_only = aligned.copy()
+    read_only.flags.writeable = False  # DLPack cannot export read-only memory
+    for gallery in (shifted, read_only, aligned.astype(np.float64), np.asfortranarray(aligned)):
+        checked = _check_gallery(gallery)
+        assert checked is not gallery and checked.ctypes.data % TF_ALIGNMENT == 0
+        np.testing.assert_array_equal(checked, aligned)
+        searcher = build_scann_searcher(gallery, ScannConfig(default_k=5))
+        indices, _ = searcher.search_batched(aligned[:4], final_num_neighbors=1)
+        assert np.asarray(indices)[:, 0].tolist() == [0, 1, 2, 3]
