@@ -32,7 +32,10 @@ PRELUDE = textwrap.dedent(
     """
     import json, os, sys, tempfile
     DUMP = tempfile.mkdtemp(prefix="xla_dump_")
-    os.environ["XLA_FLAGS"] = f"--xla_dump_to={DUMP} --xla_dump_hlo_as_text"
+    # LLVM -O0: compiling the B=32 loss programs at the default -O2 took 4x longer; the
+    # compilation count and the values do not depend on it (no fast-math either way).
+    os.environ["XLA_FLAGS"] = (f"--xla_dump_to={DUMP} --xla_dump_hlo_as_text"
+                               " --xla_backend_optimization_level=0")
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import numpy as np, keras, tensorflow as tf
     import atl_keras as atl
