@@ -470,13 +470,17 @@ def index_catalog(
         gallery = cache.gather([r.sha256 for r in kept])
         cache_folder = cache.folder
         del cache  # its key -> row dict
-        _trim_heap()
         with tempfile.TemporaryDirectory(dir=output_base, prefix=".tmp-rows-") as staging:
             rows_path = os.path.join(staging, ROWS_NAME)
             with open(rows_path, "w", encoding="utf-8") as f:
                 for r in kept:
                     f.write(json.dumps({"image": r.image, "item_id": r.item_id, "image_id": r.image_id,
                                         "sha256": r.sha256}, ensure_ascii=False) + "\n")
+            # what the export needs of the rows; the row objects (paths, hashes) go before the index build
+            item_ids = [r.item_id for r in kept]
+            gallery_rows = GalleryRows([r.image_id for r in kept], [r.metadata for r in kept])
+            del kept
+            _trim_heap()
             manifest = {
                 "catalog": {
                     "source": os.path.abspath(catalog) if isinstance(catalog, str) else None,
@@ -487,11 +491,11 @@ def index_catalog(
                 **(extra_manifest or {}),
             }
             export = export_embeddings(
-                model, gallery, [r.item_id for r in kept], output_base, number, reserved=True,
+                model, gallery, item_ids, output_base, number, reserved=True,
                 k=k, min_recall=min_recall, index_options=index_options, force=force,
                 extra_manifest=manifest, preprocessing=preprocessing,
                 portable_export_base=portable_output_base,
-                gallery_rows=GalleryRows([r.image_id for r in kept], [r.metadata for r in kept]),
+                gallery_rows=gallery_rows,
                 extra_assets={ROWS_NAME: rows_path},
             )
     return CatalogIndexResult(export, counts, skipped)

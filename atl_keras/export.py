@@ -58,8 +58,8 @@ from atl_keras.index import (
     TunedIndex,
     fixed_index,
     held_out_queries,
-    release_searcher,
     scann_ops,
+    searcher_to_state,
     tune_index,
 )
 from atl_keras.preprocessing import Preprocessing, decode_batch
@@ -611,8 +611,7 @@ def _export_reserved(
         row_assets = _write_row_assets(staging, gallery_rows) if gallery_rows is not None else None
         state = None
         if tuned is not None:
-            state = tuned.searcher.serialize_to_module()
-            release_searcher(tuned.searcher)  # the state's variables are the index from here on
+            state = searcher_to_state(tuned.searcher)  # the state's variables are the index from here on
         targets = [(export_base, tuned)]
         if portable_export_base:
             targets.append((portable_export_base, None))

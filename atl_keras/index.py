@@ -229,6 +229,19 @@ def release_searcher(searcher: Any) -> None:
         searcher.searcher_handle = None
 
 
+def searcher_to_state(searcher: Any) -> Any:
+    """The searcher's index as a `scann_ops.ScannState` module (the SavedModel's variables), and
+    the searcher released: its tensors are read out first and the searcher is freed before the
+    variables are made, so at most two copies of the index exist at once, not three
+    (``searcher.serialize_to_module()`` keeps the searcher alive throughout; 100k x 128: -50 MB peak).
+    """
+    tensors = scann_ops.scann_to_tensors(searcher.searcher_handle)
+    release_searcher(searcher)
+    state = scann_ops.ScannState(tensors)
+    del tensors
+    return state
+
+
 # ---------------------------------------------------------------------------------- recall
 @dataclass
 class HeldOutQueries:

@@ -347,7 +347,7 @@ def test_gate_uses_set_recall_and_refuses_a_bad_index_with_nothing_written(tmp_p
 
 def test_export_tunes_the_index_to_the_recall_target_and_records_it(tmp_path, large_tight_gallery):
     from atl_keras.export import IndexOptions, export_embeddings
-    from atl_keras.index import ScannConfig, build_scann_searcher
+    from atl_keras.index import ScannConfig
 
     gallery = large_tight_gallery
     ids = [f"item-{i}" for i in range(len(gallery))]
@@ -362,10 +362,12 @@ def test_export_tunes_the_index_to_the_recall_target_and_records_it(tmp_path, la
     tuning = manifest["index_tuning"]
     assert tuning["chosen"]["leaves_to_search"] == config.num_leaves_to_search
     assert {c["scoring"] for c in tuning["candidates"]} == {"exact", "ah"}
-    # independent check of the recorded recall: the same configuration against numpy brute force
+    # independent check of the recorded recall: the exported index itself against numpy brute force
+    from atl_keras.index import scann_ops
+
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(len(gallery), size=300, replace=False))
-    searcher = build_scann_searcher(gallery, config)
+    searcher = scann_ops.searcher_from_module(tf.saved_model.load(result.path).scann_state)
     found, _ = searcher.search_batched(gallery[rows], final_num_neighbors=11, **config.search_kwargs)
     hits = 0
     for row, result_row in zip(rows, np.asarray(found)):
@@ -373,7 +375,9 @@ def test_export_tunes_the_index_to_the_recall_target_and_records_it(tmp_path, la
         scores[row] = -np.inf
         truth = set(np.argsort(-scores, kind="stable")[:10].tolist())
         hits += len(truth & set([i for i in result_row.tolist() if i != row][:10]))
-    assert hits / 3000 >= 0.93  # a rebuilt tree differs a little from the exported one
+    # the recorded recall is the exported index's (the truth here is a different float32 sum
+    # order than the gate's, which flips a near-tie or two)
+    assert hits / 3000 == pytest.approx(manifest["recall"]["set_recall"], abs=0.002)
 
 
 # ------------------------------------------------------------------- version reservation
