@@ -397,10 +397,10 @@ class TunedIndex:
 
 
 def _time_batched(
-    searcher: Any, queries: np.ndarray, k: int, repeats: int, min_seconds: float = 0.1, **kwargs: int
+    searcher: Any, queries: np.ndarray, k: int, repeats: int, min_seconds: float = 0.25, **kwargs: int
 ) -> float:
     """Queries per second of a parallel batched search: the best of at least `repeats` calls
-    and of at least `min_seconds` of calls (a 1000-query call takes ~10 ms at 69k items, so one
+    and of at least `min_seconds` of calls (a 1000-query call takes ~8 ms at 69k items, so one
     burst of another process on the shared cores would otherwise pick the wrong candidate)."""
     best, spent, calls = math.inf, 0.0, 0
     while calls < repeats or spent < min_seconds:
