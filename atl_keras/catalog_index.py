@@ -478,7 +478,8 @@ def index_catalog(
                                         "sha256": r.sha256}, ensure_ascii=False) + "\n")
             # what the export needs of the rows; the row objects (paths, hashes) go before the index build
             item_ids = [r.item_id for r in kept]
-            gallery_rows = GalleryRows([r.image_id for r in kept], [r.metadata for r in kept])
+            gallery_rows = GalleryRows([r.image_id for r in kept], [
+                json.dumps(r.metadata, ensure_ascii=False, sort_keys=True) for r in kept])
             del kept
             _trim_heap()
             manifest = {

@@ -86,6 +86,33 @@ def test_results_carry_item_id_image_id_and_metadata(tmp_path, counted):
         assert out["scores"].numpy()[0, 0] >= 0.9999  # same preprocessing as the indexing decode
 
 
+def test_gallery_metadata_as_dicts_or_json_text_and_bad_text_refused_before_any_work(tmp_path):
+    from atl_keras.export import ExportError, GalleryRows, export_embeddings
+
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(6, 8)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    ids = [f"sku-{i}" for i in range(6)]
+    metadata = [{"colour": "red", "n": i} if i % 2 else json.dumps({"colour": "blue", "n": i}) for i in range(6)]
+    result = export_embeddings(tiny_model(), gallery, ids, str(tmp_path / "ok"),
+                               gallery_rows=GalleryRows([f"img-{i}" for i in range(6)], metadata))
+    search = load_export(result.path).signatures["retrieve_exact"]
+    pixels = tf.constant(np.zeros((1, 16, 16, 3), np.uint8))
+    out = search(images=tf.io.encode_png(pixels[0])[None], k=tf.constant(6))
+    for index, text in zip(out["indices"].numpy()[0], out["metadata"].numpy()[0]):
+        assert json.loads(text.decode()) == {"colour": "red" if index % 2 else "blue", "n": int(index)}
+    for bad, message in (("{\"a\": 1}\n{}", "not one line"), ("[1, 2]", "not one line"),
+                         ("not json", "not one line"), (3, "must be a dict")):
+        base = str(tmp_path / "bad")
+        with pytest.raises(ExportError, match=message):
+            export_embeddings(tiny_model(), gallery, ids, base,
+                              gallery_rows=GalleryRows([f"img-{i}" for i in range(6)], [{}] * 5 + [bad]))
+        assert existing_versions(base) == []
+    with pytest.raises(ExportError, match="5 metadata entries for 6"):
+        export_embeddings(tiny_model(), gallery, ids, str(tmp_path / "bad"),
+                          gallery_rows=GalleryRows([f"img-{i}" for i in range(6)], [{}] * 5))
+
+
 def test_reindex_after_changing_one_percent_embeds_one_percent(tmp_path, counted):
     catalog = write_catalog(tmp_path, 200)
     base = str(tmp_path / "shop")
