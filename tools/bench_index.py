@@ -22,7 +22,8 @@ on the queries (the project: `atl_keras.index.tune_index`, exactly what the expo
 hnswlib: the smallest ``ef``; faiss IVF-Flat: the smallest ``nprobe``), then timed,
 interleaved, best of ``--repeats`` rounds: batched QPS (all queries in one call, 2 threads;
 best of `BATCHED_CALLS` calls per round) and single-query QPS. Prints set recall@10, QPS, build time, index memory (serialized bytes)
-and the ratio project / best peer at recall >= 0.95.
+and the ratio project / best peer at recall >= 0.95 (of the best rounds, and round by round
+against hnswlib: the median and range show how much the shared machine moved the ratio).
 """
 
 from __future__ import annotations
@@ -242,14 +243,15 @@ def bench_set(name: str, vectors, args) -> dict:
 
         for mode in ("batched", "single"):
             project_time(mode)  # warm-up (traces the op)
-            best = {name_: 0.0 for name_ in results}
+            rounds: dict[str, list[float]] = {name_: [] for name_ in results}
             for _ in range(args.repeats):  # interleaved: project, hnswlib, faiss, project, ...
-                best["project"] = max(best["project"], project_time(mode))
+                rounds["project"].append(project_time(mode))
                 for algo in ("hnswlib", "faiss-ivf"):
-                    qps = peer.ask(cmd="time", algo=algo, mode=mode, single_queries=args.single_queries)["qps"]
-                    best[algo] = max(best[algo], qps)
+                    rounds[algo].append(peer.ask(cmd="time", algo=algo, mode=mode,
+                                                 single_queries=args.single_queries)["qps"])
             for name_ in results:
-                results[name_][f"qps_{mode}"] = best[name_]
+                results[name_][f"qps_{mode}"] = max(rounds[name_])
+                results[name_][f"rounds_{mode}"] = rounds[name_]
     finally:
         peer.close()
 
@@ -267,6 +269,10 @@ def bench_set(name: str, vectors, args) -> dict:
             ratio = results["project"][f"qps_{mode}"] / peers[best_name][f"qps_{mode}"]
             print(f"{mode}: project / best peer at recall >= 0.95 ({best_name}) = {ratio:.2f}x; "
                   f"project / hnswlib = {results['project'][f'qps_{mode}'] / results['hnswlib'][f'qps_{mode}']:.2f}x")
+    if "hnswlib" in peers:  # the swing of the ratio within this run: round by round, neighbours in time
+        per_round = sorted(p / h for p, h in zip(results["project"]["rounds_batched"], results["hnswlib"]["rounds_batched"]))
+        print(f"batched, project / hnswlib round by round ({len(per_round)} rounds): median "
+              f"{per_round[len(per_round) // 2]:.2f}x, range {per_round[0]:.2f}-{per_round[-1]:.2f}x")
     if peers:  # a peer whose 2-thread batch is slower than its 1-thread loop was starved of a core: credit its best
         best_peer = max(max(r["qps_batched"], r["qps_single"]) for r in peers.values())
         print(f"batched, conservative: project / max(peer batched, peer single-query loop) = "
