@@ -21,9 +21,10 @@ shape at 69k. Each contender is tuned to its cheapest setting with set recall@10
 on the queries (the project: `atl_keras.index.tune_index`, exactly what the export does;
 hnswlib: the smallest ``ef``; faiss IVF-Flat: the smallest ``nprobe``), then timed,
 interleaved, best of ``--repeats`` rounds: batched QPS (all queries in one call, 2 threads;
-best of `BATCHED_CALLS` calls per round) and single-query QPS. Prints set recall@10, QPS, build time, index memory (serialized bytes)
-and the ratio project / best peer at recall >= 0.95 (of the best rounds, and round by round
-against hnswlib: the median and range show how much the shared machine moved the ratio).
+best of `BATCHED_CALLS` calls per round) and single-query QPS. Prints set recall@10, QPS,
+build time, index memory (serialized bytes) and the ratio project / best peer at recall
+>= 0.95 (of the best rounds, and round by round against hnswlib: the median and range show
+how much the shared machine moved the ratio).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def worker(folder: str) -> None:
 
 
 def _time(batched, single, queries, mode: str, single_queries: int) -> float:
-    if mode == "batched":  # best of 10 back-to-back calls (~10 ms each at 69k): one burst of load spoils one
+    if mode == "batched":  # best of BATCHED_CALLS back-to-back calls: one burst of load spoils one
         best = float("inf")
         for _ in range(BATCHED_CALLS):
             start = time.perf_counter()
