@@ -498,3 +498,39 @@ def test_pair_half_published_by_a_killed_export_is_repaired_by_the_next(tmp_path
     assert "retrieve_exact" in load_export(os.path.join(portable, "1")).signatures
     assert result.version == 2
     assert [n for n in os.listdir(base) + os.listdir(portable) if n.startswith(".pair-")] == []
+
+
+def test_adaptive_leaf_search_is_exported_and_served_as_measured(tmp_path):
+    """An index with adaptive leaf search (spill threshold) keeps it in the SavedModel: `retrieve`
+    returns what the ScaNN state searched with the manifest's config returns, and the recorded
+    recall is that of the exported index."""
+    from scann.proto import scann_pb2
+
+    from atl_keras.index import scann_ops
+
+    model = tiny_model()
+    gallery = images(3000, seed=6)
+    adaptive = ScannConfig(num_leaves=40, num_leaves_to_search=8, training_sample_size=3000,
+                           scoring="exact", spherical=True, spill_threshold=0.05)
+    result = export_model(model, gallery, [f"i{i}" for i in range(3000)], str(tmp_path / "a"),
+                          scann_config=adaptive, min_recall=0.0)
+    manifest = load_manifest(result.path)
+    config = ScannConfig.from_dict(manifest["scann_config"])
+    assert config == adaptive and config.search_kwargs["leaves_to_search"] == -1
+    loaded = tf.saved_model.load(result.path)
+    state = scann_pb2.ScannConfig.FromString(loaded.scann_state.scann_config.numpy()[0])
+    spilling = state.partitioning.query_spilling
+    assert spilling.spilling_type == spilling.ADDITIVE and spilling.max_spill_centers == 8
+    assert spilling.spilling_threshold == pytest.approx(0.05)
+    queries = images(20, seed=7)
+    served = loaded.signatures["retrieve"](images=tf.constant(png_bytes(queries)), k=tf.constant(10))
+    searcher = scann_ops.searcher_from_module(loaded.scann_state)
+    embeddings = model.predict(queries, verbose=0)
+    direct, _ = searcher.search_batched(embeddings, final_num_neighbors=10, **config.search_kwargs)
+    np.testing.assert_array_equal(served["indices"].numpy(), np.asarray(direct))
+    # adaptive search sits between one leaf and all 8 on the exported tree
+    truth = np.argsort(-(embeddings @ model.predict(gallery, verbose=0).T), axis=1, kind="stable")[:, :10]
+    hits = [np.mean([len(set(a) & set(t)) for a, t in zip(np.asarray(found), truth)]) for found in (
+        searcher.search_batched(embeddings, final_num_neighbors=10, leaves_to_search=1)[0], direct,
+        searcher.search_batched(embeddings, final_num_neighbors=10, leaves_to_search=8)[0])]
+    assert hits[0] <= hits[1] <= hits[2]

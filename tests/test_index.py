@@ -156,11 +156,17 @@ def test_tuned_index_meets_the_target_against_numpy_brute_force(quantize):
     assert recall >= 0.95
     assert abs(recall - tuned.report["chosen"]["set_recall"]) < 0.02
     assert tuned.report["chosen"]["qps_batched"] > 0
-    # fewer leaves than the chosen ones miss the target (the tuner keeps the cheapest that meets)
+    # the tuner keeps the cheapest search of its tree that meets the target
+    chosen = tuned.report["chosen"]
     same = [c for c in tuned.report["candidates"] if c["scoring"] == tuned.config.scoring
-            and c["reorder_k"] == tuned.report["chosen"]["reorder_k"]
-            and c["num_leaves"] == tuned.config.num_leaves]
-    assert all(c["set_recall"] < 0.95 for c in same if c["leaves_to_search"] < tuned.config.num_leaves_to_search)
+            and c["reorder_k"] == chosen["reorder_k"] and c["num_leaves"] == tuned.config.num_leaves
+            and c["build"] == chosen["build"]]
+    if tuned.config.spill_threshold > 0:  # adaptive: every lower threshold tried missed, and it scores fewer items
+        assert all(not c["meets"] for c in same if 0 < c["spill_threshold"] < tuned.config.spill_threshold)
+        assert chosen["items_scored"] < chosen["fixed_items_scored"]
+    else:  # fixed count: fewer leaves miss
+        assert all(c["set_recall"] < 0.95 for c in same
+                   if c["spill_threshold"] == 0 and c["leaves_to_search"] < tuned.config.num_leaves_to_search)
 
 
 def test_quantized_scoring_cannot_separate_near_ties_and_the_tuner_says_so():
@@ -205,29 +211,38 @@ def test_exact_neighbors_matches_a_loop_with_ties_and_exclusion():
 def test_tuning_keeps_one_searcher_alive_and_reports_the_one_it_returns(monkeypatch):
     import atl_keras.index as index
 
-    built, released, alive_at_build = [], [], []
-    original_build, original_release = index.build_scann_searcher, index.release_searcher
+    made, builds, released, alive_at_make = [], [], [], []
+    original_build, original_from_tensors = index.build_scann_searcher, index.searcher_from_tensors
+    original_release = index.release_searcher
 
     def build(*args, **kwargs):
-        alive_at_build.append(sum(1 for s in built if s not in released))
-        built.append(original_build(*args, **kwargs))
-        return built[-1]
+        alive_at_make.append(sum(1 for s in made if s not in released))
+        made.append(original_build(*args, **kwargs))
+        builds.append(made[-1])
+        return made[-1]
+
+    def from_tensors(*args, **kwargs):  # the adaptive-leaves step: same tree, another leaf search
+        alive_at_make.append(sum(1 for s in made if s not in released))
+        made.append(original_from_tensors(*args, **kwargs))
+        return made[-1]
 
     monkeypatch.setattr(index, "build_scann_searcher", build)
+    monkeypatch.setattr(index, "searcher_from_tensors", from_tensors)
     monkeypatch.setattr(index, "release_searcher", lambda s: released.append(s) or original_release(s))
     gallery = clustered_unit_vectors(25_000, 16, clusters=40, seed=3)
     queries = index.held_out_queries(gallery, count=300, seed=1)
     tuned = index.tune_index(gallery, k=10, min_recall=0.9, queries=queries)
-    assert len(built) >= 3 and tuned.searcher is built[-1]  # AH + exact trees at 1x/2x/4x sqrt(N) leaves
-    assert alive_at_build == [0] * len(built)  # every earlier searcher was freed before a build
-    assert {id(s) for s in released} == {id(s) for s in built[:-1]}
+    assert len(builds) >= 3 and tuned.searcher is made[-1]  # AH + exact trees at 1x/2x/4x sqrt(N) leaves
+    assert alive_at_make == [0] * len(made)  # every earlier searcher was freed before the next was made
+    assert {id(s) for s in released} == {id(s) for s in made[:-1]}
     assert all(s.searcher_handle is None for s in released)
-    # the chosen candidate was measured on the returned searcher (rebuilt if its tree was freed)
+    # the chosen candidate was measured on the returned searcher's tree (rebuilt if it was freed)
     chosen = tuned.report["chosen"]
     assert chosen["build"] == max(c["build"] for c in tuned.report["candidates"])
     found = index.search_held_out(tuned.searcher, queries, 10, **tuned.config.search_kwargs)
     assert index.set_recall(found, index.exact_neighbors(gallery, queries, 10)) == chosen["set_recall"]
     assert chosen["set_recall"] >= 0.9 and chosen["leaves_to_search"] == tuned.config.num_leaves_to_search
+    assert chosen["spill_threshold"] == tuned.config.spill_threshold
 
 
 def test_build_wraps_an_aligned_gallery_without_a_copy_and_copies_any_other():
@@ -249,3 +264,85 @@ def test_build_wraps_an_aligned_gallery_without_a_copy_and_copies_any_other():
         searcher = build_scann_searcher(gallery, ScannConfig(default_k=5))
         indices, _ = searcher.search_batched(aligned[:4], final_num_neighbors=1)
         assert np.asarray(indices)[:, 0].tolist() == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------- adaptive leaf search
+def _spilling(searcher):
+    from scann.proto import scann_pb2
+
+    from atl_keras.index import scann_ops
+
+    config = scann_pb2.ScannConfig.FromString(scann_ops.scann_to_tensors(searcher.searcher_handle)[0].numpy()[0])
+    return config.partitioning.query_spilling
+
+
+def test_spill_threshold_is_validated_and_searches_with_the_searchers_own_spilling():
+    with pytest.raises(ValueError, match="spill_threshold"):
+        ScannConfig(num_leaves=10, num_leaves_to_search=2, spill_threshold=-0.1)
+    with pytest.raises(ValueError, match="spill_threshold"):
+        ScannConfig(num_leaves=10, num_leaves_to_search=2, spill_threshold=float("nan"))
+    fixed = ScannConfig(num_leaves=10, num_leaves_to_search=2, scoring="exact")
+    assert fixed.search_kwargs["leaves_to_search"] == 2
+    assert ScannConfig.from_dict({**fixed.to_dict(), "spill_threshold": 0.01}).search_kwargs["leaves_to_search"] == -1
+
+
+def test_adaptive_leaf_search_spans_one_leaf_to_its_cap_on_the_same_tree():
+    """A threshold above every centre gap searches the cap (results equal the fixed 6-leaf search
+    exactly); a threshold ~0 searches the best leaf (and any centre within 1e-9 of it: k-means
+    leaves a few duplicate centres, so ~15% of queries here see a second leaf or its twin)."""
+    from atl_keras.index import release_searcher, scann_ops, searcher_from_tensors
+
+    gallery = clustered_unit_vectors(6000, 16, clusters=40, seed=4)
+    queries = clustered_unit_vectors(300, 16, clusters=40, seed=5)
+    fixed = ScannConfig(num_leaves=80, num_leaves_to_search=6, training_sample_size=6000,
+                        scoring="exact", spherical=True, default_k=10)
+    searcher = build_scann_searcher(gallery, fixed)
+
+    def top(s, leaves):
+        return np.asarray(s.search_batched(queries, final_num_neighbors=10, leaves_to_search=leaves)[0])
+
+    one, six = top(searcher, 1), top(searcher, 6)
+    assert not np.array_equal(one, six)
+    tensors = scann_ops.scann_to_tensors(searcher.searcher_handle)
+    found = {}
+    for threshold in (1e-9, 0.05, 4.0):
+        adaptive = ScannConfig.from_dict({**fixed.to_dict(), "spill_threshold": threshold})
+        respilled = searcher_from_tensors(tensors, adaptive)
+        assert _spilling(respilled).spilling_type == _spilling(respilled).ADDITIVE
+        found[threshold] = top(respilled, adaptive.search_kwargs["leaves_to_search"])
+        release_searcher(respilled)
+    np.testing.assert_array_equal(found[4.0], six)
+    assert np.mean(np.all(found[1e-9] == one, axis=1)) >= 0.8
+    # in between, a query searches as many leaves as it needs: recall lies between the two
+    truth = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :10]
+    recalls = [set_recall(found[t], truth) for t in (1e-9, 0.05, 4.0)]
+    assert set_recall(one, truth) <= recalls[0] < recalls[1] < recalls[2]
+    # a fresh build with a threshold carries it in its config (it is what an export serializes)
+    built = build_scann_searcher(gallery, ScannConfig.from_dict({**fixed.to_dict(), "spill_threshold": 0.05}))
+    spilling = _spilling(built)
+    assert spilling.spilling_type == spilling.ADDITIVE and spilling.max_spill_centers == 6
+    assert spilling.spilling_threshold == pytest.approx(0.05)
+
+
+def test_the_tree_is_read_back_with_each_leafs_centre_and_size():
+    """`_tree_leaves` parses ScaNN's serialized k-means tree: the gallery items sit in the leaf of
+    their best-scoring centre (all but ~2%: k-means' last assignment precedes its last centre
+    update), and the sizes count the items per leaf."""
+    from atl_keras.index import _items_scored, _tree_leaves, scann_ops
+
+    gallery = clustered_unit_vectors(5000, 16, clusters=30, seed=6)
+    config = ScannConfig(num_leaves=50, num_leaves_to_search=3, training_sample_size=5000,
+                         scoring="exact", spherical=True)
+    tensors = scann_ops.scann_to_tensors(build_scann_searcher(gallery, config).searcher_handle)
+    centres, sizes = _tree_leaves(tensors)
+    assert centres.shape == (50, 16) and sizes.sum() == 5000
+    np.testing.assert_allclose(np.linalg.norm(centres, axis=1), 1.0, atol=1e-4)  # spherical
+    tokens = tensors[2].numpy()
+    assert np.mean(np.argmax(gallery @ centres.T, axis=1) == tokens) > 0.95
+    # items scored: the sizes of each query's best leaves (a loop), fewer with a tight threshold
+    queries = clustered_unit_vectors(40, 16, clusters=30, seed=7)
+    expected = np.mean([sizes[np.argsort(-(centres @ q))[:3]].sum() for q in queries])
+    tight = ScannConfig.from_dict({**config.to_dict(), "spill_threshold": 1e-6})
+    fixed_items, tight_items = _items_scored(tensors, queries, (config, tight))
+    assert fixed_items == pytest.approx(expected)
+    assert tight_items == pytest.approx(np.mean([sizes[np.argmax(centres @ q)] for q in queries]))

@@ -229,8 +229,10 @@ def bench_set(name: str, vectors, args) -> dict:
         results["project"] = {"build_s": build, "memory_bytes": memory, "recall": project_recall,
                               "param": f"{tuned.config.scoring}{' sph' if tuned.config.spherical else ''}"
                                        f"{' int8-centres' if tuned.config.quantize_centroids else ''} leaves "
+                                       f"{'<=' if tuned.config.spill_threshold else ''}"
                                        f"{tuned.config.num_leaves_to_search}/{tuned.config.num_leaves} "
-                                       f"reorder {tuned.config.reorder_k}"}
+                                       + (f"spill {tuned.config.spill_threshold:.2g} " if tuned.config.spill_threshold else "")
+                                       + f"reorder {tuned.config.reorder_k}"}
         for algo in ("hnswlib", "faiss-ivf"):
             results[algo] = peer.ask(cmd="build", algo=algo)
             results[algo]["param"] = f"{'ef' if algo == 'hnswlib' else 'nprobe'} {results[algo]['param']}"
@@ -256,10 +258,10 @@ def bench_set(name: str, vectors, args) -> dict:
     finally:
         peer.close()
 
-    print(f"{'index':<10} {'setting':<34} {'recall@10':>9} {'batched QPS':>12} {'single QPS':>11} "
+    print(f"{'index':<10} {'setting':<40} {'recall@10':>9} {'batched QPS':>12} {'single QPS':>11} "
           f"{'build s':>8} {'memory MB':>10}")
     for name_, r in results.items():
-        print(f"{name_:<10} {r['param']:<34} {r['recall']:>9.4f} {r['qps_batched']:>12.0f} {r['qps_single']:>11.0f} "
+        print(f"{name_:<10} {r['param']:<40} {r['recall']:>9.4f} {r['qps_batched']:>12.0f} {r['qps_single']:>11.0f} "
               f"{r['build_s']:>8.1f} {r['memory_bytes'] / 1e6:>10.1f}")
     peers = {n: r for n, r in results.items() if n != "project" and r["recall"] >= 0.95}
     if results["project"]["recall"] < 0.95:

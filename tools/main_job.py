@@ -121,6 +121,7 @@ def index_larger_catalog(model, output: str, export_base: str, data, seed: int, 
     first = index_catalog(model, catalog, export_base, k=10)
     chosen, recall = first.export.manifest["scann_config"], first.export.manifest["recall"]
     print(f"larger catalog: {len(image_ids)} images -> {first.export.path}: {chosen['scoring']} scoring, "
+          f"{'adaptive, up to ' if chosen.get('spill_threshold') else ''}"
           f"{chosen['num_leaves_to_search']}/{chosen['num_leaves']} leaves, set recall@10 "
           f"{recall['set_recall']:.4f} (tie-aware {recall['tie_aware_recall']:.4f}); embedded {first.counts['embedded']}")
     again = index_catalog(model, catalog, export_base, k=10)
