@@ -78,7 +78,10 @@ class ScannConfig:
     with spherical k-means (unit-norm centres: the right partition for dot-product search
     of unit vectors; `tune_index` uses it). ``quantize_centroids=True`` picks the leaves to
     search with int8 centre scores (cheaper tree step; the leaves' items are still scored as
-    ``scoring`` says).
+    ``scoring`` says). ``spill_threshold > 0`` makes the leaf search adaptive: a query searches
+    every leaf whose centre's dot-product score is within `spill_threshold` of its best centre's,
+    at most `num_leaves_to_search` leaves (ScaNN's additive query spilling); ``0`` searches
+    exactly `num_leaves_to_search` leaves.
     """
 
     num_leaves: int = 0
@@ -550,7 +553,8 @@ def _adaptive_leaves(
         for option in qps:
             qps[option] = max(qps[option], _with_searcher(tensors, option, lambda trial: _time_batched(
                 trial, queries.embeddings, k, timing_repeats, **option.search_kwargs)))
-    best_candidate.update(qps_batched=qps[best], fixed_qps_batched=qps[config])
+    best_candidate.update(qps_batched=qps[best], fixed_qps_batched=qps[config],
+                          fixed_leaves_to_search=config.num_leaves_to_search)
     # On one tree the search cost is the items scored; counted, not timed, it is free of the
     # shared machine's noise (a ~10% gain read either way in half of the timed comparisons).
     work = _items_scored(tensors, queries.embeddings, (best, config))
@@ -665,7 +669,7 @@ def tune_index(
 
     Unless `leaves_to_search` is fixed or ``adaptive_leaves=False``, the winning tree is then
     tried with adaptive leaf search (`ScannConfig.spill_threshold`, see `_adaptive_leaves`) and
-    keeps it only if it measured faster.
+    keeps it if it scores fewer items per query.
     """
     gallery = _check_gallery(gallery)
     n = len(gallery)

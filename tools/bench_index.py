@@ -15,7 +15,7 @@ file made distinct by a few jittered pixels so the content-hash cache cannot ded
 
 Sets: ``fmnist`` = the project's own embeddings (an ATLModel trained briefly on Fashion-MNIST
 with the triplet loss, all 70k images embedded; 1000 held out as queries, 69k indexed; tight
-clusters with thousands of near-ties, like every trained embedding), ``clustered200k`` =
+clusters with near-ties, like every trained embedding: the run prints how many), ``clustered200k`` =
 200k unit vectors around 2,000 random centres (D=128, no ties), ``clustered69k`` = the same
 shape at 69k. Each contender is tuned to its cheapest setting with set recall@10 >= 0.95
 on the queries (the project: `atl_keras.index.tune_index`, exactly what the export does;
@@ -24,7 +24,9 @@ interleaved, best of ``--repeats`` rounds: batched QPS (all queries in one call,
 best of `BATCHED_CALLS` calls per round) and single-query QPS. Prints set recall@10, QPS,
 build time, index memory (serialized bytes) and the ratio project / best peer at recall
 >= 0.95 (of the best rounds, and round by round against hnswlib: the median and range show
-how much the shared machine moved the ratio).
+how much the shared machine moved the ratio). When the tuner chose adaptive leaf search,
+``proj-fixed`` is the same tree searched with the fixed leaf count it replaced, timed in the
+same rounds (the ablation of that choice).
 """
 
 from __future__ import annotations
@@ -233,22 +235,41 @@ def bench_set(name: str, vectors, args) -> dict:
                                        f"{tuned.config.num_leaves_to_search}/{tuned.config.num_leaves} "
                                        + (f"spill {tuned.config.spill_threshold:.2g} " if tuned.config.spill_threshold else "")
                                        + f"reorder {tuned.config.reorder_k}"}
+        # The same tree searched with the fixed leaf count the adaptive search replaced (ablation).
+        own = {"project": (tuned.searcher, search)}
+        fixed_leaves = tuned.report["chosen"].get("fixed_leaves_to_search")
+        if tuned.config.spill_threshold > 0 and fixed_leaves:
+            from dataclasses import replace
+
+            from atl_keras.index import scann_ops, searcher_from_tensors
+
+            fixed = replace(tuned.config, num_leaves_to_search=fixed_leaves, spill_threshold=0.0)
+            fixed_searcher = searcher_from_tensors(scann_ops.scann_to_tensors(tuned.searcher.searcher_handle), fixed)
+            found = np.asarray(fixed_searcher.search_batched_parallel(
+                queries, final_num_neighbors=K, **fixed.search_kwargs)[0])
+            own["proj-fixed"] = (fixed_searcher, fixed.search_kwargs)
+            results["proj-fixed"] = {**results["project"], "param": f"same tree, {fixed_leaves} leaves",
+                                     "recall": float(np.mean([len(set(f.tolist()) & set(t.tolist())) / K
+                                                              for f, t in zip(found, truth)]))}
         for algo in ("hnswlib", "faiss-ivf"):
             results[algo] = peer.ask(cmd="build", algo=algo)
             results[algo]["param"] = f"{'ef' if algo == 'hnswlib' else 'nprobe'} {results[algo]['param']}"
 
-        def project_time(mode: str) -> float:
+        def project_time(name_: str, mode: str) -> float:
+            searcher, kwargs = own[name_]
             return _time(
-                lambda q: tuned.searcher.search_batched_parallel(q, final_num_neighbors=K, **search)[0].numpy(),
-                lambda q: tuned.searcher.search(q, final_num_neighbors=K, **search)[0].numpy(),
+                lambda q: searcher.search_batched_parallel(q, final_num_neighbors=K, **kwargs)[0].numpy(),
+                lambda q: searcher.search(q, final_num_neighbors=K, **kwargs)[0].numpy(),
                 queries, mode, args.single_queries,
             )
 
         for mode in ("batched", "single"):
-            project_time(mode)  # warm-up (traces the op)
+            for name_ in own:
+                project_time(name_, mode)  # warm-up (traces the op)
             rounds: dict[str, list[float]] = {name_: [] for name_ in results}
-            for _ in range(args.repeats):  # interleaved: project, hnswlib, faiss, project, ...
-                rounds["project"].append(project_time(mode))
+            for _ in range(args.repeats):  # interleaved: project, [proj-fixed,] hnswlib, faiss, project, ...
+                for name_ in own:
+                    rounds[name_].append(project_time(name_, mode))
                 for algo in ("hnswlib", "faiss-ivf"):
                     rounds[algo].append(peer.ask(cmd="time", algo=algo, mode=mode,
                                                  single_queries=args.single_queries)["qps"])
@@ -263,7 +284,7 @@ def bench_set(name: str, vectors, args) -> dict:
     for name_, r in results.items():
         print(f"{name_:<10} {r['param']:<40} {r['recall']:>9.4f} {r['qps_batched']:>12.0f} {r['qps_single']:>11.0f} "
               f"{r['build_s']:>8.1f} {r['memory_bytes'] / 1e6:>10.1f}")
-    peers = {n: r for n, r in results.items() if n != "project" and r["recall"] >= 0.95}
+    peers = {n: r for n, r in results.items() if n not in ("project", "proj-fixed") and r["recall"] >= 0.95}
     if results["project"]["recall"] < 0.95:
         print(f"project index misses recall 0.95 ({results['project']['recall']:.4f})")
     for mode in ("batched", "single"):
@@ -272,6 +293,10 @@ def bench_set(name: str, vectors, args) -> dict:
             ratio = results["project"][f"qps_{mode}"] / peers[best_name][f"qps_{mode}"]
             print(f"{mode}: project / best peer at recall >= 0.95 ({best_name}) = {ratio:.2f}x; "
                   f"project / hnswlib = {results['project'][f'qps_{mode}'] / results['hnswlib'][f'qps_{mode}']:.2f}x")
+    if "proj-fixed" in results:
+        print(f"batched: adaptive / fixed leaf search on the same tree = "
+              f"{results['project']['qps_batched'] / results['proj-fixed']['qps_batched']:.2f}x; "
+              f"proj-fixed / hnswlib = {results['proj-fixed']['qps_batched'] / results['hnswlib']['qps_batched']:.2f}x")
     if "hnswlib" in peers:  # the swing of the ratio within this run: round by round, neighbours in time
         per_round = sorted(p / h for p, h in zip(results["project"]["rounds_batched"], results["hnswlib"]["rounds_batched"]))
         print(f"batched, project / hnswlib round by round ({len(per_round)} rounds): median "
