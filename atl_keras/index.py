@@ -519,7 +519,11 @@ def _adaptive_leaves(
     alternately, twice each, and the faster is returned. Same tree throughout: searchers are made
     from the built index's tensors (no training), one alive at a time (`searcher` is released).
     """
-    tensors = scann_ops.scann_to_tensors(searcher.searcher_handle)
+    tensors = list(scann_ops.scann_to_tensors(searcher.searcher_handle))
+    # Its float rows are the gallery's, in order: read them from the gallery without a copy
+    # (100k x 128: 51 MB less while the searchers below are made).
+    if tuple(tensors[-1].shape) == gallery.shape:
+        tensors[-1] = _zero_copy_tensor(gallery)
     release_searcher(searcher)
     cap = min(config.num_leaves, SPILL_CAP_FACTOR * config.num_leaves_to_search)
     scale = float(np.max(np.linalg.norm(queries.embeddings, axis=1)))
