@@ -233,8 +233,7 @@ def build_scann_searcher(
         )
         if config.reorder_k > 0:
             builder = builder.reorder(config.reorder_k)
-    if config.spill_threshold <= 0:
-        return builder.build()
+    # The builder writes a fixed leaf count; the proto also carries an adaptive one.
     proto = text_format.Parse(builder.create_config(), scann_pb2.ScannConfig())
     _set_query_spilling(proto, config.spill_threshold, config.num_leaves_to_search)
     return scann_ops.create_searcher(builder.db, text_format.MessageToString(proto))
