@@ -201,7 +201,7 @@ def exact_truth(gallery, queries):
 def bench_set(name: str, vectors, args) -> dict:
     import numpy as np
 
-    from atl_keras.index import HeldOutQueries, tune_index
+    from atl_keras.index import HeldOutQueries, set_recall, tune_index
 
     rng = np.random.default_rng(1)
     held = rng.choice(len(vectors), size=args.queries, replace=False)
@@ -225,7 +225,7 @@ def bench_set(name: str, vectors, args) -> dict:
         build = time.perf_counter() - start
         search = tuned.config.search_kwargs
         found = np.asarray(tuned.searcher.search_batched_parallel(queries, final_num_neighbors=K, **search)[0])
-        project_recall = float(np.mean([len(set(f.tolist()) & set(t.tolist())) / K for f, t in zip(found, truth)]))
+        project_recall = set_recall(found, truth)
         state = tuned.searcher.serialize_to_module()
         memory = sum(int(np.prod(v.shape)) * v.dtype.size for v in state.variables)
         results["project"] = {"build_s": build, "memory_bytes": memory, "recall": project_recall,
@@ -249,8 +249,7 @@ def bench_set(name: str, vectors, args) -> dict:
                 queries, final_num_neighbors=K, **fixed.search_kwargs)[0])
             own["proj-fixed"] = (fixed_searcher, fixed.search_kwargs)
             results["proj-fixed"] = {**results["project"], "param": f"same tree, {fixed_leaves} leaves",
-                                     "recall": float(np.mean([len(set(f.tolist()) & set(t.tolist())) / K
-                                                              for f, t in zip(found, truth)]))}
+                                     "recall": set_recall(found, truth)}
         for algo in ("hnswlib", "faiss-ivf"):
             results[algo] = peer.ask(cmd="build", algo=algo)
             results[algo]["param"] = f"{'ef' if algo == 'hnswlib' else 'nprobe'} {results[algo]['param']}"
