@@ -28,12 +28,12 @@ _EXPORTS: dict[str, str] = {
     "available_backbones": "atl_keras.backbones",
     "build_backbone": "atl_keras.backbones",
     "pairwise_distances": "atl_keras.distances",
-    "AdaptiveTripletLoss": "atl_keras.losses",
-    "TripletLoss": "atl_keras.losses",
-    "adaptive_triplet_loss": "atl_keras.losses",
-    "margin_triplet_loss": "atl_keras.losses",
-    "triplet_loss": "atl_keras.losses",
-    "triplet_statistics": "atl_keras.losses",
+    "AdaptiveTripletLoss": "atl_keras.losses.triplet",
+    "TripletLoss": "atl_keras.losses.triplet",
+    "adaptive_triplet_loss": "atl_keras.losses.triplet",
+    "margin_triplet_loss": "atl_keras.losses.triplet",
+    "triplet_loss": "atl_keras.losses.triplet",
+    "triplet_statistics": "atl_keras.losses.triplet",
     "RetrievalEvaluation": "atl_keras.metrics",
     "format_metrics_table": "atl_keras.metrics",
     "retrieval_metrics": "atl_keras.metrics",
@@ -42,8 +42,8 @@ _EXPORTS: dict[str, str] = {
     "write_projector": "atl_keras.projector",
     "ProxyHead": "atl_keras.proxies",
     "strip_proxies": "atl_keras.proxies",
-    "AdaptiveProxyLoss": "atl_keras.proxy_losses",
-    "ProxyAnchorLoss": "atl_keras.proxy_losses",
+    "AdaptiveProxyLoss": "atl_keras.losses.proxy",
+    "ProxyAnchorLoss": "atl_keras.losses.proxy",
     "ExactSearcher": "atl_keras.search",
     "exact_search": "atl_keras.search",
     "index_catalog": "atl_keras.catalog_index",
@@ -83,7 +83,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from atl_keras import data, distribute
     from atl_keras.backbones import available_backbones, build_backbone
     from atl_keras.distances import pairwise_distances
-    from atl_keras.losses import (
+    from atl_keras.losses.triplet import (
         AdaptiveTripletLoss,
         TripletLoss,
         adaptive_triplet_loss,
@@ -96,7 +96,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from atl_keras.model import ATLModel
     from atl_keras.projector import write_projector
     from atl_keras.proxies import ProxyHead, strip_proxies
-    from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss
+    from atl_keras.losses.proxy import AdaptiveProxyLoss, ProxyAnchorLoss
     from atl_keras.search import ExactSearcher, exact_search
     from atl_keras.semantic_metrics import (
         attribute_agreement_at_k,
@@ -114,12 +114,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
 
 # --------------------------------------------------------------------------- registration
 #: Modules whose classes are registered with `keras.saving.register_keras_serializable`.
+#: The loss modules come from `atl_keras.losses.registry.loss_modules`.
 _SERIALIZABLE_MODULES = (
     "atl_keras.backbones",
-    "atl_keras.losses",
     "atl_keras.model",
-    "atl_keras.margin_sources",
-    "atl_keras.proxy_losses",
 )
 _TRIGGERS = ("keras", "tensorflow")  # `import tensorflow` imports keras inside its own import
 
@@ -144,7 +142,9 @@ def _register_serializables() -> bool:
     ):
         return False
     _registered = True
-    for name in _SERIALIZABLE_MODULES:
+    from atl_keras.losses.registry import loss_modules
+
+    for name in (*_SERIALIZABLE_MODULES, *loss_modules()):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
     for finder in [f for f in sys.meta_path if isinstance(f, _RegisterAfterKeras)]:

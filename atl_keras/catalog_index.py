@@ -386,8 +386,10 @@ def index_catalog(
     if isinstance(model, (str, os.PathLike)):
         if not os.path.exists(model):
             raise FileNotFoundError(f"No model at {os.fspath(model)!r}; train one with `atl train`.")
-        import atl_keras.losses  # noqa: F401  (registers the losses)
+        from atl_keras.losses.registry import import_losses
         import atl_keras.model  # noqa: F401  (registers ATLModel)
+
+        import_losses()  # registers the losses
 
         model = keras.models.load_model(model)
     if batch_size < 1:

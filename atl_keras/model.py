@@ -24,7 +24,7 @@ from keras import layers, ops
 
 from atl_keras.backbones import build_backbone
 from atl_keras.distribute import gather_replicas, in_multi_replica_context
-from atl_keras.losses import AdaptiveTripletLoss, TripletLoss, triplet_statistics
+from atl_keras.losses.triplet import AdaptiveTripletLoss, TripletLoss, triplet_statistics
 from atl_keras.proxies import ProxyHead
 
 __all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS", "PROXY_STATISTICS",
@@ -32,7 +32,7 @@ __all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS", 
 
 #: Batch statistics tracked as metrics while training with TripletLoss / AdaptiveTripletLoss.
 TRIPLET_STATISTICS = ("fraction_active", "mean_active_margin")
-#: Batch statistics tracked while training with a proxy loss (`atl_keras.proxy_losses`):
+#: Batch statistics tracked while training with a proxy loss (`atl_keras.losses.proxy`):
 #: the share of rows whose nearest proxy (cosine) is their own class's.
 PROXY_STATISTICS = ("proxy_accuracy",)
 
@@ -140,7 +140,7 @@ class ATLModel(keras.Model):
             it tracks ``proxy_accuracy`` instead (rows whose nearest proxy is their class's;
             ``O(B C D)``); statistics that do not apply to the compiled loss are not logged.
         num_proxies: C > 0 adds a `atl_keras.proxies.ProxyHead` of C class proxies (labels
-            0..C-1) for proxy losses (`atl_keras.proxy_losses`); ``compute_loss`` passes them
+            0..C-1) for proxy losses (`atl_keras.losses.proxy`); ``compute_loss`` passes them
             as ``loss(y, y_pred, proxies=...)``. Not on the inference path (``call``).
         proxy_learning_rate_multiplier: the head's learning-rate multiplier (see `ProxyHead`).
 
@@ -288,7 +288,7 @@ class ATLModel(keras.Model):
         if self.statistics:
             self._update_triplet_statistics(loss_fn, y, y_pred)
         extra = {}
-        if getattr(loss_fn, "needs_proxies", False):  # atl_keras.proxy_losses
+        if getattr(loss_fn, "needs_proxies", False):  # atl_keras.losses.proxy
             if self.proxy_head is None:
                 raise ValueError(
                     f"{type(loss_fn).__name__} needs class proxies: build "

@@ -1,7 +1,7 @@
 """Class proxies as model weights: `ProxyHead` and `strip_proxies`.
 
 ``ATLModel(..., num_proxies=C)`` owns a `ProxyHead` (``C`` proxies of the embedding size) and
-passes its proxies to a proxy loss (`atl_keras.proxy_losses`) in ``compute_loss``. The head
+passes its proxies to a proxy loss (`atl_keras.losses.proxy`) in ``compute_loss``. The head
 is not on the inference path (``model(images)`` and the export never compute it);
 `strip_proxies` returns the same embedding model without it, e.g. before exporting.
 

@@ -74,16 +74,17 @@ from atl_keras.distribute import (
     worker_info,
 )
 from atl_keras.distances import DISTANCES
-from atl_keras.losses import MINING_MODES, AdaptiveTripletLoss, TripletLoss
+from atl_keras.losses import registry as loss_registry
+from atl_keras.losses.proxy import proxy_classes
 from atl_keras.metrics import RetrievalEvaluation, retrieval_metrics
 from atl_keras.model import ATLModel
 from atl_keras.projector import write_projector
-from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss
 from atl_keras.text import embed_descriptions, load_text_encoder
 
-LOSSES = ("atl", "triplet", "adaptive_proxy", "proxy_anchor")
-#: Losses with one learnable proxy per training item (atl_keras.proxy_losses).
-PROXY_LOSSES = ("adaptive_proxy", "proxy_anchor")
+#: Loss names (`atl_keras.losses.registry`, the one registry the CLI and the docs read).
+LOSSES = loss_registry.loss_names()
+#: Losses with one learnable proxy per training item (`atl_keras.losses.proxy`).
+PROXY_LOSSES = loss_registry.proxy_loss_names()
 #: Labels x samples per batch when not given: Fashion-MNIST has only 10 labels (classes).
 DEFAULT_PK = {"fashion-mnist": (10, 12)}
 DEFAULT_PK_CATALOG = (16, 4)
@@ -151,7 +152,7 @@ class TrainConfig:
             )
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
-        from atl_keras.margin_sources import MAPPINGS, SOURCES
+        from atl_keras.margins import MAPPINGS, SOURCES
 
         if self.margin_source not in SOURCES:
             raise ValueError(f"Unknown margin_source {self.margin_source!r}; choose one of {', '.join(SOURCES)}.")
@@ -237,7 +238,7 @@ def _check_field_ranges(config: "TrainConfig") -> None:
     from atl_keras.backbones import available_backbones
 
     choices = {
-        "mining": MINING_MODES,
+        "mining": loss_registry.MINING_MODES,
         "distance": DISTANCES,
         "backbone": available_backbones(),
     }
@@ -284,84 +285,14 @@ class TrainResult:
 def build_loss(
     config: TrainConfig, data: RetrievalData | None = None, item_text: np.ndarray | None = None
 ) -> keras.losses.Loss:
-    """The loss named by `config.loss`, with the config's margins and mining.
+    """The loss named by `config.loss`, built by its builder in `atl_keras.losses.registry`.
 
     Proxy losses (`PROXY_LOSSES`) need `data` and `item_text`: their classes are the training
-    items in `proxy_classes` order; ``adaptive_proxy`` takes margins from the items' text
-    (``margin_source`` text + ``linear``) or from the margin table of `margin_source` /
-    `margin_mapping` restricted to the training items.
-
-    ATL with a `margin_source` other than ``text`` or a `margin_mapping` other than
-    ``linear`` trains through a precomputed item x item margin table
-    (`atl_keras.margin_sources`), which needs `data` and the items' `item_text` [M, T].
+    items in `proxy_classes` order. ATL with a `margin_source` other than ``text`` or a
+    `margin_mapping` other than ``linear`` trains through a precomputed item x item margin
+    table (`atl_keras.margins.sources`), which needs `data` and the items' `item_text` [M, T].
     """
-    if config.loss in PROXY_LOSSES:
-        return proxy_loss(config, data, item_text)
-    if config.loss == "atl" and (config.margin_source != "text" or config.margin_mapping != "linear"):
-        if data is None or item_text is None:
-            raise ValueError("margin_source/margin_mapping other than text/linear need the data and item text embeddings.")
-        return margin_table_loss(config, data, item_text)
-    if config.loss == "triplet":
-        return TripletLoss(margin=config.margin, mining=config.mining, distance=config.distance,
-                           max_images_per_label=config.k)
-    return AdaptiveTripletLoss(
-        min_margin=config.min_margin,
-        max_margin=config.max_margin,
-        mining=config.mining,
-        distance=config.distance,
-        semantic_threshold=config.semantic_threshold,
-        missing_text_margin=config.missing_text_margin,
-        max_images_per_label=config.k,  # P x K batches: one [B, K-1, B] branch (a speed hint)
-    )
-
-
-def margin_table_loss(config: TrainConfig, data: RetrievalData, item_text: np.ndarray) -> keras.losses.Loss:
-    """ATL through a margin table: `config.margin_source` + `config.margin_mapping` over the
-    training items (see `atl_keras.margin_sources.margin_table`); `semantic_threshold` masks
-    pairs whose description distance is below it, as `AdaptiveTripletLoss` does."""
-    from atl_keras.margin_sources import MarginTableTripletLoss, margin_table, text_distance_table
-
-    train_items = np.unique(data.train_labels)
-    table = margin_table(
-        config.margin_source, text_embeddings=item_text, item_attributes=data.item_attributes,
-        train_items=train_items, mapping=config.margin_mapping, min_margin=config.min_margin,
-        max_margin=config.max_margin, distance=config.distance,
-        missing_text_margin=config.missing_text_margin, seed=config.seed,
-    )
-    negatives = None
-    if config.semantic_threshold is not None:
-        distances = text_distance_table(item_text, config.distance)
-        negatives = ~(np.isfinite(distances) & (distances < config.semantic_threshold))
-    return MarginTableTripletLoss(table, mining=config.mining, distance=config.distance, negative_table=negatives)
-
-
-def proxy_classes(data: RetrievalData) -> np.ndarray:
-    """The training items, sorted: proxy ``c`` belongs to item ``proxy_classes(data)[c]``."""
-    return np.unique(data.train_labels)
-
-
-def proxy_loss(config: TrainConfig, data: RetrievalData | None, item_text: np.ndarray | None) -> keras.losses.Loss:
-    """`AdaptiveProxyLoss` / `ProxyAnchorLoss` over the training items (labels = `proxy_classes` index)."""
-    if data is None or item_text is None:
-        raise ValueError(f"loss {config.loss!r} needs the data and the item text embeddings [M, T].")
-    classes = proxy_classes(data)
-    if config.loss == "proxy_anchor":
-        alpha = 32.0 if config.proxy_scale is None else config.proxy_scale
-        return ProxyAnchorLoss(margin=config.proxy_anchor_margin, alpha=alpha, num_classes=len(classes))
-    scale = 16.0 if config.proxy_scale is None else config.proxy_scale
-    common = dict(min_margin=config.min_margin, max_margin=config.max_margin, scale=scale,
-                  distance=config.distance, missing_text_margin=config.missing_text_margin)
-    if config.margin_source == "text" and config.margin_mapping == "linear":
-        return AdaptiveProxyLoss(class_text_embeddings=item_text[classes], **common)
-    from atl_keras.margin_sources import margin_table
-
-    table = margin_table(
-        config.margin_source, text_embeddings=item_text, item_attributes=data.item_attributes,
-        train_items=classes, mapping=config.margin_mapping, min_margin=config.min_margin,
-        max_margin=config.max_margin, distance=config.distance,
-        missing_text_margin=config.missing_text_margin, seed=config.seed,
-    )
-    return AdaptiveProxyLoss(margin_matrix=table[np.ix_(classes, classes)], **common)
+    return loss_registry.build_loss(config, data, item_text)
 
 
 def load_data(config: TrainConfig) -> RetrievalData:

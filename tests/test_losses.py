@@ -1,4 +1,5 @@
-"""Executable specification of atl_keras.distances and atl_keras.losses.
+"""Executable specification of atl_keras.distances, atl_keras.losses (triplet, mining) and
+atl_keras.margins.batch.
 
 The fast keras.ops code is checked against `reference_triplets` (float64 loops
 over every triplet, and op-by-op transcriptions of TensorFlow Addons).
@@ -19,13 +20,14 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import reference_triplets as ref  # noqa: E402
-import atl_keras.losses as losses_module  # noqa: E402
+import atl_keras.losses.mining as mining_module  # noqa: E402
+import atl_keras.margins.batch as margin_batch_module  # noqa: E402
 from atl_keras.distances import max_distance, pairwise_distances  # noqa: E402
+from atl_keras.margins import adaptive_margins  # noqa: E402
 from atl_keras.losses import (  # noqa: E402
     MINING_MODES,
     AdaptiveTripletLoss,
     TripletLoss,
-    adaptive_margins,
     adaptive_triplet_loss,
     margin_triplet_loss,
     triplet_loss,
@@ -122,7 +124,7 @@ def path(request, monkeypatch):
     if request.param == "sorted" and mining == "batch_hard":
         pytest.skip("batch_hard has a single algorithm")
     slots = (64,) if request.param == "compact" else ()  # test batches have B <= 12
-    monkeypatch.setattr(losses_module, "_COMPACT_SLOTS", slots)
+    monkeypatch.setattr(mining_module, "_COMPACT_SLOTS", slots)
     return request.param
 
 
@@ -514,8 +516,8 @@ def test_text_branch_is_chosen_by_the_data(monkeypatch):
     """Eager ops.cond runs one branch: the per-label one exactly when every row of a
     label carries the same text."""
     calls = []
-    expand = losses_module._expand_pairs
-    monkeypatch.setattr(losses_module, "_expand_pairs",
+    expand = margin_batch_module._expand_pairs
+    monkeypatch.setattr(margin_batch_module, "_expand_pairs",
                         lambda x, index: calls.append(1) or expand(x, index))
     labels, emb, _ = make_batch("pk", 0)
     shared = per_label_text(labels, 1)
@@ -586,7 +588,7 @@ def test_text_branches_in_graph_and_xla():
 
 
 def test_backends_without_label_groups_compute_the_full_matrix(monkeypatch):
-    monkeypatch.setattr(losses_module, "_label_groups", lambda labels: None)
+    monkeypatch.setattr(margin_batch_module, "_label_groups", lambda labels: None)
     labels, emb, _ = make_batch("pk", 6)
     text = per_label_text(labels, 7)
     for mining in MINING_MODES:

@@ -1,5 +1,5 @@
 """Specification of the margin mappings, margin sources and the margin-table loss
-(`atl_keras.margin_sources`) against small independent references."""
+(`atl_keras.margins.sources`) against small independent references."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from atl_keras.losses import AdaptiveTripletLoss
-from atl_keras.margin_sources import (
-    MarginTableTripletLoss,
+from atl_keras.losses import MarginTableTripletLoss
+from atl_keras.margins import (
     attribute_disagreement,
     derangement,
     map_distances,
@@ -195,7 +195,7 @@ def test_table_loss_round_trips_and_refuses_bad_tables():
 
 
 def test_inspect_margins_spread_lines_follow_margin_spread():
-    from atl_keras.margins import mapping_spreads
+    from atl_keras.margins.report import mapping_spreads
     from atl_keras.train import TrainConfig
 
     rng = np.random.default_rng(7)

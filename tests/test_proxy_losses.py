@@ -19,13 +19,13 @@ import tensorflow as tf
 from atl_keras.data.sampler import pk_dataset
 from atl_keras.model import ATLModel
 from atl_keras.proxies import ProxyHead, strip_proxies
-from atl_keras.proxy_losses import (
+from atl_keras.losses import (
     AdaptiveProxyLoss,
     ProxyAnchorLoss,
     adaptive_proxy_loss,
-    class_margin_matrix,
     proxy_anchor_loss,
 )
+from atl_keras.margins import class_margin_matrix
 from tests.conftest import REPO_ROOT
 
 PML_REFERENCE = REPO_ROOT / "tests" / "data" / "proxy_anchor_pml.json"
@@ -355,7 +355,7 @@ import keras, numpy as np, tensorflow as tf
 from atl_keras.data.sampler import pk_dataset
 from atl_keras.distribute import distribute_batches, get_strategy
 from atl_keras.model import ATLModel
-from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss
+from atl_keras.losses import AdaptiveProxyLoss, ProxyAnchorLoss
 
 rng = np.random.default_rng(0)
 labels = np.repeat(np.arange(8), 4).astype(np.int64)
@@ -410,7 +410,7 @@ def test_two_replicas_mirror_proxies_and_match_one_device():
 JAX = r"""
 import json, numpy as np
 import keras
-from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss
+from atl_keras.losses import AdaptiveProxyLoss, ProxyAnchorLoss
 rng = np.random.default_rng(0)
 labels = np.array([0, 0, 2, 2, 3, 3], np.int64)
 f = rng.normal(size=(6, 4)).astype(np.float32)

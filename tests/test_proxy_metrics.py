@@ -8,7 +8,7 @@ import pytest
 
 from atl_keras.losses import TripletLoss
 from atl_keras.model import ATLModel
-from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss
+from atl_keras.losses import AdaptiveProxyLoss, ProxyAnchorLoss
 
 C, K, SIZE = 6, 4, 12
 

@@ -300,7 +300,8 @@ def proxy_rows(args) -> list:
     """Per (B, C): the proxy losses and ATL batch_hard, interleaved; ratios to ATL."""
     import tensorflow as tf
 
-    from atl_keras.proxy_losses import AdaptiveProxyLoss, ProxyAnchorLoss, class_margin_matrix
+    from atl_keras.losses import AdaptiveProxyLoss, ProxyAnchorLoss
+    from atl_keras.margins import class_margin_matrix
 
     repeats = args.proxy_repeats or args.repeats
     rows = []

@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"No model at {args.model!r}; train one with `atl train`.")
         import keras
 
-        import atl_keras.losses  # noqa: F401  (registers the losses)
+        from atl_keras.losses.registry import import_losses
         import atl_keras.model  # noqa: F401  (registers ATLModel)
+
+        import_losses()  # registers the losses
         from atl_keras.export import export_model
         from atl_keras.cli.config import load_run_config
         from atl_keras.train import load_data

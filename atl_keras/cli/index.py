@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("Give --catalog (CSV, JSONL or a folder of images), or --add / --remove.")
         import keras
 
-        import atl_keras.losses  # noqa: F401  (registers the losses)
+        from atl_keras.losses.registry import import_losses
         import atl_keras.model  # noqa: F401  (registers ATLModel)
+
+        import_losses()  # registers the losses
 
         from atl_keras.catalog_index import index_catalog
         from atl_keras.preprocessing import Preprocessing

@@ -26,12 +26,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from atl_keras.margins import inspect_margins
+    from atl_keras.margins.report import inspect_margins
+    from atl_keras.train import load_data
 
     values = vars(args)
     output_dir, examples = values.pop("output_dir"), values.pop("examples")
     config = apply_home(train_config(values), "inspect-margins")
-    report = inspect_margins(config, output_dir=output_dir, examples=examples)
+    report = inspect_margins(config, load_data(config), output_dir=output_dir, examples=examples)
     print(report.text)
     print(f"\nPlot: {report.plot_path}")
     return 0

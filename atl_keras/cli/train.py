@@ -9,6 +9,7 @@ import sys
 from atl_keras.cli.environment import add_weight_arguments, apply_allow_download, apply_home
 
 from atl_keras.cli.common import add_data_arguments, positive_ints, save_freq, train_config
+from atl_keras.losses.registry import LOSSES, MINING_MODES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,17 +23,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", dest="config_file", help="YAML file of TrainConfig fields")
     add_data_arguments(p)
     p.add_argument("--output", dest="output_dir")
-    p.add_argument("--loss", choices=["atl", "triplet", "adaptive_proxy", "proxy_anchor"],
-                   help="adaptive_proxy / proxy_anchor: one learned proxy per training item "
-                   "(docs/proxy_losses.md)")
-    p.add_argument("--mining", choices=["batch_all", "batch_hard", "semi_hard"])
+    p.add_argument("--loss", choices=list(LOSSES),
+                   help="; ".join(f"{spec.name}: {spec.summary}" for spec in LOSSES.values())
+                   + " (proxy losses learn one proxy per training item, docs/proxy_losses.md)")
+    p.add_argument("--mining", choices=list(MINING_MODES))
     p.add_argument("--distance", choices=["squared_l2", "l2", "cosine"])
     p.add_argument("--margin", type=float, help="triplet loss margin")
     p.add_argument("--min-margin", type=float, help="ATL margin of identical descriptions")
     p.add_argument("--max-margin", type=float, help="ATL margin of opposite descriptions")
     p.add_argument("--margin-source", choices=["text", "shuffled_text", "permuted", "fixed", "oracle"],
                    help="where ATL's per-pair margins come from (default text; the others are controls, "
-                   "see atl_keras.margin_sources)")
+                   "see atl_keras.margins.sources)")
     p.add_argument("--margin-mapping", choices=["linear", "paper", "catalog"],
                    help="text distance -> margin: linear (default), paper (unverified preset), catalog "
                    "(the catalog's 1st-99th percentile stretched onto [min, max]: margins that spread)")

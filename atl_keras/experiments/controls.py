@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from atl_keras.margin_sources import derangement
+from atl_keras.margins import derangement
 
 class ShuffledTextEncoder:
     """CONTROL encoder: each description is encoded as a *different* item's description.

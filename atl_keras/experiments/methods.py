@@ -34,8 +34,8 @@ class Method:
     shuffle_descriptions: bool = False
     margin_from_text_mean: bool = False  # fixed margin = ATL's mean margin over training item pairs
     ablation: str = ""  # which ablation group this belongs to ("" = main comparison)
-    margin_source: str = "text"  # see atl_keras.margin_sources.SOURCES
-    margin_mapping: str = "linear"  # see atl_keras.margin_sources.MAPPINGS
+    margin_source: str = "text"  # see atl_keras.margins.SOURCES
+    margin_mapping: str = "linear"  # see atl_keras.margins.MAPPINGS
     variant_threshold: bool = False  # semantic_threshold = median text distance of training variant pairs
 
     @property

@@ -131,7 +131,7 @@ def _resolve_text(train_cfg: Any, method: Method, seed: int) -> tuple[Any, float
     if not (method.shuffle_descriptions or method.threshold_quantile is not None
             or method.margin_from_text_mean or method.variant_threshold):
         return train_cfg, None
-    from atl_keras.margins import margin_statistics
+    from atl_keras.margins.report import margin_statistics
     from atl_keras.text import embed_descriptions, load_text_encoder
     from atl_keras.train import load_data
 
@@ -165,7 +165,7 @@ def _resolve_text(train_cfg: Any, method: Method, seed: int) -> tuple[Any, float
 
 def variant_threshold(data: Any, encoder: Any, train_cfg: Any) -> float:
     """The median text distance between listings of one design among the training items."""
-    from atl_keras.margin_sources import text_distance_table
+    from atl_keras.margins import text_distance_table
     from atl_keras.text import embed_descriptions
 
     designs = item_designs(data)

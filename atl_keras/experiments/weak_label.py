@@ -6,7 +6,7 @@
     write_report(run_replication(config), "results")      # results/weak_label.md
 
 Every condition trains ATL through the same margin-table code path
-(`atl_keras.margin_sources.MarginTableTripletLoss`) and differs only in the margin table:
+(`atl_keras.losses.MarginTableTripletLoss`) and differs only in the margin table:
 ``fixed``, ``permuted`` (text margin values, no structure), ``shuffled_text`` (users'
 catalogs), ``text`` and ``oracle``; see `atl_keras.experiments.methods.weak_label_methods`.
 The decision rules below are the ones pre-registered in docs/replication.md; they are

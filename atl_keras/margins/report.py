@@ -1,6 +1,7 @@
-"""Inspect the margins a catalog's descriptions produce, to choose ATL's margin range.
+"""The inspect-margins report: the margins a catalog's descriptions produce, to choose ATL's range.
 
-    report = inspect_margins(TrainConfig(dataset="synthetic-shop"), output_dir="runs/margins")
+    config = TrainConfig(dataset="synthetic-shop")
+    report = inspect_margins(config, load_data(config), output_dir="runs/margins")
     print(report.text)          # distance quantiles, margins, nearest descriptions
     report.plot_path            # PNG: histograms of description distances and margins
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from atl_keras.distances import max_distance
+from atl_keras.margins.mapping import MAPPINGS, linear_margins, text_distance_table
+from atl_keras.margins.sources import margin_spread, margin_table
 from atl_keras.text import embed_descriptions, load_text_encoder
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -33,28 +36,6 @@ class MarginReport:
     nearest: list[tuple[str, list[tuple[float, str]]]] = field(default_factory=list)
 
 
-def pairwise_text_distances(text_embeddings: np.ndarray, distance: str = "squared_l2") -> np.ndarray:
-    """`[M, T]` text embeddings -> `[M, M]` distances between their L2-normalised rows
-    (the same definition the adaptive loss uses). Zero rows (missing text) give NaN."""
-    x = np.asarray(text_embeddings, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    missing = norms[:, 0] == 0
-    x = x / np.where(norms == 0, 1.0, norms)
-    cosine = np.clip(x @ x.T, -1.0, 1.0)
-    if distance == "cosine":
-        d = 1.0 - cosine
-    elif distance == "squared_l2":
-        d = np.maximum(2.0 - 2.0 * cosine, 0.0)
-    elif distance == "l2":
-        d = np.sqrt(np.maximum(2.0 - 2.0 * cosine, 0.0))
-    else:
-        raise ValueError(f"Unknown distance {distance!r}; use squared_l2, l2 or cosine.")
-    d[missing, :] = np.nan
-    d[:, missing] = np.nan
-    np.fill_diagonal(d, 0.0)
-    return d
-
-
 def margin_statistics(
     text_embeddings: np.ndarray,
     min_margin: float,
@@ -67,12 +48,12 @@ def margin_statistics(
     Returns `(distances [P], margins [P], quantiles of distances, share of pairs below
     semantic_threshold or None)`.
     """
-    d = pairwise_text_distances(text_embeddings, distance)
+    d = text_distance_table(text_embeddings, distance)
     upper = d[np.triu_indices(len(d), k=1)]
     upper = upper[np.isfinite(upper)]
     if upper.size == 0:
         raise ValueError("Fewer than two items with a description: nothing to compare.")
-    margins = min_margin + (max_margin - min_margin) * upper / max_distance(distance)
+    margins = linear_margins(upper, min_margin, max_margin, distance)
     quantiles = {q: float(np.quantile(upper, q)) for q in QUANTILES}
     below = None if semantic_threshold is None else float(np.mean(upper < semantic_threshold))
     return upper, margins, quantiles, below
@@ -103,8 +84,6 @@ def _plot(distances: np.ndarray, margins: np.ndarray, threshold: float | None, p
 def mapping_spreads(text: np.ndarray, config) -> dict[str, str]:
     """One line per margin mapping: mean, sd, CV, min and max of the margins it gives the
     items' pairs (``paper`` only for squared_l2)."""
-    from atl_keras.margin_sources import MAPPINGS, margin_spread, margin_table
-
     out = {}
     for mapping in MAPPINGS:
         if mapping == "paper" and config.distance != "squared_l2":
@@ -118,15 +97,13 @@ def mapping_spreads(text: np.ndarray, config) -> dict[str, str]:
     return out
 
 
-def inspect_margins(config, output_dir: str = "runs/margins", examples: int = 5) -> MarginReport:
-    """Margins of `config.dataset`'s training items under `config`'s encoder and range.
+def inspect_margins(config, data, output_dir: str = "runs/margins", examples: int = 5) -> MarginReport:
+    """Margins of the training items of `data` under `config`'s encoder and range.
 
-    `config` is an `atl_keras.train.TrainConfig` (dataset, text encoder, margins).
-    Writes `margins.png` into `output_dir`; returns the report (text included).
+    `config` is an `atl_keras.train.TrainConfig` (dataset, text encoder, margins) and `data`
+    its `RetrievalData` (`atl_keras.train.load_data(config)`; only ``train_labels`` and
+    ``descriptions`` are read). Writes `margins.png` into `output_dir`; returns the report.
     """
-    from atl_keras.train import load_data
-
-    data = load_data(config)
     items = np.unique(data.train_labels)
     descriptions = [data.descriptions[i] for i in items]
     encoder = load_text_encoder(config.text_encoder, cache_dir=config.text_encoder_dir)
@@ -139,7 +116,7 @@ def inspect_margins(config, output_dir: str = "runs/margins", examples: int = 5)
     _plot(distances, margins, config.semantic_threshold, plot_path,
           f"{config.dataset}: {len(items)} items, encoder {config.text_encoder}")
 
-    pairwise = pairwise_text_distances(text, config.distance)
+    pairwise = text_distance_table(text, config.distance)
     rng = np.random.default_rng(config.seed)
     known = [i for i, d in enumerate(descriptions) if d]
     nearest = []
@@ -159,7 +136,7 @@ def inspect_margins(config, output_dir: str = "runs/margins", examples: int = 5)
         f"min {margins.min():.3f}, median {np.median(margins):.3f}, max {margins.max():.3f}",
     ]
     lines.append("margin spread per mapping (sd / mean = coefficient of variation; "
-                 "--margin-mapping chooses, see atl_keras.margin_sources):")
+                 "--margin-mapping chooses, see atl_keras.margins.mapping):")
     lines.extend(f"  {name:8s} {line}" for name, line in mapping_spreads(text, config).items())
     if below is not None:
         lines.append(

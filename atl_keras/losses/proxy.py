@@ -13,7 +13,7 @@ Two losses, each a pure function of tensors written with `keras.ops` plus a thin
   mean over the batch. ``m_{y c}`` comes from the distance between the text embeddings of
   classes ``y`` and ``c`` through ATL's margin mapping,
   ``m = min_margin + (max_margin - min_margin) * d(g_y, g_c) / d_max`` (see
-  `atl_keras.losses`), or from any precomputed ``[C, C]`` margin matrix (other mappings plug
+  `atl_keras.margins.mapping`), or from any precomputed ``[C, C]`` margin matrix (other mappings plug
   in there), or is a constant ``margin`` (the plain additive-margin normalised softmax). This
   is *our reading of the abstract* of Fehervari & Macedo, "Adaptive additive
   classification-based loss for deep metric learning" (arXiv 2006.14693): a margin per
@@ -44,97 +44,24 @@ import keras
 import numpy as np
 from keras import ops
 
-from atl_keras.distances import compute_dtype, l2_normalize, max_distance, validate_distance
-from atl_keras.losses import _prepare_labels, _scale_for_distribution, _split_targets
+from atl_keras.distances import compute_dtype, l2_normalize, validate_distance
+from atl_keras.losses.base import MetricLoss, prepare_labels, split_targets
+from atl_keras.margins.checks import validate_margin, validate_margin_range, validate_missing_text_margin
+from atl_keras.margins.mapping import class_margin_matrix, linear_margins, text_distances, unit_text_rows
 
 __all__ = [
     "AdaptiveProxyLoss",
     "ProxyAnchorLoss",
+    "ProxyLoss",
     "adaptive_proxy_loss",
     "class_margin_matrix",
     "proxy_anchor_loss",
+    "proxy_classes",
 ]
 
 
-# --------------------------------------------------------------------------
-# Margins between classes.
-# --------------------------------------------------------------------------
-
 #: `AdaptiveProxyLoss` builds the [C, C] text margin matrix once up to this many classes.
 PRECOMPUTE_MAX_CLASSES = 2048
-
-
-def _validate_range(min_margin: float, max_margin: float) -> tuple[float, float]:
-    min_margin, max_margin = float(min_margin), float(max_margin)
-    if not (np.isfinite(min_margin) and np.isfinite(max_margin)) or not 0.0 <= min_margin <= max_margin:
-        raise ValueError(
-            f"Need 0 <= min_margin <= max_margin (finite), got min_margin={min_margin}, "
-            f"max_margin={max_margin}."
-        )
-    return min_margin, max_margin
-
-
-def _midpoint(missing_text_margin: float | None, min_margin: float, max_margin: float) -> float:
-    if missing_text_margin is None:
-        return (min_margin + max_margin) / 2.0
-    value = float(missing_text_margin)
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"missing_text_margin must be a finite number >= 0, got {missing_text_margin!r}.")
-    return value
-
-
-def _normalised_classes(class_text_embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``[C, T]`` -> (float32 unit rows, zero rows stay zero; bool ``[C]`` missing)."""
-    g = np.asarray(class_text_embeddings, dtype=np.float64)
-    if g.ndim != 2 or g.shape[0] < 1:
-        raise ValueError(
-            f"class_text_embeddings must have shape [classes, text_dim], got {g.shape}; row c "
-            "is the text embedding of class (label) c."
-        )
-    if not np.all(np.isfinite(g)):
-        raise ValueError("class_text_embeddings contains NaN or Inf; fix the text cache.")
-    norms = np.linalg.norm(g, axis=1, keepdims=True)
-    missing = norms[:, 0] == 0
-    return (g / np.where(norms == 0, 1.0, norms)).astype(np.float32), missing
-
-
-def _distance_from_cosine(cosine: Any, distance: str) -> Any:
-    if distance == "cosine":
-        return 1.0 - cosine
-    squared = ops.maximum(2.0 - 2.0 * cosine, 0.0)
-    return ops.sqrt(squared) if distance == "l2" else squared
-
-
-def class_margin_matrix(
-    class_text_embeddings: Any,
-    min_margin: float = 0.05,
-    max_margin: float = 0.4,
-    distance: str = "squared_l2",
-    missing_text_margin: float | None = None,
-) -> np.ndarray:
-    """ATL's margin mapping between all classes, as a float32 numpy ``[C, C]`` matrix.
-
-    ``M[y, c] = min_margin + (max_margin - min_margin) * d(g_y, g_c) / d_max`` for the
-    L2-normalised class text embeddings ``g`` (``[C, T]``, row c = class c); pairs where
-    either row is all-zero (missing description) get ``missing_text_margin`` (None = midpoint).
-    The diagonal is never used by `adaptive_proxy_loss`. ``C^2`` floats: for large C let
-    `AdaptiveProxyLoss` compute the rows a batch needs from ``class_text_embeddings`` instead.
-    """
-    distance = validate_distance(distance)
-    min_margin, max_margin = _validate_range(min_margin, max_margin)
-    missing_margin = _midpoint(missing_text_margin, min_margin, max_margin)
-    g, missing = _normalised_classes(class_text_embeddings)
-    g = g.astype(np.float64)
-    cosine = np.clip(g @ g.T, -1.0, 1.0)
-    if distance == "cosine":
-        d = 1.0 - cosine
-    else:
-        squared = np.maximum(2.0 - 2.0 * cosine, 0.0)
-        d = np.sqrt(squared) if distance == "l2" else squared
-    margins = min_margin + (max_margin - min_margin) * d / max_distance(distance)
-    margins[missing, :] = missing_margin
-    margins[:, missing] = missing_margin
-    return margins.astype(np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -156,7 +83,7 @@ def _prepare(labels: Any, embeddings: Any, proxies: Any) -> tuple[Any, Any, Any,
             "build the proxies with the model's embedding_dim."
         )
     dtype = compute_dtype(embeddings)
-    labels = _prepare_labels(labels, embeddings.shape[0])
+    labels = prepare_labels(labels, embeddings.shape[0])
     return labels, ops.cast(embeddings, dtype), ops.cast(proxies, dtype), dtype
 
 
@@ -255,8 +182,9 @@ def _check_proxies(loss_name: str, proxies: Any, num_classes: int | None) -> Non
         )
 
 
-class _ProxyLossBase(keras.losses.Loss):
-    """Shared ``__call__``: labels keep their integer dtype, proxies come as a keyword."""
+class ProxyLoss(MetricLoss):
+    """Base class of the proxy losses: ``loss(y_true, y_pred, proxies=P)``; labels keep their
+    integer dtype. Subclasses implement ``compute(labels, embeddings, proxies, sample_weight)``."""
 
     #: `ATLModel.compute_loss` passes ``proxies=`` to losses that set this.
     needs_proxies = True
@@ -285,12 +213,9 @@ class _ProxyLossBase(keras.losses.Loss):
                 f"{name} does not support sample_weight (it is a sum over proxies, not "
                 "samples). Remove sample_weight/class_weight from fit()."
             )
-        labels, _ = _split_targets(y_true, need_text=False, loss_name=name)
+        labels, _ = split_targets(y_true, need_text=False, loss_name=name)
         with keras.name_scope(self.name):
-            loss = ops.cast(self.compute(labels, y_pred, proxies, sample_weight), self.dtype)
-            if self.reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
-                loss = _scale_for_distribution(loss)
-            return loss
+            return self.finish(self.compute(labels, y_pred, proxies, sample_weight))
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         raise ValueError(f"{type(self).__name__} needs the class proxies: {_PROXIES_HELP}.")
@@ -302,12 +227,9 @@ class _ProxyLossBase(keras.losses.Loss):
     def compute(self, labels: Any, embeddings: Any, proxies: Any, sample_weight: Any) -> Any:
         raise NotImplementedError
 
-    def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "reduction": self.reduction, "dtype": self.dtype}
-
 
 @keras.saving.register_keras_serializable(package="atl_keras")
-class AdaptiveProxyLoss(_ProxyLossBase):
+class AdaptiveProxyLoss(ProxyLoss):
     """Additive-margin normalised softmax with a margin per negative proxy; see `adaptive_proxy_loss`.
 
     Exactly one margin source:
@@ -365,12 +287,10 @@ class AdaptiveProxyLoss(_ProxyLossBase):
         if not np.isfinite(self.scale) or self.scale <= 0:
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
         self.distance = validate_distance(distance)
-        self.min_margin, self.max_margin = _validate_range(min_margin, max_margin)
+        self.min_margin, self.max_margin = validate_margin_range(min_margin, max_margin)
         self.missing_text_margin = None if missing_text_margin is None else float(missing_text_margin)
-        self._missing_margin = _midpoint(missing_text_margin, self.min_margin, self.max_margin)
-        self.margin = None if margin is None else float(margin)
-        if self.margin is not None and (not np.isfinite(self.margin) or self.margin < 0):
-            raise ValueError(f"margin must be a finite number >= 0, got {margin!r}.")
+        self._missing_margin = validate_missing_text_margin(missing_text_margin, self.min_margin, self.max_margin)
+        self.margin = None if margin is None else validate_margin(margin, "margin")
         self.class_text_embeddings = None
         self.margin_matrix = None
         if precompute_margins not in (None, True, False):
@@ -379,7 +299,8 @@ class AdaptiveProxyLoss(_ProxyLossBase):
         self._text_matrix = None
         if class_text_embeddings is not None:
             self.class_text_embeddings = np.asarray(class_text_embeddings, np.float32)
-            self._unit_text, self._missing = _normalised_classes(self.class_text_embeddings)
+            unit, self._missing = unit_text_rows(self.class_text_embeddings, "class_text_embeddings")
+            self._unit_text = unit.astype(np.float32)
             classes = len(self.class_text_embeddings)
             if precompute_margins or (precompute_margins is None and classes <= PRECOMPUTE_MAX_CLASSES):
                 self._text_matrix = class_margin_matrix(
@@ -412,15 +333,14 @@ class AdaptiveProxyLoss(_ProxyLossBase):
             return ops.take(ops.convert_to_tensor(matrix), labels, axis=0)
         unit = ops.convert_to_tensor(self._unit_text)
         cosine = ops.matmul(ops.take(unit, labels, axis=0), ops.transpose(unit))
-        distances = _distance_from_cosine(ops.clip(cosine, -1.0, 1.0), self.distance)
-        scale = (self.max_margin - self.min_margin) / max_distance(self.distance)
-        margins = self.min_margin + scale * distances
+        distances = text_distances(ops.clip(cosine, -1.0, 1.0), self.distance)
+        margins = linear_margins(distances, self.min_margin, self.max_margin, self.distance)
         missing = ops.convert_to_tensor(self._missing)
         missing_pair = ops.logical_or(ops.expand_dims(ops.take(missing, labels), 1), ops.expand_dims(missing, 0))
         return ops.where(missing_pair, ops.full_like(margins, self._missing_margin), margins)
 
     def compute(self, labels: Any, embeddings: Any, proxies: Any, sample_weight: Any) -> Any:
-        labels = _prepare_labels(labels, None)
+        labels = prepare_labels(labels, None)
         return adaptive_proxy_loss(
             labels, embeddings, proxies, self.batch_margins(labels), self.scale, sample_weight
         )
@@ -443,7 +363,7 @@ class AdaptiveProxyLoss(_ProxyLossBase):
 
 
 @keras.saving.register_keras_serializable(package="atl_keras")
-class ProxyAnchorLoss(_ProxyLossBase):
+class ProxyAnchorLoss(ProxyLoss):
     """ProxyAnchor with PyTorch Metric Learning's ``margin`` (delta) and ``alpha``; see
     `proxy_anchor_loss`. ``num_classes`` (optional) checks the proxies' count.
 
@@ -482,3 +402,47 @@ class ProxyAnchorLoss(_ProxyLossBase):
             "alpha": self.alpha,
             "num_classes": self._num_classes,
         }
+
+
+# --------------------------------------------------------------------------
+# Builders of the registry (`atl_keras.losses.registry`): a training config -> a loss.
+# --------------------------------------------------------------------------
+
+
+def proxy_classes(data: Any) -> np.ndarray:
+    """The training items, sorted: proxy ``c`` belongs to item ``proxy_classes(data)[c]``."""
+    return np.unique(data.train_labels)
+
+
+def _need_data(config: Any, data: Any, item_text: Any) -> np.ndarray:
+    if data is None or item_text is None:
+        raise ValueError(f"loss {config.loss!r} needs the data and the item text embeddings [M, T].")
+    return proxy_classes(data)
+
+
+def proxy_anchor_from_config(config: Any, data: Any, item_text: Any) -> ProxyAnchorLoss:
+    """``loss="proxy_anchor"``: one proxy per training item (labels = `proxy_classes` index)."""
+    classes = _need_data(config, data, item_text)
+    alpha = 32.0 if config.proxy_scale is None else config.proxy_scale
+    return ProxyAnchorLoss(margin=config.proxy_anchor_margin, alpha=alpha, num_classes=len(classes))
+
+
+def adaptive_proxy_from_config(config: Any, data: Any, item_text: Any) -> AdaptiveProxyLoss:
+    """``loss="adaptive_proxy"``: margins from the items' text (``margin_source`` text +
+    ``linear``) or from the margin table of `margin_source` / `margin_mapping` restricted to
+    the training items (labels = `proxy_classes` index)."""
+    classes = _need_data(config, data, item_text)
+    scale = 16.0 if config.proxy_scale is None else config.proxy_scale
+    common = dict(min_margin=config.min_margin, max_margin=config.max_margin, scale=scale,
+                  distance=config.distance, missing_text_margin=config.missing_text_margin)
+    if config.margin_source == "text" and config.margin_mapping == "linear":
+        return AdaptiveProxyLoss(class_text_embeddings=item_text[classes], **common)
+    from atl_keras.margins import margin_table
+
+    table = margin_table(
+        config.margin_source, text_embeddings=item_text, item_attributes=data.item_attributes,
+        train_items=classes, mapping=config.margin_mapping, min_margin=config.min_margin,
+        max_margin=config.max_margin, distance=config.distance,
+        missing_text_margin=config.missing_text_margin, seed=config.seed,
+    )
+    return AdaptiveProxyLoss(margin_matrix=table[np.ix_(classes, classes)], **common)

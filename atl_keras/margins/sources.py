@@ -1,22 +1,10 @@
-"""Where ATL's per-pair margins come from: margin mappings and margin sources.
+"""Margin sources and their controls: the ``[M, M]`` margin table of a catalog's items.
 
-ATL's triplet margin between an anchor item ``a`` and a negative item ``n`` is a function of
-how different their descriptions are. This module makes the two halves of that explicit:
-
-*Mappings* turn a text distance ``d = d(g_a, g_n)`` into a margin:
-
-- ``linear`` (`AdaptiveTripletLoss`'s): ``m = min + (max - min) * d / d_max``. With the
-  Universal Sentence Encoder, distances between products fall in ~0.5-1.7 of the 0-4
-  squared-L2 range, so margins hardly vary (sd ~0.02 at [0.05, 0.4]).
-- ``paper``: ``m = beta + d / (4 - beta)`` with ``beta = min_margin``, the seed paper's
-  margin as a third-party re-implementation writes it (with ``g`` the L2-normalised sum of
-  word vectors). UNVERIFIED: the paper's method section is not available to us.
-- ``catalog``: the catalog's own distance quantiles ``[q_lo, q_hi]`` (default 1st-99th
-  percentile of the training item pairs) are stretched linearly onto ``[min, max]`` and
-  clipped, so any encoder's margins spread over the whole range.
+The text-to-margin mappings (``linear``, ``paper``, ``catalog``) live in
+`atl_keras.margins.mapping`; a source decides *which* distances they map.
 
 *Sources* give the ``[M, M]`` margin table of a catalog's ``M`` items; every experimental
-condition differs from the others only in this table (`MarginTableTripletLoss` reads it):
+condition differs from the others only in this table (`atl_keras.losses.MarginTableTripletLoss` reads it):
 
 - ``text``: the mapping applied to the items' description distances (ATL).
 - ``shuffled_text``: the ``text`` table with descriptions re-assigned across items by a
@@ -35,16 +23,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import keras
 import numpy as np
-from keras import ops
 
-from atl_keras.distances import max_distance, pairwise_distances, validate_distance
-from atl_keras.losses import _TripletLossBase, margin_triplet_loss
+from atl_keras.margins.checks import validate_missing_text_margin
+from atl_keras.margins.mapping import MAPPINGS, map_distances, text_distance_table
 
 __all__ = [
     "MAPPINGS",
-    "MarginTableTripletLoss",
     "SOURCES",
     "attribute_disagreement",
     "derangement",
@@ -54,20 +39,9 @@ __all__ = [
     "text_distance_table",
 ]
 
-MAPPINGS = ("linear", "paper", "catalog")
 SOURCES = ("text", "shuffled_text", "permuted", "fixed", "oracle")
 #: Attribute keys that name a listing, not a property of the product.
 NON_ATTRIBUTE_KEYS = ("design", "listing")
-
-
-def text_distance_table(text_embeddings: np.ndarray, distance: str = "squared_l2") -> np.ndarray:
-    """``[M, T]`` text embeddings -> ``[M, M]`` float64 distances of their L2-normalised rows.
-
-    The definition `AdaptiveTripletLoss` uses; rows of missing (all-zero) text are NaN.
-    """
-    from atl_keras.margins import pairwise_text_distances
-
-    return pairwise_text_distances(text_embeddings, validate_distance(distance))
 
 
 def _off_diagonal(table: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -75,44 +49,6 @@ def _off_diagonal(table: np.ndarray, items: np.ndarray) -> np.ndarray:
     sub = table[np.ix_(items, items)]
     values = sub[np.triu_indices(len(items), k=1)]
     return values[np.isfinite(values)]
-
-
-def map_distances(
-    distances: np.ndarray,
-    mapping: str = "linear",
-    min_margin: float = 0.05,
-    max_margin: float = 0.4,
-    distance: str = "squared_l2",
-    reference: np.ndarray | None = None,
-    quantiles: tuple[float, float] = (0.01, 0.99),
-) -> np.ndarray:
-    """Text distances (any shape) -> margins of the same shape (see the module docstring).
-
-    Args:
-        distances: float array of text distances.
-        mapping: ``"linear"``, ``"paper"`` or ``"catalog"``.
-        min_margin, max_margin: the margin range (``paper`` uses ``min_margin`` as beta).
-        distance: the text distance's name (gives ``d_max`` for ``linear``).
-        reference: distances whose `quantiles` anchor the ``catalog`` mapping (the training
-            catalog's item pairs); required for ``catalog``.
-    """
-    if mapping not in MAPPINGS:
-        raise ValueError(f"Unknown margin mapping {mapping!r}; choose one of {', '.join(MAPPINGS)}.")
-    if not 0 <= min_margin <= max_margin:
-        raise ValueError(f"Need 0 <= min_margin <= max_margin, got {min_margin} and {max_margin}.")
-    d = np.asarray(distances, np.float64)
-    if mapping == "linear":
-        return min_margin + (max_margin - min_margin) * d / max_distance(distance)
-    if mapping == "paper":
-        if distance != "squared_l2":
-            raise ValueError("The paper mapping is defined for squared_l2 text distances (range [0, 4]).")
-        return min_margin + d / (4.0 - min_margin)
-    if reference is None or np.size(reference) < 2:
-        raise ValueError("The catalog mapping needs the catalog's pairwise distances (reference=, >= 2 values).")
-    lo, hi = np.quantile(np.asarray(reference, np.float64), quantiles)
-    if hi <= lo:
-        return np.full_like(d, (min_margin + max_margin) / 2)
-    return min_margin + (max_margin - min_margin) * np.clip((d - lo) / (hi - lo), 0.0, 1.0)
 
 
 def attribute_disagreement(
@@ -191,7 +127,7 @@ def margin_table(
     reference = _off_diagonal(distances, items)
     if reference.size == 0:
         raise ValueError("Fewer than two training items have a description: no text margins to build.")
-    missing = (min_margin + max_margin) / 2 if missing_text_margin is None else float(missing_text_margin)
+    missing = validate_missing_text_margin(missing_text_margin, min_margin, max_margin)
     text = map_distances(distances, mapping, min_margin, max_margin, distance, reference=reference)
     text = np.where(np.isfinite(text), text, missing)
     sub = text[np.ix_(items, items)]
@@ -228,68 +164,3 @@ def margin_spread(table: np.ndarray, items: Sequence[int] | None = None) -> dict
     mean, sd = float(values.mean()), float(values.std())
     return {"mean": mean, "sd": sd, "cv": sd / mean if mean > 0 else float("nan"),
             "min": float(values.min()), "max": float(values.max())}
-
-
-@keras.saving.register_keras_serializable(package="atl_keras")
-class MarginTableTripletLoss(_TripletLossBase):
-    """Triplet loss whose margin of anchor item ``a`` and negative item ``n`` is ``table[a, n]``.
-
-    The experiments' one code path: ATL with text margins, its controls and a fixed-margin
-    triplet loss differ only in `table` (see `margin_table`). With the ``linear`` mapping and
-    the ``text`` source it equals `AdaptiveTripletLoss` on the same items.
-
-    Args:
-        table: ``[M, M]`` margins; labels are item indices in ``[0, M)``.
-        mining: ``"batch_all"`` | ``"batch_hard"`` | ``"semi_hard"``.
-        distance: image embedding distance.
-        negative_table: optional ``[M, M]`` bool; ``False`` marks pairs that are not
-            negatives (ATL's semantic threshold, precomputed).
-        soft_margin: softplus instead of the hinge.
-
-    ``y_true``: labels ``[B]`` or a dict with ``"label"``; ``y_pred``: ``[B, D]`` embeddings.
-    """
-
-    def __init__(
-        self,
-        table: Any,
-        mining: str = "batch_hard",
-        distance: str = "squared_l2",
-        negative_table: Any | None = None,
-        soft_margin: bool = False,
-        name: str = "margin_table_triplet_loss",
-        reduction: str | None = "sum_over_batch_size",
-        dtype: Any = "float32",
-    ) -> None:
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        table = np.asarray(table, np.float32)
-        if table.ndim != 2 or table.shape[0] != table.shape[1] or not np.all(np.isfinite(table)) or table.min() < 0:
-            raise ValueError(f"table must be a finite, non-negative [M, M] matrix, got shape {table.shape}.")
-        self.table = table
-        self.negative_table = None if negative_table is None else np.asarray(negative_table, bool)
-        if self.negative_table is not None and self.negative_table.shape != table.shape:
-            raise ValueError(f"negative_table must have the table's shape {table.shape}.")
-        self.mining = mining
-        self.distance = validate_distance(distance)
-        self.soft_margin = bool(soft_margin)
-
-    def call(self, y_true: Any, y_pred: Any) -> Any:
-        labels = y_true["label"] if isinstance(y_true, Mapping) else y_true
-        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
-        embeddings = ops.cast(y_pred, "float32")
-        distances = pairwise_distances(embeddings, distance=self.distance)
-        rows = ops.take(ops.convert_to_tensor(self.table), labels, axis=0)
-        margins = ops.take(rows, labels, axis=1)
-        negative_mask = None
-        if self.negative_table is not None:
-            mask_rows = ops.take(ops.convert_to_tensor(self.negative_table), labels, axis=0)
-            negative_mask = ops.take(mask_rows, labels, axis=1)
-        return margin_triplet_loss(labels, distances, margins, mining=self.mining,
-                                   soft_margin=self.soft_margin, negative_mask=negative_mask)
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "table": self.table.tolist(), "mining": self.mining, "distance": self.distance,
-            "negative_table": None if self.negative_table is None else self.negative_table.tolist(),
-            "soft_margin": self.soft_margin,
-        }
