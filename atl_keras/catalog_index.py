@@ -18,7 +18,8 @@ output), its ``image_id`` and its metadata columns (a JSON object), stored as as
 - **Incremental**: embeddings are cached on disk (`EmbeddingCache`, default
   ``<output_base>/.embedding-cache``) keyed by the model's weight fingerprint + the
   preprocessing + the sha256 of the image file's bytes: unchanged images are never
-  embedded twice, whatever their path or row.
+  embedded twice, whatever their path or row. Every record carries its key and a checksum:
+  torn, damaged or non-finite records are dropped with a warning and embedded again.
 - **Streaming**: images are hashed, decoded (`atl_keras.preprocessing`, as in training)
   and embedded in batches; memory holds the embeddings ``[N, D]`` (the index) and the row
   table, never the pixels of more than a few batches.
@@ -31,19 +32,22 @@ output), its ``image_id`` and its metadata columns (a JSON object), stored as as
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["CatalogError", "CatalogIndexResult", "CatalogRow", "EmbeddingCache", "index_catalog", "read_index_catalog"]
+__all__ = ["CacheDamaged", "CatalogError", "CatalogIndexResult", "CatalogRow", "EmbeddingCache", "index_catalog", "read_index_catalog"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 ROWS_NAME = "catalog_rows.jsonl"
@@ -189,54 +193,112 @@ def content_hashes(paths: Sequence[str], threads: int = 4, chunk: int = 1024) ->
 
 
 # -------------------------------------------------------------------------------- cache
+RECORDS_NAME = "embeddings.rec"
+_MAGIC = b"ATLE"
+_LEGACY_NAMES = ("keys.txt", "vectors.f32")  # the unverified pre-0.x layout: removed on open
+
+
+class CacheDamaged(RuntimeError):
+    """Cached records failed verification after the cache was opened (they were dropped)."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(f"{len(keys)} embedding cache records changed or were damaged during the run.")
+        self.keys = list(keys)
+
+
 class EmbeddingCache:
     """Append-only on-disk embeddings ``[M, D]`` float32, keyed by an image content hash.
 
-    One folder per model + preprocessing (``key``): ``vectors.f32`` (rows) and ``keys.txt``
-    (one hash per row). Appends take an exclusive lock; a torn append (a kill between the
-    two files) is trimmed to the rows both files hold when the cache is next opened, or by the
-    next append (an append re-reads the files only when their sizes are not the ones it left).
+    One folder per model + preprocessing (``key``) holding one file, ``embeddings.rec``, of
+    fixed-size records: ``b"ATLE"``, the 32-byte sha256 key, the float32 vector ``[D]`` and a
+    crc32 of all of it. Appends take an exclusive lock (``fcntl``) and are fsync'd. When the
+    cache is opened (or another process changed the file) every record is verified: a torn
+    tail, a record whose key, vector, length or checksum is damaged, or a non-finite vector is
+    dropped (the file is rewritten without it, with a `warnings.warn`), so its image is
+    embedded again. `gather` checks each record's key and checksum once more before use.
+    A failed append (disk full) is truncated back, leaving only whole records.
     """
 
     def __init__(self, root: str, key: str, dim: int) -> None:
         self.folder = os.path.join(root, key)
         self.dim = int(dim)
+        self.record = np.dtype([("magic", "S4"), ("key", "V32"), ("vector", "<f4", (self.dim,)), ("crc", "<u4")])
         os.makedirs(self.folder, exist_ok=True)
-        self._vectors = os.path.join(self.folder, "vectors.f32")
-        self._keys = os.path.join(self.folder, "keys.txt")
+        self._path = os.path.join(self.folder, RECORDS_NAME)
+        self.rows: dict[str, int] = {}
+        self.dropped = 0  # damaged records found (and removed) by this instance
         with self._locked():
-            self.rows = self._load_and_trim()
-            self._sizes = self._file_sizes()
+            for name in _LEGACY_NAMES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.folder, name))
+            self._load()
 
-    def _file_sizes(self) -> tuple[int, int]:
-        return tuple(os.path.getsize(p) if os.path.exists(p) else 0 for p in (self._keys, self._vectors))
-
+    @contextlib.contextmanager
     def _locked(self):
-        lock = open(os.path.join(self.folder, ".lock"), "w")
-
-        class _Lock:
-            def __enter__(self_inner):
-                fcntl.flock(lock, fcntl.LOCK_EX)
-
-            def __exit__(self_inner, *exc):
+        with open(os.path.join(self.folder, ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-                lock.close()
 
-        return _Lock()
+    def _stat(self) -> tuple[int, int]:
+        try:
+            stat = os.stat(self._path)
+        except FileNotFoundError:
+            return (0, 0)
+        return (stat.st_ino, stat.st_size)
 
-    def _load_and_trim(self) -> dict[str, int]:
-        keys: list[str] = []
-        if os.path.exists(self._keys):
-            with open(self._keys, encoding="ascii") as f:
-                keys = [line.strip() for line in f if len(line.strip()) == 64]
-        stored = os.path.getsize(self._vectors) // (4 * self.dim) if os.path.exists(self._vectors) else 0
-        count = min(len(keys), stored)
-        if count < len(keys):
-            with open(self._keys, "w", encoding="ascii") as f:
-                f.write("".join(k + "\n" for k in keys[:count]))
-        if os.path.exists(self._vectors) and os.path.getsize(self._vectors) != count * 4 * self.dim:
-            os.truncate(self._vectors, count * 4 * self.dim)
-        return {key: row for row, key in enumerate(keys[:count])}
+    def _encode(self, keys: Sequence[str], vectors: np.ndarray) -> bytes:
+        records = np.zeros(len(keys), self.record)
+        records["magic"] = _MAGIC
+        records["key"] = [np.void(bytes.fromhex(k)) for k in keys]
+        records["vector"] = vectors
+        raw = records.view(np.uint8).reshape(len(keys), self.record.itemsize)
+        records["crc"] = [zlib.crc32(row[:-4].tobytes()) for row in raw]
+        return records.tobytes()
+
+    def _valid(self, records: np.ndarray) -> np.ndarray:
+        """``[n]`` bool: magic, checksum and a finite vector."""
+        raw = records.view(np.uint8).reshape(len(records), self.record.itemsize)
+        crc_ok = np.fromiter((zlib.crc32(row[:-4].tobytes()) for row in raw), np.uint32, len(records))
+        return ((records["magic"] == _MAGIC) & (crc_ok == records["crc"])
+                & np.isfinite(records["vector"]).all(axis=1))
+
+    def _load(self) -> None:
+        """Verify every record (under the lock); rewrite the file without damaged ones."""
+        size = self._stat()[1]
+        count, tail = divmod(size, self.record.itemsize)
+        records = np.fromfile(self._path, self.record, count) if count else np.zeros(0, self.record)
+        valid = self._valid(records)
+        keys = [bytes(k).hex() for k in records["key"]]
+        rows: dict[str, int] = {}
+        keep = np.zeros(len(records), bool)
+        for index in np.flatnonzero(valid):
+            if keys[index] not in rows:
+                rows[keys[index]] = len(rows)
+                keep[index] = True
+        damaged = int((~valid).sum()) + (1 if tail else 0)
+        if damaged or not keep.all():
+            tmp = f"{self._path}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(records[keep].tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+            _fsync_dir(self.folder)
+        if damaged:
+            self.dropped += damaged
+            warnings.warn(
+                f"The embedding cache {self.folder} held {damaged} damaged record(s) (torn, wrong "
+                "checksum or non-finite); they were dropped and their images will be embedded again.",
+                stacklevel=3)
+        self.rows = rows
+        self._seen = self._stat()
+
+    def _refresh(self) -> None:
+        if self._stat() != self._seen:  # another process appended, compacted or damaged the file
+            self._load()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -245,41 +307,75 @@ class EmbeddingCache:
         return key in self.rows
 
     def append(self, keys: Sequence[str], vectors: np.ndarray) -> None:
-        """Store ``vectors [n, D]`` under ``keys`` (already cached keys are skipped)."""
+        """Store ``vectors [n, D]`` under ``keys`` (64-hex sha256; already cached keys are skipped).
+
+        Raises `OSError` (disk full, ...) after truncating the file back to its whole records.
+        """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self._locked():
-            if self._file_sizes() != self._sizes:  # another process appended (or left a torn append)
-                self.rows = self._load_and_trim()
-            new = [(k, v) for k, v in zip(keys, vectors) if k not in self.rows]
+            self._refresh()
+            new = {}
+            for k, v in zip(keys, vectors):
+                if k not in self.rows and k not in new:
+                    new[k] = v
             if not new:
                 return
-            with open(self._vectors, "ab") as f:
-                f.write(np.stack([v for _, v in new]).tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            with open(self._keys, "a", encoding="ascii") as f:
-                f.write("".join(k + "\n" for k, _ in new))
-                f.flush()
-                os.fsync(f.fileno())
-            start = len(self.rows)
-            for offset, (k, _) in enumerate(new):
-                self.rows[k] = start + offset
-            self._sizes = self._file_sizes()
+            data = self._encode(list(new), np.stack(list(new.values())))
+            start = self._stat()[1]
+            try:
+                with open(self._path, "ab") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.truncate(self._path, start)
+                raise
+            for k in new:
+                self.rows[k] = len(self.rows)
+            self._seen = self._stat()
 
     def gather(self, keys: Sequence[str]) -> np.ndarray:
-        """``[len(keys), D]`` float32 vectors of cached keys (memory-mapped read; aligned for
-        a copy-free index build, see `atl_keras.index.aligned_empty`)."""
+        """``[len(keys), D]`` float32 vectors of cached keys (aligned for a copy-free index
+        build, see `atl_keras.index.aligned_empty`).
+
+        Every record read is checked again (key, checksum, finite); failures are dropped from
+        the cache and raised as `CacheDamaged` (embed those keys again and retry).
+        """
         from atl_keras.index import aligned_empty
 
         out = aligned_empty((len(keys), self.dim))
         if not keys:
             return out
-        stored = np.memmap(self._vectors, dtype=np.float32, mode="r").reshape(-1, self.dim)
-        rows = np.fromiter((self.rows[k] for k in keys), dtype=np.int64, count=len(keys))
-        for start in range(0, len(rows), 65536):
-            out[start:start + 65536] = stored[rows[start:start + 65536]]
-        del stored
+        with self._locked():
+            self._refresh()
+            missing = [k for k in keys if k not in self.rows]  # dropped by a re-verification
+            if missing:
+                raise CacheDamaged(missing)
+            stored = np.memmap(self._path, dtype=self.record, mode="r", shape=(self._seen[1] // self.record.itemsize,))
+            rows = np.fromiter((self.rows[k] for k in keys), dtype=np.int64, count=len(keys))
+            bad: list[str] = []
+            for start in range(0, len(rows), 65536):
+                records = np.asarray(stored[rows[start:start + 65536]])
+                wanted = np.frombuffer(b"".join(bytes.fromhex(k) for k in keys[start:start + 65536]), "V32")
+                ok = self._valid(records) & (records["key"] == wanted)
+                out[start:start + len(records)] = records["vector"]
+                bad += [keys[start + i] for i in np.flatnonzero(~ok)]
+            del stored
+            if bad:
+                for k in set(bad):
+                    self.rows.pop(k, None)
+                self._seen = (-1, -1)  # verify the whole file at the next use
+                raise CacheDamaged(sorted(set(bad)))
         return out
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def weights_fingerprint(model: Any) -> str:
@@ -469,7 +565,8 @@ def index_catalog(
         del rows, todo, todo_keys, todo_paths, corrupt  # per-row Python objects the export does not need
 
         # 4. the gallery (the index's own memory) and the export
-        gallery = cache.gather([r.sha256 for r in kept])
+        gallery = _gather_verified(cache, kept, lambda paths, on_batch: _embed_files(
+            model, paths, preprocessing, batch_size, on_batch))
         cache_folder = cache.folder
         del cache  # its key -> row dict
         with tempfile.TemporaryDirectory(dir=output_base, prefix=".tmp-rows-") as staging:
@@ -502,6 +599,28 @@ def index_catalog(
                 extra_assets={ROWS_NAME: rows_path},
             )
     return CatalogIndexResult(export, counts, skipped)
+
+
+def _gather_verified(
+    cache: EmbeddingCache,
+    rows: Sequence[CatalogRow],
+    embed: Callable[[Sequence[str], Callable[[np.ndarray, np.ndarray], None]], None],
+) -> np.ndarray:
+    """``[len(rows), D]`` cached vectors of `rows`; records damaged since the cache was opened
+    are embedded again (with a warning) and the gather is retried once."""
+    keys = [r.sha256 for r in rows]
+    for attempt in range(2):
+        try:
+            return cache.gather(keys)
+        except CacheDamaged as damage:
+            if attempt:
+                raise
+            warnings.warn(f"{damage} Embedding those images again.", stacklevel=3)
+            damaged = set(damage.keys)
+            paths = {r.sha256: r.image for r in rows if r.sha256 in damaged}
+            keys_todo, paths_todo = list(paths), list(paths.values())
+            embed(paths_todo, lambda indices, vectors: cache.append([keys_todo[i] for i in indices], vectors))
+    raise AssertionError("unreachable")
 
 
 def _trim_heap() -> None:

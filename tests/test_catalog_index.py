@@ -211,7 +211,7 @@ def test_atl_index_cli(tmp_path, capsys):
 def test_cache_survives_a_torn_append(tmp_path):
     cache = ci.EmbeddingCache(str(tmp_path), "key", dim=4)
     cache.append(["a" * 64, "b" * 64], np.ones((2, 4), np.float32))
-    with open(os.path.join(cache.folder, "vectors.f32"), "ab") as f:  # a kill after the vectors
+    with open(os.path.join(cache.folder, ci.RECORDS_NAME), "ab") as f:  # a kill mid-record
         f.write(np.zeros((1, 4), np.float32).tobytes())
     reopened = ci.EmbeddingCache(str(tmp_path), "key", dim=4)
     assert len(reopened) == 2
@@ -226,7 +226,7 @@ def test_cache_appends_see_other_writers_and_their_torn_appends(tmp_path):
     second = ci.EmbeddingCache(str(tmp_path), "key", dim=4)
     first.append(["a" * 64], np.full((1, 4), 1, np.float32))
     second.append(["b" * 64, "a" * 64], np.full((2, 4), 2, np.float32))  # "a" is already stored
-    with open(os.path.join(first.folder, "vectors.f32"), "ab") as f:  # a third writer killed mid-append
+    with open(os.path.join(first.folder, ci.RECORDS_NAME), "ab") as f:  # a third writer killed mid-append
         f.write(np.full((1, 4), 9, np.float32).tobytes())
     first.append(["c" * 64], np.full((1, 4), 3, np.float32))
     for cache in (first, ci.EmbeddingCache(str(tmp_path), "key", dim=4)):

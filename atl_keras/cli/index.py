@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:  # CatalogError / ExportError are ValueErrors
         print(f"atl index: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, not writable: the cache keeps only whole records
+        print(f"atl index: error: {error.strerror or error}"
+              f"{f' ({error.filename})' if error.filename else ''}; nothing was published "
+              "(the embeddings cached so far are kept): free space and rerun.", file=sys.stderr)
+        return 1
     export = result.export
     print(f"Indexed version {export.version} at {export.path}")
     if export.portable_path:
