@@ -10,7 +10,13 @@ Serving expects, so the model and its index can never drift apart. Signatures:
                      `scores` float32 [B, k] (dot product = cosine), `indices` int32 [B, k]
                      (ScaNN, parallel batched search; the server needs ScaNN's ops:
                      `import scann` before loading)
-- `retrieve_exact`:  same, pure TensorFlow brute-force top-k
+- `retrieve_exact`:  same, pure TensorFlow brute-force top-k (the package's one exact search,
+                     `atl_keras.search.exact.score_top_k`: ties by gallery position)
+
+Both retrieve signatures run the index through the `atl_keras.search` seam
+(`atl_keras.search.store.IndexModule`). With ``match_threshold=`` (a threshold calibrated by
+`atl_keras.search.RetrievalIndex.calibrate`) they add ``match`` bool [B, k]
+(``score >= threshold``) and the manifest records it.
 
 Catalog exports (`gallery_rows=`) add `image_ids` tf.string [B, k] (the row's image id) and
 `metadata` tf.string [B, k] (the row's metadata columns as a JSON object) to both retrieve
@@ -53,16 +59,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from atl_keras.index import (
-    ScannConfig,
-    TunedIndex,
-    fixed_index,
-    held_out_queries,
-    scann_ops,
-    searcher_to_state,
-    tune_index,
-)
+from atl_keras.index import ScannConfig
 from atl_keras.preprocessing import Preprocessing, decode_batch
+from atl_keras.search.scann import IndexOptions, RecallGateError, ScannSearcher
+from atl_keras.search.store import IndexModule
 
 MANIFEST_NAME = "manifest.json"
 IDS_NAME = "gallery_ids.txt"
@@ -89,21 +89,6 @@ class ExportResult:
     version: int
     manifest: dict[str, Any]
     portable_path: str | None = None
-
-
-@dataclass(frozen=True)
-class IndexOptions:
-    """Knobs the user fixes; ``None`` = tuned at export time (see `atl_keras.index.tune_index`).
-
-    ``quantize``: True = asymmetric hashing + exact re-rank in the searched leaves, False =
-    exact scoring in the leaves. ``num_leaves=0`` scores the whole gallery exactly.
-    """
-
-    num_leaves: int | None = None
-    leaves_to_search: int | None = None
-    reorder: int | None = None
-    quantize: bool | None = None
-    num_queries: int = 1000
 
 
 @dataclass
@@ -257,19 +242,13 @@ def model_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def _line_table(asset: tf.saved_model.Asset) -> tf.lookup.StaticHashTable:
-    """Line number (int64) -> line text of an asset file."""
-    initializer = tf.lookup.TextFileInitializer(
-        asset, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE
-    )
-    return tf.lookup.StaticHashTable(initializer, default_value="")
-
-
-class RetrievalModule(tf.Module):
+class RetrievalModule(IndexModule):
     """The exported object: decode -> embed -> search, over one fixed gallery.
 
-    The gallery vectors are stored once: inside the ScaNN state when there is one (its
-    `dataset` variable, original row order), else as `gallery_embeddings`.
+    An `atl_keras.search.store.IndexModule` (the searcher's state, the exact rows, ids, row
+    tables, match threshold) with the model in front. The gallery vectors are stored once:
+    inside the ScaNN state when it keeps them (its `dataset` variable, original row order),
+    else in the exact state.
     """
 
     def __init__(
@@ -277,30 +256,17 @@ class RetrievalModule(tf.Module):
         model: keras.Model,
         gallery_embeddings: np.ndarray,
         gallery_ids: Sequence[str],
-        scann_state: tf.Module | None,
+        searcher: Any,
         preprocessing: Preprocessing,
-        scann_config: ScannConfig | None = None,
         row_assets: dict[str, str] | None = None,
+        match_threshold: float | None = None,
     ) -> None:
-        super().__init__(name="atl_retrieval")
+        super().__init__(searcher, gallery_ids, embeddings=gallery_embeddings, row_assets=row_assets,
+                         match_threshold=match_threshold, name="atl_retrieval")
         self.model = model
-        self.scann_state = scann_state
         self.preprocessing = preprocessing
-        self.embedding_dim = int(gallery_embeddings.shape[1])
-        # ScaNN keeps the float rows (original order) unless it only holds hashed codes.
-        self._in_scann = scann_state is not None and tuple(scann_state.dataset.shape) == tuple(gallery_embeddings.shape)
-        if not self._in_scann:
-            self.gallery_embeddings = tf.Variable(
-                gallery_embeddings.astype(np.float32), trainable=False, name="gallery_embeddings"
-            )
-        self.gallery_ids = tf.Variable(
-            tf.constant(list(gallery_ids), dtype=tf.string), trainable=False, name="gallery_ids"
-        )
-        self.row_tables = {
-            name: _line_table(tf.saved_model.Asset(path)) for name, path in (row_assets or {}).items()
-        }
-        search = (scann_config or ScannConfig()).search_kwargs
         height, width, channels = preprocessing.image_shape
+        query = [tf.TensorSpec([None], tf.string, name="images"), tf.TensorSpec([], tf.int32, name="k")]
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         def serving_default(images):
@@ -314,43 +280,20 @@ class RetrievalModule(tf.Module):
         def embed_pixels(pixels):
             return {"embeddings": self._embed(pixels)}
 
-        @tf.function(
-            input_signature=[
-                tf.TensorSpec([None], tf.string, name="images"),
-                tf.TensorSpec([], tf.int32, name="k"),
-            ]
-        )
+        @tf.function(input_signature=query)
         def retrieve(images, k):
-            embeddings = self._embed(self._decode(images))
-            searcher = scann_ops.searcher_from_module(self.scann_state)
-            indices, scores = searcher.search_batched_parallel(
-                embeddings, final_num_neighbors=k, **search
-            )
-            return self._results(indices, scores)
+            return self.search(self._embed(self._decode(images)), k)
 
-        @tf.function(
-            input_signature=[
-                tf.TensorSpec([None], tf.string, name="images"),
-                tf.TensorSpec([], tf.int32, name="k"),
-            ]
-        )
+        @tf.function(input_signature=query)
         def retrieve_exact(images, k):
-            embeddings = self._embed(self._decode(images))
-            scores = tf.matmul(embeddings, self._gallery(), transpose_b=True)
-            scores, indices = tf.math.top_k(scores, k=k)
-            return self._results(indices, scores)
+            return self.search(self._embed(self._decode(images)), k, exact=True)
 
         self.serving_default = serving_default
         self.embed_pixels = embed_pixels
         self.retrieve_exact = retrieve_exact
-        self.signature_names = SIGNATURES if scann_state is not None else PORTABLE_SIGNATURES
-        if scann_state is not None:
+        self.signature_names = SIGNATURES if self.has_searcher else PORTABLE_SIGNATURES
+        if self.has_searcher:
             self.retrieve = retrieve
-
-    def _gallery(self) -> tf.Tensor:
-        if self._in_scann:
-            return tf.reshape(self.scann_state.dataset, [-1, self.embedding_dim])
-        return self.gallery_embeddings
 
     def _decode(self, images: tf.Tensor) -> tf.Tensor:
         """Encoded images [B] -> float32 pixels [B, H, W, C] in [0, 255] (`preprocessing`)."""
@@ -358,18 +301,6 @@ class RetrievalModule(tf.Module):
 
     def _embed(self, pixels: tf.Tensor) -> tf.Tensor:
         return tf.cast(self.model(pixels, training=False), tf.float32)
-
-    def _results(self, indices: tf.Tensor, scores: tf.Tensor) -> dict[str, tf.Tensor]:
-        indices = tf.cast(indices, tf.int32)
-        safe = tf.maximum(indices, 0)  # ScaNN pads with -1 when it finds fewer than k
-        out = {
-            "ids": tf.where(indices >= 0, tf.gather(self.gallery_ids, safe), ""),
-            "scores": tf.cast(scores, tf.float32),
-            "indices": indices,
-        }
-        for name, table in self.row_tables.items():
-            out[name] = table.lookup(tf.cast(indices, tf.int64))
-        return out
 
     def signatures(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.signature_names}
@@ -477,6 +408,7 @@ def export_model(
     include_scann: bool = True,
     preprocessing: Preprocessing | None = None,
     portable_export_base: str | None = None,
+    match_threshold: float | None = None,
 ) -> ExportResult:
     """Export `model` with a tuned ScaNN index over `gallery_images [N, H, W, C]`.
 
@@ -499,6 +431,9 @@ def export_model(
             model's input size, ``resize="pad"``, ``pad_value=255``, as training decodes).
         portable_export_base: also write the portable variant as the same version there;
             the two are published as a pair.
+        match_threshold: a calibrated score threshold (`RetrievalIndex.calibrate`): written
+            into the manifest, and the retrieve signatures add ``match`` bool [B, k]
+            (``score >= match_threshold``).
 
     Returns:
         `ExportResult(path, version, manifest, portable_path)`.
@@ -517,6 +452,7 @@ def export_model(
             index_options=index_options, force=force, extra_manifest=extra_manifest, seed=seed,
             include_scann=include_scann, preprocessing=preprocessing,
             portable_export_base=portable_export_base, gallery_rows=None, extra_assets=None,
+            match_threshold=match_threshold,
         )
 
 
@@ -541,6 +477,7 @@ def export_embeddings(
     portable_export_base: str | None = None,
     gallery_rows: GalleryRows | None = None,
     extra_assets: dict[str, str] | None = None,
+    match_threshold: float | None = None,
 ) -> ExportResult:
     """`export_model` for a gallery already embedded: `gallery_embeddings [N, D]` float32.
 
@@ -559,7 +496,7 @@ def export_embeddings(
         index_options=index_options, force=force, extra_manifest=extra_manifest, seed=seed,
         include_scann=include_scann, preprocessing=preprocessing,
         portable_export_base=portable_export_base, gallery_rows=gallery_rows,
-        extra_assets=extra_assets,
+        extra_assets=extra_assets, match_threshold=match_threshold,
     )
     gallery = np.ascontiguousarray(gallery_embeddings, dtype=np.float32)
     if reserved:
@@ -588,6 +525,7 @@ def _export_reserved(
     portable_export_base: str | None,
     gallery_rows: GalleryRows | None,
     extra_assets: dict[str, str] | None,
+    match_threshold: float | None = None,
 ) -> ExportResult:
     from atl_keras.proxies import strip_proxies
 
@@ -604,11 +542,13 @@ def _export_reserved(
         _validate_ids(gallery_rows.image_ids, "Image id")
         _validate_metadata(gallery_rows.metadata, len(gallery))
 
+    if match_threshold is not None and not np.isfinite(match_threshold):
+        raise ExportError(f"match_threshold must be a finite score, got {match_threshold!r}.")
     index_manifest: dict[str, Any] = {"index": "exact (retrieve_exact only)"}
-    tuned = None
+    searcher = None
     if include_scann:
-        tuned = _build_checked_index(gallery, query_embeddings, k, min_recall, scann_config, index_options, seed)
-        index_manifest = _index_manifest(tuned, min_recall)
+        searcher = _build_checked_index(gallery, query_embeddings, k, min_recall, scann_config, index_options, seed)
+        index_manifest = searcher.config()
 
     import atl_keras  # the package version, imported late to avoid a cycle
 
@@ -625,23 +565,19 @@ def _export_reserved(
         "preprocessing": preprocessing.to_dict(),
         "gallery_size": int(len(gallery)),
         "score": "dot_product (cosine similarity of unit vectors; higher is closer)",
+        **({"match_threshold": float(match_threshold)} if match_threshold is not None else {}),
     }
     staging = os.path.join(export_base, f".tmp-{version}-{uuid.uuid4().hex[:8]}-rows")
     temporaries: list[str] = [staging]
     try:
         row_assets = _write_row_assets(staging, gallery_rows) if gallery_rows is not None else None
-        state = None
-        if tuned is not None:
-            state = searcher_to_state(tuned.searcher)  # the state's variables are the index from here on
-        targets = [(export_base, tuned)]
+        targets = [(export_base, searcher)]
         if portable_export_base:
             targets.append((portable_export_base, None))
         written = []
         for base, index in targets:
-            module = RetrievalModule(
-                model, gallery, gallery_ids, state if index is not None else None,
-                preprocessing, index.config if index is not None else None, row_assets,
-            )
+            # the searcher's state (made once, by the first module) is the index from here on
+            module = RetrievalModule(model, gallery, gallery_ids, index, preprocessing, row_assets, match_threshold)
             manifest = {
                 "name": os.path.basename(os.path.normpath(base)),
                 **common,
@@ -654,7 +590,7 @@ def _export_reserved(
             temporaries.append(tmp_path)
             written.append((tmp_path, os.path.join(base, str(version)), manifest))
             del module
-            state = None
+        del searcher
         _publish_all([(tmp, final) for tmp, final, _ in written], force)
     finally:
         for path in temporaries:
@@ -690,49 +626,13 @@ def _build_checked_index(
     scann_config: ScannConfig | None,
     index_options: IndexOptions | None,
     seed: int,
-) -> TunedIndex:
-    """Tune (or build) the ScaNN index and refuse it if its set recall@k is below `min_recall`."""
-    options = index_options or IndexOptions()
-    queries = held_out_queries(gallery, query_embeddings, count=options.num_queries, seed=seed)
-    if scann_config is not None:
-        tuned = fixed_index(gallery, scann_config, k, queries)
-    else:
-        tuned = tune_index(
-            gallery, k, min_recall, queries, num_leaves=options.num_leaves,
-            leaves_to_search=options.leaves_to_search, reorder=options.reorder,
-            quantize=options.quantize, seed=seed,
-        )
-    chosen = tuned.report["chosen"]
-    recall_k = tuned.report.get("k", min(k, len(gallery)))
-    if chosen["set_recall"] < min_recall:
-        raise ExportError(
-            f"Index set recall@{recall_k} against exact search is {chosen['set_recall']:.4f} "
-            f"(tie-aware {chosen['tie_aware_recall']:.4f}) on {len(queries.embeddings)} held-out "
-            f"queries, below min_recall={min_recall}. Search more leaves (--leaves-to-search), "
-            "score exactly in the leaves (--no-quantize), or lower min_recall (--min-recall) to "
-            "accept it. Nothing was written."
-        )
-    return tuned
-
-
-def _index_manifest(tuned: TunedIndex, min_recall: float) -> dict[str, Any]:
-    chosen = tuned.report["chosen"]
-    k = tuned.report.get("k", tuned.config.default_k)
-    return {
-        "index": "scann",
-        "scann_config": tuned.config.to_dict(),
-        f"scann_recall_at_{k}": chosen["set_recall"],
-        "recall": {
-            "k": k,
-            "set_recall": chosen["set_recall"],
-            "tie_aware_recall": chosen["tie_aware_recall"],
-            "queries": tuned.report.get("queries"),
-            "definition": "plain set recall |ANN top-k ∩ exact top-k| / k; tie-aware counts "
-            "results within 1e-3 of the exact k-th score (reported, not gated)",
-        },
-        "index_tuning": {key: value for key, value in tuned.report.items() if key != "queries"},
-        "min_recall": min_recall,
-    }
+) -> ScannSearcher:
+    """Tune (or build) the ScaNN searcher; refused (`ExportError`) below `min_recall` set recall@k."""
+    try:
+        return ScannSearcher.build(gallery, k=k, min_recall=min_recall, query_embeddings=query_embeddings,
+                                   scann_config=scann_config, options=index_options, seed=seed)
+    except RecallGateError as error:
+        raise ExportError(str(error)) from None
 
 
 # ------------------------------------------------------------------------------- publish

@@ -48,7 +48,7 @@ from google.protobuf import text_format
 from scann.proto import scann_pb2
 from scann.scann_ops.py import scann_ops
 
-from atl_keras.search import exact_search
+from atl_keras.search.exact import ExactSearcher, exact_search
 
 #: Below this gallery size a tree + hashing index buys nothing: score every item.
 BRUTE_FORCE_BELOW = 2000
@@ -329,30 +329,19 @@ def held_out_queries(
 def exact_neighbors(gallery: np.ndarray, queries: HeldOutQueries, k: int, chunk_size: int = 32) -> np.ndarray:
     """Exact top-k gallery rows ``[Q, k]`` of the held-out queries (dot product).
 
-    Best score first, equal scores by increasing row (as `atl_keras.search.ExactSearcher`);
-    each query's ``exclude`` row is never returned. Scores the gallery in place, `chunk_size`
-    queries at a time: extra memory is a ``[chunk_size, N]`` float32 block (128 B per
-    gallery item at the default), never a copy of the gallery.
+    The package's one exact search (`atl_keras.search.ExactSearcher`, as the export's
+    ``retrieve_exact``): best score first, equal scores by increasing row; each query's
+    ``exclude`` row is never returned. `chunk_size` queries at a time: extra memory is a
+    ``[chunk_size, N]`` float32 block (128 B per gallery item at the default) beside the
+    searcher's copy of the gallery.
     """
-    gallery = np.asarray(gallery, dtype=np.float32)
-    embeddings = np.asarray(queries.embeddings, dtype=np.float32)
     n = len(gallery)
     limit = n - 1 if np.any(queries.exclude >= 0) else n
     if not 1 <= k <= limit:
         raise ValueError(f"k must be in [1, {limit}] for a gallery of {n} items, got {k}.")
-    out = np.empty((len(embeddings), k), np.int64)
-    for start in range(0, len(embeddings), chunk_size):
-        scores = embeddings[start:start + chunk_size] @ gallery.T  # [c, N]
-        for row, own in enumerate(queries.exclude[start:start + chunk_size]):
-            if own >= 0:
-                scores[row, own] = -np.inf
-        # the k-th best score, then every item at least that good (ties included), ordered
-        kth = np.partition(scores, n - k, axis=1)[:, n - k]
-        for row in range(len(scores)):
-            candidates = np.flatnonzero(scores[row] >= kth[row])
-            order = np.lexsort((candidates, -scores[row, candidates]))[:k]
-            out[start + row] = candidates[order]
-    return out
+    searcher = ExactSearcher(gallery, distance="dot")
+    indices, _ = searcher.search(queries.embeddings, k, chunk_size=chunk_size, exclude=queries.exclude)
+    return indices
 
 
 def drop_excluded(indices: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:

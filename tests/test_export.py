@@ -367,7 +367,7 @@ def test_export_tunes_the_index_to_the_recall_target_and_records_it(tmp_path, la
 
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(len(gallery), size=300, replace=False))
-    searcher = scann_ops.searcher_from_module(tf.saved_model.load(result.path).scann_state)
+    searcher = scann_ops.searcher_from_module(tf.saved_model.load(result.path).searcher_state)
     found, _ = searcher.search_batched(gallery[rows], final_num_neighbors=11, **config.search_kwargs)
     hits = 0
     for row, result_row in zip(rows, np.asarray(found)):
@@ -518,13 +518,13 @@ def test_adaptive_leaf_search_is_exported_and_served_as_measured(tmp_path):
     config = ScannConfig.from_dict(manifest["scann_config"])
     assert config == adaptive and config.search_kwargs["leaves_to_search"] == -1
     loaded = tf.saved_model.load(result.path)
-    state = scann_pb2.ScannConfig.FromString(loaded.scann_state.scann_config.numpy()[0])
+    state = scann_pb2.ScannConfig.FromString(loaded.searcher_state.scann_config.numpy()[0])
     spilling = state.partitioning.query_spilling
     assert spilling.spilling_type == spilling.ADDITIVE and spilling.max_spill_centers == 8
     assert spilling.spilling_threshold == pytest.approx(0.05)
     queries = images(20, seed=7)
     served = loaded.signatures["retrieve"](images=tf.constant(png_bytes(queries)), k=tf.constant(10))
-    searcher = scann_ops.searcher_from_module(loaded.scann_state)
+    searcher = scann_ops.searcher_from_module(loaded.searcher_state)
     embeddings = model.predict(queries, verbose=0)
     direct, _ = searcher.search_batched(embeddings, final_num_neighbors=10, **config.search_kwargs)
     np.testing.assert_array_equal(served["indices"].numpy(), np.asarray(direct))

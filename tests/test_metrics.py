@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 from atl_keras.metrics import RetrievalEvaluation, format_metrics_table, retrieval_metrics
-from atl_keras.search import ExactSearcher, _chunk_top_k_fn, exact_search
+from atl_keras.search import ExactSearcher, exact_search
+from atl_keras.search.exact import _chunk_top_k_fn
 
 DISTANCES = ("squared_l2", "cosine", "dot")
 
