@@ -376,13 +376,15 @@ class HashingTextEncoder:
 
 
 def load_text_encoder(name_or_handle: str | os.PathLike | TextEncoderLike,
-                      cache_dir: str | os.PathLike = "saved_models/text_encoders",
+                      cache_dir: str | os.PathLike | None = None,
                       batch_size: int = 256,
                       progress: Callable[[str], None] | None = None) -> TextEncoderLike:
     """Returns a text encoder by name.
 
-    ``progress`` (e.g. ``print``) is called with a one-line message before and after a
-    long first-use step (building ``use-m3``); the library itself never prints.
+    ``cache_dir``: where ``use-m3`` is built and looked up; ``None`` is the ATL home's
+    ``text_encoders/`` (``$ATL_HOME``, else ``~/.cache/atl-keras``; `atl_keras.home`), never
+    the current directory. ``progress`` (e.g. ``print``) is called with a one-line message
+    before and after a long first-use step (building ``use-m3``); the library itself never prints.
 
     - ``"use-m3"``: the offline Universal Sentence Encoder multilingual v3 (512-d),
       built into ``<cache_dir>/use-m3`` on first use (about 20 s, ~80 MB; needs the
@@ -397,9 +399,10 @@ def load_text_encoder(name_or_handle: str | os.PathLike | TextEncoderLike,
     name = os.fspath(name_or_handle)
     key = name.strip().lower()
     if key in ("use-m3", "use_m3"):
+        from .home import text_encoder_dir
         from .text_use import USE_M3_MAX_CHARS, build_use_m3, is_valid_use_m3
 
-        target = Path(cache_dir) / "use-m3"
+        target = Path(text_encoder_dir() if cache_dir is None else cache_dir) / "use-m3"
         fresh = progress is not None and not is_valid_use_m3(target)
         if fresh:
             progress(f"Building the Universal Sentence Encoder (use-m3, ~80 MB) into {target} "

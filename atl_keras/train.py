@@ -74,6 +74,7 @@ from atl_keras.distribute import (
     worker_info,
 )
 from atl_keras.distances import DISTANCES
+from atl_keras.home import with_home_dirs
 from atl_keras.losses import registry as loss_registry
 from atl_keras.losses.proxy import proxy_classes
 from atl_keras.metrics import RetrievalEvaluation, retrieval_metrics
@@ -117,8 +118,8 @@ class TrainConfig:
     proxy_anchor_margin: float = 0.1  # ProxyAnchor's delta
     proxy_lr_multiplier: float = 10.0  # proxies' learning rate / the model's (Adam)
     text_encoder: str = "use-m3"
-    text_cache_dir: str = "saved_models/text_encoders/cache"
-    text_encoder_dir: str = "saved_models/text_encoders"  # where "use-m3" is built on first use
+    text_cache_dir: str | None = None  # description embeddings; None: <ATL home>/text_encoders/cache
+    text_encoder_dir: str | None = None  # where "use-m3" is built on first use; None: <ATL home>/text_encoders
     backbone: str = "small_cnn"
     weights: str | None = None  # backbone init: None, "imagenet" (Keras' cache) or a weights file
     allow_download: bool = False  # weights="imagenet" may download into Keras' cache when missing
@@ -262,8 +263,8 @@ def _check_field_ranges(config: "TrainConfig") -> None:
         raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}.")
     if not config.ks or any(k < 1 for k in config.ks):
         raise ValueError(f"ks must be a non-empty list of integers >= 1 (e.g. [1, 10, 20]), got {list(config.ks)}.")
-    for name in ("output_dir", "text_encoder", "text_cache_dir"):
-        if not getattr(config, name).strip():
+    for name in ("output_dir", "text_encoder", "text_cache_dir", "text_encoder_dir"):
+        if getattr(config, name) is not None and not getattr(config, name).strip():
             raise ValueError(f"{name} must not be empty.")
 
 
@@ -530,6 +531,7 @@ def run_training(
     a warning. ``on_phase(name)`` is called at each of `PHASES` (fault-injection tests).
     """
     start = time.perf_counter()
+    config = with_home_dirs(config)  # None text directories: the ATL home ($ATL_HOME, ~/.cache/atl-keras)
     check_output_dir(config.output_dir)
     if config.logical_cpus:
         logical_cpu_devices(config.logical_cpus)

@@ -9,6 +9,9 @@ import pathlib
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Text encoders and caches (atl_keras.home): the checkout's built use-m3 (`make setup`), as
+# `make test` sets it, so a test never builds the encoder again in ~/.cache/atl-keras.
+os.environ.setdefault("ATL_HOME", str(REPO_ROOT / "saved_models"))
 
 
 @pytest.fixture(autouse=True)

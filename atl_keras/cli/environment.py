@@ -4,9 +4,8 @@
   runs before anything imports it. Quiet by default; ``atl --verbose ...`` brings every
   TensorFlow / Keras log line back.
 - ``$ATL_HOME``: where text encoders (the built-in ``use-m3``, ~80 MB) and their description
-  caches live. Default: this checkout's ``saved_models/`` when the current directory is one
-  (it holds ``saved_models/text_encoders/use-m3``), else ``~/.cache/atl-keras``
-  (``$XDG_CACHE_HOME/atl-keras``), never the current directory of a stranger.
+  caches live (`atl_keras.home`). Default ``~/.cache/atl-keras`` (``$XDG_CACHE_HOME/atl-keras``),
+  never the current directory; ``make`` sets it to the checkout's ``saved_models/``.
 - ``$ATL_ALLOW_DOWNLOAD=1``: the same as ``--allow-download`` (``--weights imagenet`` may let
   Keras download the ImageNet weights into its cache).
 """
@@ -19,7 +18,6 @@ import os
 from typing import Any
 
 VERBOSE_FLAG = "--verbose"
-TEXT_ENCODERS = "text_encoders"
 
 
 def configure_logging(verbose: bool) -> None:
@@ -43,33 +41,16 @@ def pop_verbose(argv: list[str]) -> tuple[list[str], bool]:
     return [a for a in argv if a != VERBOSE_FLAG], verbose
 
 
-def atl_home() -> tuple[str, str]:
-    """(directory for text encoders and caches, why that one)."""
-    if os.environ.get("ATL_HOME"):
-        return os.path.abspath(os.path.expanduser(os.environ["ATL_HOME"])), "$ATL_HOME"
-    checkout = os.path.join("saved_models", TEXT_ENCODERS, "use-m3", "saved_model.pb")
-    if os.path.isfile(checkout):
-        return os.path.abspath("saved_models"), "this checkout's saved_models/"
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "atl-keras"), "the default; set ATL_HOME to move it"
-
-
 def apply_home(config, command: str):
-    """`config` with its text encoder and cache directories under `atl_home` where they are
-    TrainConfig's defaults (a flag or YAML value wins); prints where they are."""
-    import dataclasses
+    """`config` with the text encoder and cache directories it leaves at ``None`` (no flag, no
+    YAML value) set under the ATL home (`atl_keras.home`); prints where that is."""
+    from atl_keras.home import atl_home, with_home_dirs
 
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     home, why = atl_home()
-    changes = {}
-    if config.text_encoder_dir == defaults["text_encoder_dir"]:
-        changes["text_encoder_dir"] = os.path.join(home, TEXT_ENCODERS)
-    if config.text_cache_dir == defaults["text_cache_dir"]:
-        changes["text_cache_dir"] = os.path.join(home, TEXT_ENCODERS, "cache")
-    if not changes:
-        return config
-    print(f"atl {command}: text encoders and caches in {home} ({why})", flush=True)
-    return dataclasses.replace(config, **changes)
+    resolved = with_home_dirs(config, home)
+    if resolved is not config:
+        print(f"atl {command}: text encoders and caches in {home} ({why})", flush=True)
+    return resolved
 
 
 def truthy(text: str | None) -> bool:

@@ -22,6 +22,7 @@ import shlex
 import sys
 import time
 
+from atl_keras.cli.environment import apply_home
 from atl_keras.experiments import (
     PROTOCOLS,
     SCHEDULES,
@@ -58,7 +59,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> ar
     parser.add_argument("--text-encoder", default=None, help="ATL's text encoder (default use-m3; hashing with --quick)")
     parser.add_argument("--work-dir", default=None,
                         help="run directories and per-run records (default: runs/replication; runs/weak-label)")
-    parser.add_argument("--text-cache-dir", default="saved_models/text_encoders/cache")
+    parser.add_argument("--text-cache-dir", default=None,
+                        help="description-embedding cache (default: $ATL_HOME/text_encoders/cache, "
+                        "$ATL_HOME defaulting to ~/.cache/atl-keras)")
     parser.add_argument("--from-records", default=None, metavar="JSON",
                         help="re-render the report from a replication_records.json (no training); give the same "
                              "--schedule/--seeds/--protocols/--ablations it was made with")
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    config = apply_home(config, "replicate")
     command = f"{prog} " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     start = time.perf_counter()
     if args.from_records:

@@ -107,7 +107,8 @@ class ReplicationConfig:
     ablation_protocols: tuple[str, ...] = ("shop",)
     text_encoder: str = "use-m3"
     work_dir: str = "runs/replication"
-    text_cache_dir: str = "saved_models/text_encoders/cache"
+    text_cache_dir: str | None = None  # None: <ATL home>/text_encoders/cache (atl_keras.home)
+    text_encoder_dir: str | None = None  # where use-m3 is built; None: <ATL home>/text_encoders
     grid_queries: int = 4
     max_k: int = 20
     reuse: bool = True  # reuse a run's record from work_dir when its settings are identical

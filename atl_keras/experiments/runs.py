@@ -18,6 +18,7 @@ from atl_keras.experiments.controls import ShuffledTextEncoder, save_lookup_enco
 from atl_keras.experiments.evaluation import evaluation_settings, grid_query_rows
 from atl_keras.experiments.methods import Method
 from atl_keras.experiments.protocols import EVAL_SEED, GRID_TOP, METRICS, Protocol, ReplicationConfig, Schedule
+from atl_keras.home import with_home_dirs
 
 @dataclass
 class RunRecord:
@@ -65,6 +66,7 @@ def train_config(protocol: Protocol, method: Method, seed: int, schedule: Schedu
         max_margin=method.max_margin,
         text_encoder=encoder,
         text_cache_dir=config.text_cache_dir,
+        text_encoder_dir=config.text_encoder_dir,
         margin_source=method.margin_source,
         margin_mapping=method.margin_mapping,
         p=p,
@@ -110,8 +112,12 @@ def code_version() -> str:
 
 
 def _run_key(train_cfg: Any, method: Method, config: ReplicationConfig) -> str:
+    train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "output_dir"}
+    # Where caches live does not change a run: fixed values keep the keys of records made
+    # when these were paths relative to the working directory.
+    train.update(text_cache_dir="saved_models/text_encoders/cache", text_encoder_dir="saved_models/text_encoders")
     payload = {
-        "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "output_dir"},
+        "train": train,
         "method": dataclasses.asdict(method),
         "max_k": config.max_k,
         "grid_queries": config.grid_queries,
@@ -136,7 +142,7 @@ def _resolve_text(train_cfg: Any, method: Method, seed: int) -> tuple[Any, float
     from atl_keras.train import load_data
 
     data = load_data(train_cfg)
-    encoder = load_text_encoder(train_cfg.text_encoder)
+    encoder = load_text_encoder(train_cfg.text_encoder, cache_dir=train_cfg.text_encoder_dir)
     if method.shuffle_descriptions:
         encoder = ShuffledTextEncoder(encoder, data.descriptions, seed=seed)
         # run_training writes its config as JSON: hand it a path, not an object.
@@ -315,6 +321,7 @@ def run_replication(
         command: the command line that started this, quoted in the report.
     """
     start = time.perf_counter()
+    config = with_home_dirs(config)  # None text directories: the ATL home
     records = []
     plan = [(config.protocol(p), m, s) for p, m, s in config.plan()]
     for i, (protocol, method, seed) in enumerate(plan, 1):

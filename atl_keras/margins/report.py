@@ -104,6 +104,9 @@ def inspect_margins(config, data, output_dir: str = "runs/margins", examples: in
     its `RetrievalData` (`atl_keras.train.load_data(config)`; only ``train_labels`` and
     ``descriptions`` are read). Writes `margins.png` into `output_dir`; returns the report.
     """
+    from atl_keras.home import with_home_dirs
+
+    config = with_home_dirs(config)  # None text directories: the ATL home
     items = np.unique(data.train_labels)
     descriptions = [data.descriptions[i] for i in items]
     encoder = load_text_encoder(config.text_encoder, cache_dir=config.text_encoder_dir)
