@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import tensorflow as tf
 
 __all__ = [
     "STRATEGIES",
     "check_pk_divisible",
+    "distribute_batch_function",
     "distribute_batches",
     "gather_replicas",
     "get_strategy",
@@ -241,6 +242,44 @@ def distribute_batches(
                 parts = tf.reshape(x, [replicas, size // replicas, *x.shape[1:]])
                 return parts[first : first + local]
 
+            return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(cut, batch))
+
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return dataset.flat_map(slices).with_options(options)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def distribute_batch_function(
+    strategy: tf.distribute.Strategy,
+    make_batches: Callable[[int, int], tf.data.Dataset],
+    batch_size: int,
+) -> tf.data.Dataset | tf.distribute.DistributedDataset:
+    """Like `distribute_batches`, but each worker builds only the rows its replicas take.
+
+    ``make_batches(first, count)`` returns the dataset of rows ``[first, first + count)`` of
+    every global batch of ``batch_size`` rows (e.g. `atl_keras.data.streaming.pk_stream_dataset`
+    with ``batch_rows``). A worker with L of the R replicas builds one pipeline for its
+    ``L * batch_size / R`` contiguous rows and hands replica r its own slice: the same layout
+    as `distribute_batches` (replica r gets rows ``[r * B / R, (r + 1) * B / R)``), but a
+    streaming worker reads and decodes only its share of the files.
+    """
+    replicas = num_replicas(strategy)
+    if replicas == 1:
+        return make_batches(0, batch_size)
+    if batch_size % replicas:
+        raise ValueError(f"The global batch of {batch_size} rows cannot be split over {replicas} replicas.")
+    per_replica = batch_size // replicas
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        first = context.input_pipeline_id * local * per_replica
+        dataset = make_batches(first, local * per_replica)
+
+        def slices(*batch: Any) -> tf.data.Dataset:
+            batch = batch[0] if len(batch) == 1 else batch
+            cut = lambda x: tf.reshape(x, [local, per_replica, *x.shape[1:]])  # noqa: E731
             return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(cut, batch))
 
         options = tf.data.Options()

@@ -27,7 +27,16 @@ from typing import Any, Sequence
 
 import tensorflow as tf
 
-__all__ = ["RESIZE_MODES", "Preprocessing", "decode_batch", "decode_image", "resize_image"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "RESIZE_MODES",
+    "Preprocessing",
+    "declared_pixels",
+    "decode_batch",
+    "decode_bounded",
+    "decode_image",
+    "resize_image",
+]
 
 RESIZE_MODES = ("pad", "stretch")
 #: Recorded in the manifest so a reader knows which filter produced the pixels.
@@ -133,3 +142,54 @@ def decode_batch(images: tf.Tensor | Sequence[bytes], preprocessing: Preprocessi
         tf.convert_to_tensor(images, tf.string),
         fn_output_signature=tf.TensorSpec(preprocessing.image_shape, tf.float32),
     )
+
+
+#: Images whose header declares more pixels are refused before decoding (~200 MB as RGB uint8).
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def declared_pixels(contents: tf.Tensor) -> tf.Tensor:
+    """Pixels (int64 scalar) an encoded image's header declares; 0 if the format is unknown.
+
+    Reads only header bytes (JPEG: the frame header via ``tf.image.extract_jpeg_shape``; PNG
+    IHDR; GIF logical screen; BMP info header), so a 300 KB file claiming 10000 x 10000
+    pixels can be refused before it is decoded. Graph ops: runs inside ``tf.data`` maps.
+    """
+
+    def ints(offset: int, count: int, width: int, big_endian: bool) -> tf.Tensor:
+        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(contents, offset, count * width), tf.uint8), tf.int64)
+        raw = tf.reshape(raw, [count, width])
+        weights = [256 ** (width - 1 - i) if big_endian else 256**i for i in range(width)]
+        return tf.reduce_sum(raw * tf.constant(weights, tf.int64), axis=1)
+
+    def product(values: tf.Tensor) -> tf.Tensor:
+        return tf.abs(values[0]) * tf.abs(values[1])
+
+    def bmp() -> tf.Tensor:  # signed 32-bit width and height (negative height = top-down)
+        values = ints(18, 2, 4, False)
+        return product(tf.where(values >= 2**31, values - 2**32, values))
+
+    head = tf.strings.substr(contents, 0, 8)
+    return tf.case(
+        [
+            (tf.strings.substr(head, 0, 3) == b"\xff\xd8\xff",
+             lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64))),
+            (head == b"\x89PNG\r\n\x1a\n", lambda: product(ints(16, 2, 4, True))),
+            (tf.strings.substr(head, 0, 3) == b"GIF", lambda: product(ints(6, 2, 2, False))),
+            (tf.strings.substr(head, 0, 2) == b"BM", bmp),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+    )
+
+
+def decode_bounded(contents: tf.Tensor, preprocessing: Preprocessing, max_pixels: int | None) -> tf.Tensor:
+    """`decode_image`, after failing (InvalidArgumentError) when the header declares more than
+    ``max_pixels`` pixels (None or 0: no bound). Inside ``tf.data`` such failures can be
+    dropped with ``ignore_errors``."""
+    if not max_pixels:
+        return decode_image(contents, preprocessing)
+    check = tf.debugging.assert_less_equal(
+        declared_pixels(contents), tf.constant(int(max_pixels), tf.int64),
+        message=f"the image header declares more than {int(max_pixels)} pixels")
+    with tf.control_dependencies([check]):
+        return decode_image(tf.identity(contents), preprocessing)

@@ -64,9 +64,11 @@ from atl_keras.backup import (
 from atl_keras.data.datasets import DATASET_SPECS, EvalSet, RetrievalData, load_retrieval_data
 from atl_keras.data.augment import make_augmenter
 from atl_keras.data.sampler import pk_dataset
+from atl_keras.data.streaming import SkippedRows, SkippedRowsWarning, pk_stream_dataset
 from atl_keras.distribute import (
     STRATEGIES,
     check_pk_divisible,
+    distribute_batch_function,
     distribute_batches,
     get_strategy,
     logical_cpu_devices,
@@ -103,6 +105,7 @@ class TrainConfig:
     synthetic_street_views: int = 3
     unseen_classes: tuple[str, ...] = ()
     strict: bool = False
+    stream: bool = True  # catalog/deepfashion/shards training rows: read per step, not decoded into RAM
     output_dir: str = "runs/main"
     loss: str = "atl"
     mining: str = "batch_hard"
@@ -306,6 +309,7 @@ def load_data(config: TrainConfig) -> RetrievalData:
         synthetic_items=config.synthetic_items,
         unseen_classes=config.unseen_classes,
         strict=config.strict,
+        stream=config.stream,
         seed=config.seed,
         synthetic_variants=config.synthetic_variants,
         synthetic_street_views=config.synthetic_street_views,
@@ -595,19 +599,23 @@ def _train(
     backup_dir = os.path.join(output_dir, BACKUP_DIR)
     log_path = os.path.join(output_dir, TRAINING_LOG)
 
-    train_labels, num_proxies = data.train_labels, 0
+    train_labels, num_proxies, label_text = data.train_labels, 0, item_text
     if config.loss in PROXY_LOSSES:  # one proxy per training item: labels 0..C-1
         classes = proxy_classes(data)
         train_labels, num_proxies = np.searchsorted(classes, data.train_labels), len(classes)
-    dataset = pk_dataset(
-        data.train_images,
-        train_labels,
-        text_embeddings=item_text[data.train_labels],
-        p=config.p,
-        k=config.k,
-        seed=config.seed,
-        augment=make_augmenter() if config.augment else None,
-    )
+        label_text = item_text[classes]
+    augment = make_augmenter() if config.augment else None
+    skipped = SkippedRows() if data.train_source is not None else None
+    if skipped is None:
+        dataset = pk_dataset(
+            data.train_images,
+            train_labels,
+            text_embeddings=label_text[train_labels],
+            p=config.p,
+            k=config.k,
+            seed=config.seed,
+            augment=augment,
+        )
 
     if config.weights == "imagenet" and config.allow_download:
         from atl_keras.backbones import download_imagenet_weights
@@ -641,11 +649,19 @@ def _train(
                      f"All {config.epochs} epochs were done (backup in {backup_dir}); "
                      "writing the final files")
     phase("restored")
-    if resume_epoch:
-        # Batch b of the P x K stream depends only on (seed, b): continue the stream where
-        # the completed epochs left it (like Keras, an interrupted epoch reruns from its start).
-        dataset = dataset.skip(resume_epoch * config.steps_per_epoch)
-    dataset = distribute_batches(strategy, dataset)
+    # Batch b of the P x K stream depends only on (seed, b): a resumed run continues the stream
+    # where the completed epochs left it (like Keras, an interrupted epoch reruns from its start).
+    done_steps = (resume_epoch or 0) * config.steps_per_epoch
+    if skipped is None:
+        dataset = distribute_batches(strategy, dataset.skip(done_steps))
+    else:  # each worker reads and decodes only its replicas' rows of every global batch
+        def streamed(first: int, count: int) -> tf.data.Dataset:
+            return pk_stream_dataset(
+                data.train_source, train_labels, label_text, data.preprocessing, p=config.p, k=config.k,
+                seed=config.seed, augment=augment, batch_rows=(first, count), skipped=skipped,
+            ).skip(done_steps)
+
+        dataset = distribute_batch_function(strategy, streamed, config.p * config.k)
 
     val = data.validation
     callbacks: list[keras.callbacks.Callback] = []
@@ -658,6 +674,8 @@ def _train(
             ks=config.ks,
             distance=config.distance,
         ))
+    if skipped is not None:
+        callbacks.append(SkippedRowsWarning(skipped, data.train_source))
     callbacks += [
         keras.callbacks.CSVLogger(log_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),

@@ -98,7 +98,7 @@ def test_catalog_validation_errors():
         Catalog(**{**base, "item_ids": ["a", "a"]}, labels=np.array([0, 1]))
     with pytest.raises(ValueError, match="domains must have one entry per row"):
         Catalog(**{**base, "domains": ["c"]}, labels=np.array([0, 1]))
-    with pytest.raises(ValueError, match="needs images .* or image_paths"):
+    with pytest.raises(ValueError, match="needs images .* image_paths .* or image_records"):
         Catalog(**{**base, "images": None}, labels=np.array([0, 1]))
 
 

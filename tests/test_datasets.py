@@ -80,11 +80,27 @@ def write_catalog(tmp_path, domains: bool):
 def test_csv_catalog_with_two_domains_skips_the_corrupt_image(tmp_path):
     path = write_catalog(tmp_path, domains=True)
     with pytest.warns(UserWarning, match="broken.png"):
-        data = load_retrieval_data(f"catalog:{path}", image_size=16)
+        data = load_retrieval_data(f"catalog:{path}", image_size=16, stream=False)
     train, val, test = item_sets(data)
     assert not (train & val) and not (train & test) and not (val & test)
     assert data.test.protocol == "street->catalog"
     assert data.train_images.shape[1:] == (16, 16, 3)
+
+
+def test_csv_catalog_streams_training_rows_and_decodes_only_evaluation_rows(tmp_path):
+    from atl_keras.data.sources import FileImages
+
+    path = write_catalog(tmp_path, domains=True)
+    memory = load_retrieval_data(f"catalog:{path}", image_size=16, stream=False)
+    data = load_retrieval_data(f"catalog:{path}", image_size=16)
+    assert data.train_images is None and isinstance(data.train_source, FileImages)
+    assert data.image_shape == (16, 16, 3) == memory.image_shape
+    # the index keeps every training row (a bad one is skipped when read); labels as in memory
+    assert len(data.train_source) == len(data.train_labels) >= len(memory.train_labels)
+    assert set(data.train_labels.tolist()) == set(memory.train_labels.tolist())
+    np.testing.assert_array_equal(data.test.query_images, memory.test.query_images)
+    np.testing.assert_array_equal(data.test.gallery_labels, memory.test.gallery_labels)
+    np.testing.assert_array_equal(data.validation.query_labels, memory.validation.query_labels)
 
 
 def test_csv_catalog_strict_mode_names_the_file(tmp_path):

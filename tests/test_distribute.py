@@ -252,3 +252,147 @@ def test_multi_worker_training_keeps_workers_identical(tmp_path):
     assert len(models[0].trainable_weights) == len(models[1].trainable_weights) > 0
     for a, b in zip(models[0].trainable_weights, models[1].trainable_weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------ streamed files under tf.distribute
+def write_image_catalog(folder, items: int = 24, per_item: int = 4, size: int = 20) -> str:
+    """A CSV catalog of small PNG files (street + catalog rows per item); returns its path."""
+    import csv
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for item in range(items):
+        colour = rng.integers(0, 256, 3)
+        for view in range(per_item):
+            pixels = np.clip(colour + rng.normal(0, 25, (size, size - 4, 3)), 0, 255).astype(np.uint8)
+            name = f"{item:03d}_{view}.png"
+            Image.fromarray(pixels).save(os.path.join(folder, name))
+            rows.append({"image": name, "item_id": f"sku-{item}", "description": f"colour {item % 5}",
+                         "domain": "catalog" if view % 2 else "street"})
+    path = os.path.join(folder, "shop.csv")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+STREAMED_MIRRORED = r"""
+import json, sys
+from atl_keras.distribute import logical_cpu_devices
+logical_cpu_devices(2)
+import numpy as np, tensorflow as tf
+from atl_keras.data.catalog import read_catalog
+from atl_keras.data.sampler import pk_dataset
+from atl_keras.data.streaming import pk_stream_dataset
+from atl_keras.distribute import distribute_batch_function, distribute_batches, get_strategy
+from atl_keras.preprocessing import Preprocessing
+from atl_keras.train import TrainConfig, run_training
+
+train = read_catalog(sys.argv[1]).split("train")
+prep = Preprocessing((16, 16))
+images, kept = train.load_images(16)
+strategy = get_strategy("mirrored")
+memory = iter(distribute_batches(strategy, pk_dataset(images, train.labels, p=4, k=2, seed=5)))
+streamed = iter(distribute_batch_function(
+    strategy, lambda first, count: pk_stream_dataset(train.image_source(), train.labels, None, prep, p=4, k=2,
+                                                     seed=5, batch_rows=(first, count)), 8))
+same = []
+for _ in range(3):
+    (xm, ym), (xs, ys) = next(memory), next(streamed)
+    for a, b, xa, xb in zip(strategy.experimental_local_results(ym["label"]),
+                            strategy.experimental_local_results(ys["label"]),
+                            strategy.experimental_local_results(xm), strategy.experimental_local_results(xs)):
+        same.append(bool(np.array_equal(a, b) and np.array_equal(xa, xb) and len(a) == 4))
+config = TrainConfig(dataset="catalog:" + sys.argv[1], image_size=16, text_encoder="hashing",
+                     text_cache_dir=sys.argv[2] + "/cache", p=4, k=2, epochs=1, steps_per_epoch=3, ks=(1, 5),
+                     embedding_dim=8, output_dir=sys.argv[2] + "/run", projector_size=0, strategy="mirrored")
+result = run_training(config, verbose=0)
+print("RESULT " + json.dumps({"kept": bool(kept.all()), "same": same, "replicas": result.replicas,
+                              "streamed": result.data.train_images is None, "loss": result.history["loss"]}))
+"""
+
+
+@pytest.mark.slow
+def test_mirrored_training_streams_files_with_the_in_memory_replica_layout(tmp_path):
+    catalog = write_image_catalog(str(tmp_path / "shop"))
+    proc = subprocess.run(
+        [PYTHON, "-c", STREAMED_MIRRORED, catalog, str(tmp_path)], cwd=REPO_ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["kept"] and result["same"] == [True] * 6  # 3 steps x 2 replicas: same rows, same pixels
+    assert result["replicas"] == 2 and result["streamed"]
+    assert np.isfinite(result["loss"]).all()
+
+
+STREAMED_WORKER = r"""
+import json, sys
+from atl_keras.distribute import get_strategy
+strategy = get_strategy("multi_worker")
+import numpy as np
+from atl_keras.data.catalog import read_catalog
+from atl_keras.data.streaming import pk_stream_dataset
+from atl_keras.distribute import distribute_batch_function
+from atl_keras.preprocessing import Preprocessing
+from atl_keras.train import TrainConfig, run_training
+
+config = json.loads(sys.argv[1])
+train = read_catalog(config["dataset"].partition(":")[2]).split("train")
+prep = Preprocessing((16, 16))
+it = iter(distribute_batch_function(
+    strategy, lambda first, count: pk_stream_dataset(train.image_source(), train.labels, None, prep, p=4, k=2,
+                                                     seed=5, batch_rows=(first, count)), 8))
+local = [[np.asarray(t).tolist() for t in strategy.experimental_local_results(next(it)[1]["label"])]
+         for _ in range(2)]
+result = run_training(TrainConfig(**{**config, "ks": tuple(config["ks"])}), verbose=0)
+print("RESULT " + json.dumps({"local": local, "replicas": result.replicas, "loss": result.history["loss"],
+                              "streamed": result.data.train_images is None}))
+"""
+
+
+@pytest.mark.slow
+def test_multi_worker_training_streams_files_each_worker_its_rows(tmp_path):
+    from atl_keras.data.catalog import read_catalog
+    from atl_keras.data.sampler import pk_index_dataset
+
+    catalog = write_image_catalog(str(tmp_path / "shop"))
+    ports = [_free_port(), _free_port()]
+    config = dict(
+        dataset=f"catalog:{catalog}", image_size=16, text_encoder="hashing", text_cache_dir=str(tmp_path / "cache"),
+        p=4, k=2, epochs=1, steps_per_epoch=3, ks=[1, 5], embedding_dim=8, output_dir=str(tmp_path / "run"),
+        projector_size=0, strategy="multi_worker",
+    )
+    procs = []
+    try:
+        for index in range(2):
+            tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                         "task": {"type": "worker", "index": index}}
+            procs.append(subprocess.Popen(
+                [PYTHON, "-c", STREAMED_WORKER, json.dumps(config)], cwd=REPO_ROOT,
+                env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "3"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))
+        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, f"worker failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    train = read_catalog(catalog).split("train")
+    expected = [train.labels[b] for b in pk_index_dataset(train.labels, p=4, k=2, seed=5).take(2).as_numpy_iterator()]
+    for step in range(2):  # worker w holds replica w's rows [4w, 4w + 4) of the global batch: whole labels
+        assert results[0]["local"][step] == [expected[step][:4].tolist()]
+        assert results[1]["local"][step] == [expected[step][4:].tolist()]
+    assert [r["replicas"] for r in results] == [2, 2] and all(r["streamed"] for r in results)
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)

@@ -8,7 +8,8 @@ import os
 from typing import Any
 
 DATASET_HELP = (
-    "fashion-mnist | synthetic-shop | deepfashion-inshop:ROOT | catalog:PATH.csv|.jsonl"
+    "fashion-mnist | synthetic-shop | deepfashion-inshop:ROOT | catalog:PATH.csv|.jsonl | "
+    "shards:DIR (written by `atl shards`)"
 )
 
 
@@ -32,6 +33,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--strict", action="store_true", default=argparse.SUPPRESS,
                    help="stop at a corrupt or missing image instead of skipping it")
+    p.add_argument("--no-stream", dest="stream", action="store_false", default=argparse.SUPPRESS,
+                   help="decode the training images of catalog:/deepfashion-inshop:/shards: data into memory "
+                   "instead of reading them per step (the default streams: memory holds an index, not pixels)")
     p.add_argument("--seed", type=int)
 
 

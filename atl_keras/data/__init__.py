@@ -1,5 +1,6 @@
 """Dataset readers and tf.data pipelines: Fashion-MNIST, catalogs (CSV/JSONL, DeepFashion
-In-shop, the synthetic shop), image decoding, P x K batch sampling.
+In-shop, the synthetic shop), image decoding, P x K batch sampling (in memory, or streamed
+from files and TFRecord shards).
 
 Names are imported lazily (PEP 562), so ``import atl_keras.data.<reader>`` does not pull in
 TensorFlow unless a tf.data pipeline is used.
@@ -28,6 +29,13 @@ _EXPORTS = {
     "find_invalid_images": "atl_keras.data.images",
     "image_dataset": "atl_keras.data.images",
     "make_synthetic_shop": "atl_keras.data.synthetic_shop",
+    "FileImages": "atl_keras.data.sources",
+    "ShardImages": "atl_keras.data.sources",
+    "SkippedRows": "atl_keras.data.streaming",
+    "SkippedRowsWarning": "atl_keras.data.streaming",
+    "decode_source": "atl_keras.data.streaming",
+    "pk_stream_dataset": "atl_keras.data.streaming",
+    "stream_images": "atl_keras.data.streaming",
     "contact_sheet": "atl_keras.data.synthetic_shop",
 }
 

@@ -83,6 +83,8 @@ class Catalog:
         splits: str ``[N]``, e.g. ``"train"`` / ``"val"`` / ``"test"`` / ``"query"`` / ``"gallery"``.
         images: uint8 ``[N, H, W, C]`` when held in memory, else None.
         image_paths: ``[N]`` image files when not in memory, else None.
+        image_records: the rows' records in TFRecord shards (`atl_keras.data.sources.ShardImages`,
+            from `atl_keras.data.shards.read_shards`), else None.
         item_attributes: optional ``[M]`` dicts of structured item metadata (category, colour,
             ... for the synthetic shop; the extra JSON fields for DeepFashion).
     """
@@ -95,6 +97,7 @@ class Catalog:
     images: np.ndarray | None = None
     image_paths: list[str] | None = None
     item_attributes: list[dict[str, Any]] | None = None
+    image_records: Any = None  # ShardImages (atl_keras.data.sources), kept untyped: no TF import here
 
     def __post_init__(self) -> None:
         self.item_ids = [str(i) for i in self.item_ids]
@@ -123,8 +126,11 @@ class Catalog:
             )
         self.domains = _as_str_array(self.domains, n, "domains")
         self.splits = _as_str_array(self.splits, n, "splits")
-        if self.images is None and self.image_paths is None:
-            raise ValueError("A Catalog needs images (uint8 [N, H, W, C]) or image_paths ([N] files).")
+        if self.images is None and self.image_paths is None and self.image_records is None:
+            raise ValueError("A Catalog needs images (uint8 [N, H, W, C]), image_paths ([N] files) or "
+                             "image_records (shard records).")
+        if self.image_records is not None and len(self.image_records) != n:
+            raise ValueError(f"image_records must have one record per row ({n}), got {len(self.image_records)}.")
         if self.images is not None:
             self.images = np.asarray(self.images)
             if self.images.ndim != 4 or len(self.images) != n:
@@ -177,6 +183,7 @@ class Catalog:
             splits=self.splits[rows],
             images=None if self.images is None else self.images[rows],
             image_paths=None if self.image_paths is None else [self.image_paths[i] for i in rows],
+            image_records=None if self.image_records is None else self.image_records.subset(rows),
         )
 
     def split(self, name: str | Sequence[str]) -> "Catalog":
@@ -257,10 +264,25 @@ class Catalog:
             if tuple(images.shape[1:3]) != tuple(size):
                 images = _resize_in_memory(images, size, channels, resize, pad_value)
             return images, np.ones(len(self), dtype=bool)
-        assert self.image_paths is not None
-        return decode_images(
-            self.image_paths, image_size, channels=channels, strict=strict, resize=resize, pad_value=pad_value
-        )
+        if self.image_paths is not None:
+            return decode_images(
+                self.image_paths, image_size, channels=channels, strict=strict, resize=resize, pad_value=pad_value
+            )
+        from atl_keras.data.streaming import decode_source
+
+        return decode_source(self.image_records, image_size, channels=channels, strict=strict, resize=resize,
+                             pad_value=pad_value)
+
+    def image_source(self) -> Any:
+        """The rows' encoded images as an `atl_keras.data.sources.ImageSource` (files or shard
+        records: an index of a few dozen bytes per row, nothing decoded)."""
+        if self.image_records is not None:
+            return self.image_records
+        if self.image_paths is None:
+            raise ValueError("This catalog holds its images in memory; it has no files or shard records to stream.")
+        from atl_keras.data.sources import FileImages
+
+        return FileImages(self.image_paths)
 
     def with_images(self, image_size: int | Sequence[int], strict: bool = False, **kwargs: Any) -> "Catalog":
         """This catalog with decoded images in memory, bad rows dropped (see `load_images`)."""

@@ -2,7 +2,13 @@
 
     data = load_retrieval_data("synthetic-shop")          # or "fashion-mnist",
     data.train_images, data.train_labels, data.descriptions   # "catalog:shop.csv",
-    data.test.query_images, data.test.gallery_images          # "deepfashion-inshop:/data/inshop"
+    data.test.query_images, data.test.gallery_images          # "deepfashion-inshop:/data/inshop",
+                                                              # "shards:/data/shop-shards"
+
+Training rows of file-backed datasets (``catalog:``, ``deepfashion-inshop:``, ``shards:``) are
+*streamed* by default (``stream=True``): `RetrievalData.train_source` indexes their files or
+shard records and ``train_images`` is None; `atl_keras.data.streaming.pk_stream_dataset` reads
+and decodes them per step. ``stream=False`` decodes them into memory as before.
 
 Protocols (`EvalSet.protocol`):
 - `street->catalog` (synthetic shop, catalogs with street and catalog rows): query = street
@@ -25,14 +31,19 @@ import numpy as np
 from atl_keras.data.catalog import Catalog, assign_splits, read_catalog
 from atl_keras.data.deepfashion import read_deepfashion_inshop
 from atl_keras.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from atl_keras.data.sources import ImageSource
 from atl_keras.data.synthetic_shop import make_synthetic_shop
+from atl_keras.preprocessing import Preprocessing
 
 DATASET_SPECS = (
     "fashion-mnist",
     "synthetic-shop",
     "deepfashion-inshop:ROOT",
     "catalog:PATH",
+    "shards:DIR",
 )
+#: Datasets whose training rows are files (or shard records) and stream by default.
+STREAMED_DATASETS = ("catalog", "deepfashion-inshop", "shards")
 
 
 @dataclass
@@ -66,20 +77,30 @@ class RetrievalData:
     """What training and evaluation need, independent of the reader.
 
     `train_images` uint8 [N, H, W, C], `train_labels` int64 [N] indexing `descriptions`
-    (one text per item/label, None when missing).
+    (one text per item/label, None when missing). Streamed data has ``train_images`` None
+    and `train_source` (the N training rows' files or shard records) decoded with
+    `preprocessing`.
     """
 
     name: str
-    train_images: np.ndarray
+    train_images: np.ndarray | None
     train_labels: np.ndarray
     descriptions: list[str | None]
     validation: EvalSet | None  # None: too few items to carve one (a warning says so)
     test: EvalSet
     item_ids: list[str] = field(default_factory=list)
     item_attributes: list[dict[str, Any]] | None = None  # [M] per item (synthetic shop, catalogs)
+    train_source: ImageSource | None = None
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_images is None and (self.train_source is None or self.preprocessing is None):
+            raise ValueError("RetrievalData needs train_images, or a train_source with its preprocessing.")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        if self.train_images is None:
+            return tuple(self.preprocessing.image_shape)  # type: ignore[union-attr]
         return tuple(int(x) for x in self.train_images.shape[1:])
 
 
@@ -128,9 +149,23 @@ def _with_validation_split(catalog: Catalog, fraction: float, seed: int) -> Cata
     return catalog
 
 
-def _from_catalog(name: str, catalog: Catalog, test_split: str | None, seed: int) -> RetrievalData:
+def _from_catalog(
+    name: str,
+    catalog: Catalog,
+    test_split: str | None,
+    seed: int,
+    stream_size: int | None = None,
+    strict: bool = False,
+) -> RetrievalData:
+    """Train rows + evaluation sets of a catalog. ``stream_size``: the training rows stay
+    files (streamed at that square size) and only the evaluation rows are decoded."""
     catalog = _with_validation_split(catalog, VALIDATION_FRACTION, seed)
     train = catalog.split("train")
+    train_source = preprocessing = None
+    if stream_size is not None:
+        train_source = train.image_source()
+        preprocessing = Preprocessing((stream_size, stream_size))
+        catalog = catalog.subset(catalog.splits != "train").with_images(stream_size, strict=strict)
     validation = None
     if "val" in set(catalog.splits.tolist()):
         validation = _eval_set(catalog, "val")
@@ -144,14 +179,35 @@ def _from_catalog(name: str, catalog: Catalog, test_split: str | None, seed: int
         )
     return RetrievalData(
         name=name,
-        train_images=train.images,
+        train_images=train.images if train_source is None else None,
         train_labels=train.labels,
         descriptions=list(catalog.descriptions),
         validation=validation,
         test=_eval_set(catalog, test_split),
         item_ids=list(catalog.item_ids),
         item_attributes=None if catalog.item_attributes is None else [dict(a) for a in catalog.item_attributes],
+        train_source=train_source,
+        preprocessing=preprocessing,
     )
+
+
+def _check_streamed_rows(data: RetrievalData) -> None:
+    """strict: decode every streamed training row once; raise naming the bad ones."""
+    from atl_keras.data.images import ImageDecodeError
+    from atl_keras.data.streaming import stream_images
+
+    source = data.train_source
+    good = np.zeros(len(source), bool)  # type: ignore[arg-type]
+    for row, _ in stream_images(source, data.preprocessing).as_numpy_iterator():  # type: ignore[arg-type]
+        good[row] = True
+    bad = np.flatnonzero(~good)
+    if bad.size:
+        named = ", ".join(repr(source.describe(int(r))) for r in bad[:5])  # type: ignore[union-attr]
+        raise ImageDecodeError(
+            f"{bad.size} of {len(good)} training images are missing, empty, undecodable or over the pixel "
+            f"budget: {named}{' and more' if bad.size > 5 else ''}. Fix or remove these rows, or drop "
+            "strict to skip them.",
+            [source.describe(int(r)) for r in bad], bad.tolist())  # type: ignore[union-attr]
 
 
 def _fashion_mnist(
@@ -199,12 +255,14 @@ def load_retrieval_data(
     seed: int = 0,
     synthetic_variants: float = 0.0,
     synthetic_street_views: int = 3,
+    stream: bool = True,
 ) -> RetrievalData:
     """Load the dataset named by `spec` (see `DATASET_SPECS`) as train / val / test sets.
 
     Args:
-        spec: `fashion-mnist`, `synthetic-shop`, `deepfashion-inshop:ROOT` or `catalog:PATH`
-            (CSV or JSONL with image, item_id, description[, domain, split]).
+        spec: `fashion-mnist`, `synthetic-shop`, `deepfashion-inshop:ROOT`, `catalog:PATH`
+            (CSV or JSONL with image, item_id, description[, domain, split]) or `shards:DIR`
+            (TFRecord shards written by `atl_keras.data.write_shards`).
         data_dir: Fashion-MNIST IDX directory (default: the Debian package's).
         image_size: square size for decoded files (default 64; synthetic shop 32).
         validation_size: Fashion-MNIST validation images held out of training.
@@ -214,7 +272,10 @@ def load_retrieval_data(
         synthetic_street_views: street photos per item (the test queries).
         unseen_classes: Fashion-MNIST / synthetic-shop classes (categories) kept out of
             training and used as the test set.
-        strict: stop at the first corrupt or missing image instead of skipping it.
+        strict: stop at the first corrupt or missing image instead of skipping it
+            (streamed training rows are then all decoded once up front to check them).
+        stream: keep the training rows of `STREAMED_DATASETS` as files / shard records
+            (`RetrievalData.train_source`) instead of decoding them into memory.
     """
     name, _, argument = spec.partition(":")
     if name == "fashion-mnist":
@@ -229,14 +290,26 @@ def load_retrieval_data(
             street_per_item=synthetic_street_views,
         )
         return _from_catalog("synthetic-shop", catalog, "test", seed)
-    if name == "deepfashion-inshop":
-        if not argument:
-            raise ValueError("Give the dataset root: deepfashion-inshop:/path/to/In-shop.")
-        catalog = read_deepfashion_inshop(argument).with_images(64 if image_size is None else image_size, strict=strict)
-        return _from_catalog("deepfashion-inshop", catalog, ["query", "gallery"], seed)
-    if name == "catalog":
-        if not argument:
-            raise ValueError("Give the catalog file: catalog:/path/to/catalog.csv (or .jsonl).")
-        catalog = read_catalog(argument).with_images(64 if image_size is None else image_size, strict=strict)
-        return _from_catalog(f"catalog:{argument}", catalog, "test", seed)
+    size = 64 if image_size is None else image_size
+    if name in STREAMED_DATASETS:
+        if name == "deepfashion-inshop":
+            if not argument:
+                raise ValueError("Give the dataset root: deepfashion-inshop:/path/to/In-shop.")
+            catalog, test_split, label = read_deepfashion_inshop(argument), ["query", "gallery"], name
+        elif name == "shards":
+            if not argument:
+                raise ValueError("Give the shard folder: shards:/path/to/shards (written by `atl shards`).")
+            from atl_keras.data.shards import read_shards
+
+            catalog, test_split, label = read_shards(argument), "test", f"shards:{argument}"
+        else:
+            if not argument:
+                raise ValueError("Give the catalog file: catalog:/path/to/catalog.csv (or .jsonl).")
+            catalog, test_split, label = read_catalog(argument), "test", f"catalog:{argument}"
+        if not stream:
+            return _from_catalog(label, catalog.with_images(size, strict=strict), test_split, seed)
+        data = _from_catalog(label, catalog, test_split, seed, stream_size=size, strict=strict)
+        if strict:
+            _check_streamed_rows(data)
+        return data
     raise ValueError(f"Unknown dataset {spec!r}; available: {', '.join(DATASET_SPECS)}.")
