@@ -9,6 +9,8 @@ an export version have the same variables and assets, and `RetrievalIndex.load` 
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,7 +18,7 @@ import tensorflow as tf
 
 from atl_keras.search.exact import ExactState, loaded_exact_rows
 
-__all__ = ["IndexModule", "line_table", "loaded_rows"]
+__all__ = ["IndexModule", "line_table", "load_index", "loaded_rows", "save_index"]
 
 
 def line_table(asset: tf.saved_model.Asset) -> tf.lookup.StaticHashTable:
@@ -112,4 +114,79 @@ class IndexModule(tf.Module):
 
 def loaded_rows(loaded: Any) -> np.ndarray:
     """The gallery rows ``[N, D]`` of an `IndexModule` (or export) restored by ``tf.saved_model.load``."""
-    return loaded_exact_rows(loaded.exact_state)
+    if hasattr(loaded, "exact_state"):
+        return loaded_exact_rows(loaded.exact_state)
+    if hasattr(loaded, "gallery_embeddings"):  # exports written before the search seam
+        return np.asarray(loaded.gallery_embeddings.numpy(), np.float32)
+    return np.asarray(loaded.scann_state.dataset.numpy(), np.float32)
+
+
+def save_index(
+    path: str,
+    searcher: Any,
+    embeddings: np.ndarray,
+    ids: Sequence[str],
+    image_ids: Sequence[str],
+    metadata: Sequence[dict[str, Any]],
+    manifest: dict[str, Any],
+    match_threshold: float | None = None,
+) -> str:
+    """Write an index directory at `path` (SavedModel with ``lookup`` signatures + assets, as an
+    export version), atomically: built in a hidden temporary beside it, then renamed into place."""
+    import shutil
+    import uuid
+
+    from atl_keras.export import IDS_NAME, MANIFEST_NAME, GalleryRows, _publish, _write_row_assets
+
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    staging = os.path.join(parent, f".tmp-{name}-{tag}-rows")
+    tmp = os.path.join(parent, f".tmp-{name}-{tag}")
+    try:
+        row_assets = _write_row_assets(staging, GalleryRows(list(image_ids), list(metadata)))
+        module = IndexModule(searcher, ids, embeddings=embeddings, row_assets=row_assets,
+                             match_threshold=match_threshold)
+        signatures = module.lookup_signatures()
+        tf.saved_model.save(module, tmp, signatures=signatures)
+        with open(os.path.join(tmp, "assets", IDS_NAME), "w", encoding="utf-8") as f:
+            f.write("\n".join(ids) + "\n")
+        with open(os.path.join(tmp, "assets", MANIFEST_NAME), "w", encoding="utf-8") as f:
+            json.dump({**manifest, "signatures": list(signatures)}, f, indent=2, sort_keys=True)
+        _publish(tmp, path, force=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _read_lines(path: str) -> list[str] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read().split("\n")[:-1]
+
+
+def load_index(path: str) -> tuple[Any, dict[str, Any], dict[str, Any], Any]:
+    """Read an index directory or an export version: ``(loaded SavedModel, manifest, rows, searcher)``,
+    rows = ``{"ids", "image_ids" (or None), "metadata" (or None)}``."""
+    from atl_keras.export import IDS_NAME, IMAGE_IDS_NAME, METADATA_NAME, load_manifest
+    from atl_keras.search.base import searcher_class
+
+    manifest = load_manifest(path)
+    kind = "scann" if manifest.get("index") == "scann" else "exact"
+    if kind == "scann":
+        import atl_keras.index  # noqa: F401  (registers ScaNN's ops before the load)
+    loaded = tf.saved_model.load(path)
+    embeddings = loaded_rows(loaded)
+    assets = os.path.join(path, "assets")
+    ids = _read_lines(os.path.join(assets, IDS_NAME))
+    if ids is None or len(ids) != len(embeddings):
+        raise ValueError(f"{path}: assets/{IDS_NAME} does not hold one id per gallery row; the index is damaged.")
+    image_ids = _read_lines(os.path.join(assets, IMAGE_IDS_NAME))
+    metadata_lines = _read_lines(os.path.join(assets, METADATA_NAME))
+    metadata = None if metadata_lines is None else [json.loads(line or "{}") for line in metadata_lines]
+    state = getattr(loaded, "searcher_state", None) or getattr(loaded, "scann_state", None)
+    searcher = searcher_class(kind).from_state(state, embeddings, manifest)
+    return loaded, manifest, {"ids": ids, "image_ids": image_ids, "metadata": metadata}, searcher
