@@ -141,7 +141,7 @@ def test_aggregate_and_compare_match_numpy_reference():
     noisy += [_record("triplet_batch_hard", s, v, v) for s, v in enumerate([0.28, 0.25, 0.33])]
     assert compare(noisy, "shop", "recall_at_1", "atl_use", "triplet_batch_hard").verdict == "no clear difference"
     single = [_record("atl_use", 0, 0.5, 0.5), _record("triplet_batch_hard", 0, 0.1, 0.1)]
-    assert compare(single, "shop", "recall_at_1", "atl_use", "triplet_batch_hard").verdict.startswith("not testable")
+    assert compare(single, "shop", "recall_at_1", "atl_use", "triplet_batch_hard").verdict == "no verdict (n = 1 < 3)"
 
 
 @pytest.mark.parametrize("t, df, p", [
@@ -159,11 +159,50 @@ def test_paired_t_p_value_against_a_hand_computed_test():
     assert paired_t_p_value(diff) == pytest.approx(student_t_two_sided_p(t, 2))
     assert 0.16 < paired_t_p_value(diff) < 0.17
     assert math.isnan(paired_t_p_value([0.1]))
-    assert paired_t_p_value([0.1, 0.1]) == 0.0 and paired_t_p_value([0.0, 0.0]) == 1.0
     c = compare([_record("atl_use", s, v, v) for s, v in enumerate([0.3, 0.4, 0.5])]
                 + [_record("triplet_batch_hard", s, v, v) for s, v in enumerate([0.2, 0.2, 0.2])],
                 "shop", "recall_at_1", "atl_use", "triplet_batch_hard")
     assert c.p_value == pytest.approx(paired_t_p_value([0.1, 0.2, 0.3]))
+
+
+def test_paired_t_matches_scipy_and_student_t_quantiles():
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    a, b = rng.uniform(0.3, 0.6, 10), rng.uniform(0.3, 0.6, 10)
+    assert paired_t_p_value(a - b) == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-12)
+    from atl_keras.experiments.statistics import t_critical
+
+    assert t_critical(0.95, 9) == pytest.approx(2.262157, abs=1e-6)
+    assert student_t_two_sided_p(t_critical(0.99, 4), 4) == pytest.approx(0.01, rel=1e-9)
+
+
+def test_two_seeds_or_zero_variance_never_give_a_p_value_or_a_verdict():
+    """Failed before issue 26: identical differences gave p = 0 and two seeds a verdict."""
+    assert math.isnan(paired_t_p_value([0.1, 0.1]))  # was 0.0
+    assert math.isnan(paired_t_p_value([0.1, 0.1, 0.1, 0.1]))  # zero variance: was 0.0
+    assert math.isnan(paired_t_p_value([0.0, 0.0, 0.0]))
+    assert math.isnan(paired_t_p_value([0.1, 0.3]))  # n = 2
+    two = [_record("atl_use", s, v, v) for s, v in enumerate([0.5, 0.6])]
+    two += [_record("triplet_batch_hard", s, v, v) for s, v in enumerate([0.1, 0.1])]
+    assert compare(two, "shop", "recall_at_1", "atl_use", "triplet_batch_hard").verdict == "no verdict (n = 2 < 3)"
+    same = [_record("atl_use", s, 0.3 + 0.1 * s, 0.3) for s in range(4)]
+    same += [_record("triplet_batch_hard", s, 0.2 + 0.1 * s, 0.2) for s in range(4)]
+    c = compare(same, "shop", "recall_at_1", "atl_use", "triplet_batch_hard")
+    assert c.verdict == "no verdict (zero variance)" and math.isnan(c.p_value)
+
+
+def test_the_quick_schedule_never_gives_a_verdict():
+    from atl_keras import experiments as rep
+
+    records = [_record("atl_use", s, 0.5 + 0.01 * s, 0.5) for s in range(5)]
+    records += [_record(m, s, 0.1 + 0.02 * s * s, 0.1) for m in rep.BASELINES for s in range(5)]
+    c = compare(records, "shop", "recall_at_1", "atl_use", "triplet_batch_hard", pipeline_check=True)
+    assert c.verdict.startswith("no verdict (the quick schedule")
+    config = rep.ReplicationConfig(protocols=("shop",), seeds=tuple(range(5)), schedule="quick")
+    report = rep.render_report(rep.ReplicationResult(config, records, wall_seconds=1.0))
+    assert "checks the pipeline only" in report
+    assert "| better |" not in report and "ATL is better" not in report
 
 
 def test_methods_share_everything_but_the_loss():

@@ -146,16 +146,16 @@ def test_paired_differences_against_a_direct_computation():
     assert d.holds and d.verdict == "holds (> 0)"  # one comparison: Holm = the plain test
 
 
-def _synthetic_result(effect: float, seeds=range(8)):
+def _synthetic_result(effect: float, seeds=range(8), schedule="weak_label", noise=0.002):
     config = ReplicationConfig(experiment="weak_label", protocols=("variant_shop",), seeds=tuple(seeds),
-                               schedule="quick")
+                               schedule=schedule)
     rng = np.random.default_rng(1)
     records = []
     for method in config.methods("variant_shop"):
         for s in config.seeds:
             base = 0.4 + 0.01 * s
             bonus = effect if method.margin_source == "text" else 0.0
-            records.append(_record(method.name, s, base + bonus + rng.normal(0, 0.002), variant=base + 0.1))
+            records.append(_record(method.name, s, base + bonus + rng.normal(0, noise), variant=base + 0.1))
     return ReplicationResult(config, records, wall_seconds=1.0, command="atl replicate --experiment weak_label",
                              environment={"cpu_count": "2"})
 
@@ -181,7 +181,57 @@ def test_report_lists_every_condition_and_run_and_applies_the_decision_rules():
 
 def test_one_seed_is_reported_as_not_testable():
     report = render_weak_label_report(_synthetic_result(effect=0.05, seeds=[0]))
-    assert "not testable (1 seed)" in report and "need at least 2 seeds" in report
+    assert "no verdict (n = 1 < 3)" in report and "**No verdicts**" in report
+
+
+def _verdict_lines(report: str) -> str:
+    return report.split("### Verdicts")[1].split("###")[0]
+
+
+def test_two_seeds_give_no_verdict():
+    """Failed before issue 26: two seeds with a consistent difference gave 'holds' and a YES."""
+    report = render_weak_label_report(_synthetic_result(effect=0.05, seeds=[0, 1]))
+    assert "YES" not in _verdict_lines(report) and "holds (> 0)" not in report
+    assert "no verdict (n = 2 < 3)" in report
+
+
+def test_zero_variance_differences_give_no_p_and_no_verdict():
+    """Failed before issue 26: identical paired differences gave p = 0, 'holds' and 'Holm p < 0.001'."""
+    records = [_record("x", s, 0.4 + 0.01 * s) for s in range(6)] + [_record("y", s, 0.3 + 0.01 * s) for s in range(6)]
+    (d,) = paired_differences(records, "variant_shop", "recall_at_1", [("x - y", "x", "y")])
+    assert d.n == 6 and d.mean == pytest.approx(0.1)
+    assert math.isnan(d.p_value) and math.isnan(d.holm_p) and not d.holds
+    assert d.verdict == "no verdict (zero variance)"
+    report = render_weak_label_report(_synthetic_result(effect=0.05, noise=0.0))
+    assert "YES" not in _verdict_lines(report) and "< 0.001" not in report and "holds (> 0)" not in report
+
+
+def test_quick_schedule_never_gives_verdicts_and_says_it_checks_the_pipeline():
+    """Failed before issue 26: a strong effect under the quick schedule gave YES verdicts."""
+    report = render_weak_label_report(_synthetic_result(effect=0.05, schedule="quick"))
+    assert "checks the pipeline only" in report
+    assert "YES" not in _verdict_lines(report) and "holds (> 0)" not in report
+
+
+def test_a_users_report_claims_no_pre_registration_and_no_shop():
+    config = ReplicationConfig(experiment="weak_label", dataset="catalog:products.csv", seeds=(0, 1, 2, 3),
+                               schedule="weak_label")
+    rng = np.random.default_rng(2)
+    records = [RunRecord("catalog", m.name, s, {"catalog": {"recall_at_1": float(rng.uniform(0.2, 0.4))}}, {}, {},
+                         1.0, host="h", code_version="c") for m in config.methods("catalog") for s in config.seeds]
+    report = render_weak_label_report(ReplicationResult(config, records, wall_seconds=1.0))
+    assert "pre-registered" not in report and "fixes the shop" not in report and "synthetic shop" not in report
+    assert "**Text is used on this catalog**" in report
+
+
+def test_replicate_help_does_not_offer_the_quick_schedule_for_an_answer(capsys):
+    from atl_keras.cli.replicate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["-h"])
+    out = capsys.readouterr().out
+    catalog_lines = [line for line in out.splitlines() if "catalog:" in line and "MY catalog" in line]
+    assert catalog_lines and not any("quick" in line for line in catalog_lines)
 
 
 def test_weak_label_conditions_differ_only_in_their_margin_table():
@@ -292,7 +342,7 @@ def test_proxy_seeds_are_run_seed_major_on_their_seeds_only_and_checked():
 def _result_with_proxies(proxy_seeds=(0, 1, 2)):
     base = _synthetic_result(effect=0.05)
     config = ReplicationConfig(experiment="weak_label", protocols=("variant_shop",), seeds=base.config.seeds,
-                               schedule="quick", proxy_seeds=proxy_seeds)
+                               schedule="weak_label", proxy_seeds=proxy_seeds)
     rng = np.random.default_rng(5)
     extra = [_record(m.name, s, 0.45 + 0.01 * s + (0.03 if m.name == "adaptive_proxy_text" else 0.0)
                      + rng.normal(0, 0.001), variant=0.5)

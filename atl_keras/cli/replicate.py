@@ -4,7 +4,8 @@
     atl replicate --seeds 5 --ablations           # the published replication (~80 min, 2 cores)
     atl replicate --experiment weak_label         # the pre-registered margin-source experiment (8 seeds)
     atl replicate --experiment weak_label --proxies 8   # + the proxy losses beside ATL (issue 15)
-    atl replicate --dataset catalog:products.csv --seeds 2 --schedule quick   # does text help on MY catalog?
+    atl replicate --dataset catalog:products.csv --seeds 5   # does text help on MY catalog?
+    atl replicate --dataset catalog:products.csv --schedule quick --seeds 1   # pipeline check only, no verdicts
 
 (`python tools/replicate.py` is the same command.) Writes <output>/replication.md,
 <output>/replication_*.png and replication_records.json (the weak-label experiment:
@@ -39,7 +40,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> ar
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized: schedule 'quick', 1 seed, hashing text encoder (same report structure).")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 5; 1 with --quick)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 5; 8 for the weak-label experiment; 1 with "
+                             "--quick). Verdicts need at least 3")
     parser.add_argument("--output", default=None,
                         help="report and plot directory (default: results; runs/replicate-quick with --quick)")
     parser.add_argument("--experiment", choices=EXPERIMENTS, default=None,
@@ -55,7 +57,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> ar
                         help="also run the ATL ablations (margin range, threshold, encoder, shuffled-text control)")
     parser.add_argument("--ablation-protocols", default="shop", help="protocols the ablations run on (default: shop)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
-                        help="training budget preset (default: full; quick with --quick)")
+                        help="training budget preset (default: full; weak_label for the weak-label experiment; quick "
+                             "with --quick). 'quick' (1 x 4 steps) checks the pipeline only: its reports give no "
+                             "verdicts")
     parser.add_argument("--text-encoder", default=None, help="ATL's text encoder (default use-m3; hashing with --quick)")
     parser.add_argument("--work-dir", default=None,
                         help="run directories and per-run records (default: runs/replication; runs/weak-label)")

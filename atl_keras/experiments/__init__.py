@@ -35,11 +35,11 @@ from atl_keras.experiments.protocols import EXPERIMENTS, EVALUATIONS, FMNIST_UNS
 from atl_keras.experiments.evaluation import query_gallery_split, street_style
 from atl_keras.experiments.controls import ShuffledTextEncoder, derangement, save_lookup_encoder
 from atl_keras.experiments.runs import ReplicationResult, RunRecord, load_result, run_one, run_replication
-from atl_keras.experiments.statistics import aggregate, compare, paired_t_p_value, student_t_two_sided_p
+from atl_keras.experiments.statistics import aggregate, compare, no_verdict_reason, paired_t_p_value, student_t_two_sided_p, t_critical
 from atl_keras.experiments.plots import chance_recall, plot_recall_curves, plot_retrieval_grid
 from atl_keras.experiments.report import render_report, write_report
 from atl_keras.experiments.methods import weak_label_methods, weak_label_proxy_methods
-from atl_keras.experiments.weak_label import holm, paired_differences, render_weak_label_report, t_critical
+from atl_keras.experiments.weak_label import holm, paired_differences, render_weak_label_report
 
 __all__ = [
     "BASELINES",
@@ -63,6 +63,7 @@ __all__ = [
     "compare",
     "derangement",
     "load_result",
+    "no_verdict_reason",
     "paired_t_p_value",
     "plot_recall_curves",
     "plot_retrieval_grid",

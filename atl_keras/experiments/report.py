@@ -13,7 +13,12 @@ from atl_keras.experiments.methods import ATL_USE, BASELINES, MAIN_METHODS, Meth
 from atl_keras.experiments.plots import _first_seed_settings, _grid_plots, chance_recall, plot_recall_curves
 from atl_keras.experiments.protocols import EVALUATIONS, METRICS, METRIC_TITLES
 from atl_keras.experiments.runs import ReplicationResult
-from atl_keras.experiments.statistics import Comparison, aggregate, compare
+from atl_keras.experiments.statistics import PIPELINE_CHECK, Comparison, aggregate, compare
+
+def _compare(result: ReplicationResult, *args: str) -> Comparison | None:
+    """`compare` on the result's records; the `quick` schedule never gives verdicts."""
+    return compare(result.records, *args, pipeline_check=result.config.schedule_name == "quick")
+
 
 def _fmt(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}" if math.isfinite(std) else f"{mean:.4f} ± n/a"
@@ -61,6 +66,11 @@ def render_report(result: ReplicationResult, plots: dict[str, str] | None = None
         f"{env.get('gpus', '0')} GPUs; {env.get('platform', '')}; Python {env.get('python', '?')}, "
         f"TensorFlow {env.get('tensorflow', '?')}, Keras {env.get('keras', '?')}.",
         _wall_time_line(result),
+    ]
+    if config.schedule_name == "quick":
+        lines.append(f"- **No verdicts: {PIPELINE_CHECK}** ({schedule.epochs} x {schedule.steps_per_epoch} steps on a "
+                     "tiny shop); its numbers say nothing about the methods.")
+    lines += [
         "",
         "Methods:",
         "",
@@ -116,7 +126,7 @@ def render_report(result: ReplicationResult, plots: dict[str, str] | None = None
     for evaluation in evaluations:
         for baseline in BASELINES:
             for metric in ("recall_at_1", "map_at_r"):
-                c = compare(result.records, evaluation, metric, ATL_USE.name, baseline)
+                c = _compare(result, evaluation, metric, ATL_USE.name, baseline)
                 if c is None:
                     continue
                 verdicts.append(c)
@@ -192,11 +202,14 @@ def _conclusions(verdicts: Sequence[Comparison]) -> list[str]:
         elif c.verdict == "worse":
             out.append(f"- {what} ATL is WORSE by {_pct(c.relative_gain)} relative "
                        f"({c.paired_diff:+.4f}, all {c.n} seeds), beyond the seed spread.")
-        elif c.verdict.startswith("not testable"):
-            out.append(f"- {what} one seed only ({_pct(c.relative_gain)}): no claim can be made.")
+        elif c.no_verdict:
+            out.append(f"- {what} {c.verdict} ({_pct(c.relative_gain)}): no claim can be made.")
         else:
             out.append(f"- {what} no clear difference ({_pct(c.relative_gain)} relative, ATL ahead on "
                        f"{c.wins}/{c.n} seeds; the difference is within the seed spread).")
+    reasons = sorted({c.no_verdict for c in verdicts if c.no_verdict})
+    if len(reasons) and all(c.no_verdict for c in verdicts):
+        return out + ["", f"Summary: no verdicts ({'; '.join(reasons)}); these runs support no claim about ATL."]
     supported = [c for c in verdicts if c.verdict == "better"]
     worse = [c for c in verdicts if c.verdict == "worse"]
     out += ["", f"Summary: ATL is better beyond the seed spread in {len(supported)} of {len(verdicts)} comparisons "
@@ -234,7 +247,7 @@ def _ablation_section(result: ReplicationResult, stats: dict, methods_all: dict[
                 cells = []
                 for other, metric in ((ATL_USE.name, "recall_at_1"), (TRIPLET_BATCH_HARD.name, "recall_at_1"),
                                       (TRIPLET_BATCH_HARD.name, "map_at_r")):
-                    c = compare(result.records, evaluation, metric, m.name, other)
+                    c = _compare(result, evaluation, metric, m.name, other)
                     if c is None or (other == m.name):
                         cells.append("-")
                     else:
@@ -258,9 +271,9 @@ def _ablation_section(result: ReplicationResult, stats: dict, methods_all: dict[
               "`triplet_mean_margin` (no text, ATL's average margin) must not reach ATL.", ""]
     for p in config.ablation_protocols:
         for e in config.protocol(p).evaluations:
-            real = compare(result.records, e, "recall_at_1", ATL_USE.name, TRIPLET_BATCH_HARD.name)
-            shuffled = compare(result.records, e, "recall_at_1", "atl_shuffled", TRIPLET_BATCH_HARD.name)
-            text = compare(result.records, e, "recall_at_1", ATL_USE.name, "atl_shuffled")
+            real = _compare(result, e, "recall_at_1", ATL_USE.name, TRIPLET_BATCH_HARD.name)
+            shuffled = _compare(result, e, "recall_at_1", "atl_shuffled", TRIPLET_BATCH_HARD.name)
+            text = _compare(result, e, "recall_at_1", ATL_USE.name, "atl_shuffled")
             if real is None or shuffled is None or text is None:
                 continue
             if real.verdict != "better":
@@ -274,7 +287,7 @@ def _ablation_section(result: ReplicationResult, stats: dict, methods_all: dict[
             lines.append(f"- `{e}`, R@1 vs `{TRIPLET_BATCH_HARD.name}`: real text {real.paired_diff:+.4f} "
                          f"({real.verdict}), shuffled text {shuffled.paired_diff:+.4f} ({shuffled.verdict}); "
                          f"real minus shuffled {text.paired_diff:+.4f} ({text.verdict}). Reading: {reading}.")
-            fixed = compare(result.records, e, "recall_at_1", ATL_USE.name, "triplet_mean_margin")
+            fixed = _compare(result, e, "recall_at_1", ATL_USE.name, "triplet_mean_margin")
             if fixed is not None:
                 reading = {
                     "better": "ATL beats a fixed margin of the same average size: its per-pair margins matter",

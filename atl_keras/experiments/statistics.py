@@ -1,4 +1,4 @@
-"""Aggregation over seeds, paired comparisons and the exact paired t-test."""
+"""Aggregation over seeds, paired comparisons and the paired t-test (`scipy.stats`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
 
 from atl_keras.experiments.protocols import METRICS
 from atl_keras.experiments.runs import RunRecord
+
+#: Fewer paired seeds than this never give a verdict (with 2, one t-test df, any agreement looks "significant").
+MIN_SEEDS = 3
+#: Paired differences whose range is at most this are treated as having zero variance.
+ZERO_VARIANCE_ATOL = 1e-9
+#: Why the `quick` schedule gives no verdicts (1 x 4 steps: it checks that the pipeline runs).
+PIPELINE_CHECK = "the quick schedule checks the pipeline only"
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (ddof=1; NaN for fewer than two values)."""
@@ -53,7 +61,8 @@ class Comparison:
     wins: int  # seeds where A > B
     n: int
     spread: float  # max of the two methods' seed std (NaN for one seed)
-    p_value: float = math.nan  # two-sided paired t-test on the per-seed differences (NaN for one seed)
+    p_value: float = math.nan  # two-sided paired t-test on the per-seed differences (NaN: no verdict)
+    no_verdict: str = ""  # why no verdict can be given ("" = one can); see `no_verdict_reason`
 
     @property
     def verdict(self) -> str:
@@ -61,10 +70,11 @@ class Comparison:
 
         Supported = every seed agrees on the sign AND the mean difference exceeds both the
         seed-to-seed spread of either method and the spread of the paired differences.
-        With one seed nothing is supported.
+        ``no verdict (<reason>)`` with fewer than `MIN_SEEDS` seeds, zero variance or the
+        `quick` schedule.
         """
-        if self.n < 2 or not math.isfinite(self.spread):
-            return "not testable (1 seed)"
+        if self.no_verdict:
+            return f"no verdict ({self.no_verdict})"
         bar = max(self.spread, self.paired_std)
         if self.wins == self.n and self.paired_diff > bar:
             return "better"
@@ -73,8 +83,12 @@ class Comparison:
         return "no clear difference"
 
 
-def compare(records: Sequence[RunRecord], evaluation: str, metric: str, method: str, baseline: str) -> Comparison | None:
-    """Compare `method` to `baseline` over the seeds both ran (None when they share none)."""
+def compare(records: Sequence[RunRecord], evaluation: str, metric: str, method: str, baseline: str,
+            pipeline_check: bool = False) -> Comparison | None:
+    """Compare `method` to `baseline` over the seeds both ran (None when they share none).
+
+    `pipeline_check`: the runs only check the pipeline (the `quick` schedule): no verdict.
+    """
     a = {r.seed: r.metrics[evaluation][metric] for r in records if r.method == method and evaluation in r.metrics}
     b = {r.seed: r.metrics[evaluation][metric] for r in records if r.method == baseline and evaluation in r.metrics}
     seeds = sorted(set(a) & set(b))
@@ -89,46 +103,47 @@ def compare(records: Sequence[RunRecord], evaluation: str, metric: str, method: 
         evaluation, metric, method, baseline, float(va.mean()), base,
         (float(va.mean()) - base) / base if base else math.nan,
         float(diff.mean()), std(diff), int(np.sum(diff > 0)), n, max(std(va), std(vb)) if n > 1 else math.nan,
-        paired_t_p_value(diff),
+        paired_t_p_value(diff), PIPELINE_CHECK if pipeline_check else no_verdict_reason(diff),
     )
 
 
-def student_t_two_sided_p(t: float, df: int) -> float:
-    """P(|T| >= |t|) for Student's t with integer `df` >= 1 (exact finite series).
+def student_t_two_sided_p(t: float, df: float) -> float:
+    """``P(|T| >= |t|)`` for Student's t with `df` > 0 degrees of freedom (`scipy.stats.t`)."""
+    if not df > 0:
+        raise ValueError(f"df must be > 0, got {df}")
+    return float(2.0 * stats.t.sf(abs(t), df))
 
-    Abramowitz & Stegun 26.7.3-26.7.4 with theta = atan(|t| / sqrt(df)); no SciPy needed.
+
+def t_critical(level: float, df: float) -> float:
+    """``t`` with ``P(|T| >= t) = 1 - level`` for Student's t with `df` degrees (`scipy.stats.t.ppf`)."""
+    if not 0 < level < 1 or not df > 0:
+        raise ValueError(f"Need 0 < level < 1 and df > 0, got {level}, {df}.")
+    return float(stats.t.ppf(1 - (1 - level) / 2, df))
+
+
+def no_verdict_reason(differences: Sequence[float]) -> str:
+    """Why paired `differences` cannot support a verdict (``""`` when they can).
+
+    Fewer than `MIN_SEEDS` values, non-finite values, or zero variance (all differences equal
+    within `ZERO_VARIANCE_ATOL`, e.g. two seeds with the same score difference): a t-test on
+    them would report p = 0 or a meaningless p, so no verdict is given.
     """
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
-    if math.isinf(t):
-        return 0.0
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2:  # odd: A = (2/pi) * (theta + sin(theta) * cos(theta) * sum)
-        term, total = 1.0, 1.0 if df > 1 else 0.0
-        for k in range(1, (df - 1) // 2):
-            term *= c2 * (2 * k) / (2 * k + 1)
-            total += term
-        inside = (2 / math.pi) * (theta + math.sin(theta) * math.cos(theta) * total)
-    else:  # even: A = sin(theta) * sum
-        term, total = 1.0, 1.0
-        for k in range(1, df // 2):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        inside = math.sin(theta) * total
-    return min(1.0, max(0.0, 1.0 - inside))
+    d = np.asarray(differences, np.float64)
+    if d.size < MIN_SEEDS:
+        return f"n = {d.size} < {MIN_SEEDS}"
+    if not np.all(np.isfinite(d)):
+        return "non-finite values"
+    if float(np.ptp(d)) <= ZERO_VARIANCE_ATOL:
+        return "zero variance"
+    return ""
 
 
 def paired_t_p_value(differences: Sequence[float]) -> float:
-    """Two-sided p of a paired t-test on per-seed differences (NaN for fewer than 2 seeds).
+    """Two-sided p of a paired t-test on per-seed differences (`scipy.stats.ttest_1samp` against 0).
 
-    All-equal non-zero differences give p = 0; all-zero differences give p = 1.
+    NaN whenever `no_verdict_reason` names a reason (n < 3, zero variance, non-finite): never
+    p = 0 from a degenerate sample.
     """
-    d = np.asarray(differences, np.float64)
-    if d.size < 2:
+    if no_verdict_reason(differences):
         return math.nan
-    sd = float(d.std(ddof=1))
-    mean = float(d.mean())
-    if sd == 0.0:
-        return 1.0 if mean == 0.0 else 0.0
-    return student_t_two_sided_p(mean / (sd / math.sqrt(d.size)), int(d.size - 1))
+    return float(stats.ttest_1samp(np.asarray(differences, np.float64), 0.0).pvalue)

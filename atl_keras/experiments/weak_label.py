@@ -26,7 +26,7 @@ import numpy as np
 from atl_keras.experiments.methods import WEAK_LABEL_MINERS, method_title, weak_label_method_name
 from atl_keras.experiments.protocols import EVALUATIONS
 from atl_keras.experiments.runs import ReplicationResult, RunRecord
-from atl_keras.experiments.statistics import paired_t_p_value, student_t_two_sided_p
+from atl_keras.experiments.statistics import PIPELINE_CHECK, no_verdict_reason, paired_t_p_value, t_critical
 
 __all__ = [
     "ALPHA",
@@ -51,22 +51,6 @@ METRIC_NAMES = {
     "variant_recall_at_1": "variant R@1", "variant_recall_at_10": "variant R@10",
     "attribute_agreement_at_10": "attr. agreement@10",
 }
-
-
-def t_critical(level: float, df: int) -> float:
-    """``t`` with ``P(|T| >= t) = 1 - level`` for Student's t with `df` degrees (bisection)."""
-    if not 0 < level < 1 or df < 1:
-        raise ValueError(f"Need 0 < level < 1 and df >= 1, got {level}, {df}.")
-    lo, hi = 0.0, 1.0
-    while student_t_two_sided_p(hi, df) > 1 - level:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if student_t_two_sided_p(mid, df) > 1 - level:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def holm(p_values: Sequence[float], alpha: float = ALPHA) -> tuple[list[float], list[bool], list[float]]:
@@ -114,11 +98,12 @@ class Difference:
     holds: bool = False  # Holm-rejected AND mean > 0
     holm_low: float = math.nan  # interval at the Holm level of this comparison
     holm_high: float = math.nan
+    no_verdict: str = ""  # why the data cannot give a verdict ("" = they can); see `no_verdict_reason`
 
     @property
     def verdict(self) -> str:
-        if self.n < 2:
-            return "not testable (1 seed)"
+        if self.no_verdict:
+            return f"no verdict ({self.no_verdict})"
         if self.holds:
             return "holds (> 0)"
         if self.mean < 0 and self.holm_p <= ALPHA:
@@ -133,26 +118,35 @@ def _values(records: Sequence[RunRecord], evaluation: str, metric: str, method: 
 
 def paired_differences(
     records: Sequence[RunRecord], evaluation: str, metric: str, comparisons: Sequence[tuple[str, str, str]],
-    alpha: float = ALPHA,
+    alpha: float = ALPHA, pipeline_check: bool = False,
 ) -> list[Difference]:
-    """One `Difference` per ``(label, method, baseline)``, Holm-corrected over `comparisons`."""
+    """One `Difference` per ``(label, method, baseline)``, Holm-corrected over `comparisons`.
+
+    A comparison gets no verdict (p = NaN, never "holds") with fewer than 3 paired seeds, zero
+    variance of the differences, or `pipeline_check` (the `quick` schedule); its intervals are
+    given whenever the differences have a spread (n >= 2).
+    """
     raw = []
     for label, method, baseline in comparisons:
         a, b = _values(records, evaluation, metric, method), _values(records, evaluation, metric, baseline)
         seeds = sorted(set(a) & set(b))
         d = np.array([a[s] - b[s] for s in seeds], np.float64)
         n = len(d)
+        reason = PIPELINE_CHECK if pipeline_check else no_verdict_reason(d)
         mean = float(d.mean()) if n else math.nan
         sd = float(d.std(ddof=1)) if n > 1 else math.nan
-        half = t_critical(1 - alpha, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
-        raw.append((label, method, baseline, n, mean, sd, half, paired_t_p_value(d) if n > 1 else math.nan,
-                    int(np.sum(d > 0)), d))
+        spread = n > 1 and sd > 0
+        half = t_critical(1 - alpha, n - 1) * sd / math.sqrt(n) if spread else math.nan
+        raw.append((label, method, baseline, n, mean, sd, half, math.nan if reason else paired_t_p_value(d),
+                    int(np.sum(d > 0)), reason, spread))
     adjusted, rejected, levels = holm([r[7] for r in raw], alpha)
     out = []
-    for (label, method, baseline, n, mean, sd, half, p, wins, _), adj, rej, level in zip(raw, adjusted, rejected, levels):
-        holm_half = t_critical(level, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    for (label, method, baseline, n, mean, sd, half, p, wins, reason, spread), adj, rej, level in zip(
+            raw, adjusted, rejected, levels):
+        holm_half = t_critical(level, n - 1) * sd / math.sqrt(n) if spread else math.nan
         out.append(Difference(label, evaluation, metric, method, baseline, n, mean, sd, mean - half, mean + half,
-                              p, wins, adj, bool(rej and mean > 0), mean - holm_half, mean + holm_half))
+                              p, wins, adj, bool(rej and mean > 0 and not reason), mean - holm_half,
+                              mean + holm_half, reason))
     return out
 
 
@@ -210,17 +204,23 @@ def _difference_rows(diffs: Sequence[Difference], holm_columns: bool = True) -> 
 def _decisions(protocol: str, primary: dict[str, Difference]) -> list[str]:
     def holds(prefix: str) -> bool | None:
         d = next((v for k, v in primary.items() if k.startswith(prefix)), None)
-        return None if d is None or d.n < 2 else d.holds
+        return None if d is None or d.no_verdict else d.holds
 
+    reasons = sorted({d.no_verdict for d in primary.values() if d.no_verdict})
     lines = []
     if protocol == "catalog":
-        used = [d.holds for k, d in primary.items() if "random" in k or "permuted" in k]
-        verdict = "YES" if used and all(used) else "NOT SHOWN"
+        used = [d for k, d in primary.items() if "random" in k or "permuted" in k]
+        if not used or any(d.no_verdict for d in used):
+            verdict = f"NO VERDICT ({'; '.join(reasons) or 'no paired seeds'})"
+        else:
+            verdict = "YES" if all(d.holds for d in used) else "NOT SHOWN"
         lines.append(f"- **Text is used on this catalog** (text - permuted > 0 under both miners): **{verdict}**.")
         return lines
     c1, c2, c3 = holds("C1"), holds("C2"), holds("C3")
     if None in (c1, c2, c3):
-        return ["- Verdicts need at least 2 seeds of every condition."]
+        return [f"- **No verdicts** ({'; '.join(reasons) or 'missing conditions'}): verdicts need at least 3 "
+                "paired seeds of every condition, differences that vary between seeds, and a schedule that "
+                "trains."]
     lines.append(f"- **Text is used** (C1 and C2 hold): **{'YES' if c1 and c2 else 'NOT SHOWN'}** "
                  f"(C1 {'holds' if c1 else 'not shown'}, C2 {'holds' if c2 else 'not shown'}).")
     lines.append(f"- **ATL helps beyond mining** (C3 holds): **{'YES' if c3 else 'NOT SHOWN'}**.")
@@ -299,10 +299,13 @@ def _proxy_section(records: Sequence[RunRecord], evaluation: str, metrics: Seque
     comparisons = [c for c in proxy_comparisons() if c[1] in names and c[2] in names]
     lines += [f"#### Paired comparisons, {METRIC_NAMES[metrics[0]]} (paired over the proxy seeds; Holm over "
               "these comparisons; descriptive)", ""]
-    lines += _difference_rows(paired_differences(on_seeds, evaluation, metrics[0], comparisons)) + [""]
+    pipeline = config.schedule_name == "quick"
+    lines += _difference_rows(paired_differences(on_seeds, evaluation, metrics[0], comparisons,
+                                                 pipeline_check=pipeline)) + [""]
     for metric in metrics[1:]:
         lines += [f"#### {METRIC_NAMES.get(metric, metric)} (same comparisons; descriptive)", ""]
-        lines += _difference_rows(paired_differences(on_seeds, evaluation, metric, comparisons)) + [""]
+        lines += _difference_rows(paired_differences(on_seeds, evaluation, metric, comparisons,
+                                                     pipeline_check=pipeline)) + [""]
     return lines
 
 
@@ -312,16 +315,31 @@ def render_weak_label_report(result: ReplicationResult) -> str:
     env = result.environment
     hosts = sorted({r.host or "unrecorded" for r in result.records})
     versions = sorted({r.code_version or "unrecorded" for r in result.records})
+    pipeline = config.schedule_name == "quick"
+    users_data = config.dataset is not None
+    if users_data:
+        origin = ("The comparisons and decision rules are fixed in the library (`atl_keras.experiments.weak_label`), "
+                  "not chosen after seeing these results.")
+    else:
+        origin = ("The design and the decision rules were pre-registered in the project's docs/replication.md "
+                  "(source repository) before the published run.")
     lines = [
         "# Does the weak label help? Margin-source experiment", "",
         "Generated by `atl replicate --experiment weak_label` (library: `atl_keras.experiments.weak_label`). "
-        "Do not edit by hand. The design and the decision rules were pre-registered in docs/replication.md "
-        "before this ran.", "",
+        f"Do not edit by hand. {origin}", "",
+    ]
+    if pipeline:
+        lines += [f"**No verdicts: {PIPELINE_CHECK}** ({config.schedule_obj.epochs} x "
+                  f"{config.schedule_obj.steps_per_epoch} steps on a small shop or catalog): it shows that every "
+                  "condition trains and is scored, and nothing about whether the text helps. Use the default "
+                  "schedule for an answer.", ""]
+    lines += [
         f"- Command: `{result.command or 'n/a'}`",
         f"- Runs: {len(result.records)} ({sum(r.reused for r in result.records)} read back from earlier "
         f"records of the same host and settings); training + evaluation time {sum(r.seconds for r in result.records) / 60:.1f} min",
         f"- Schedule `{config.schedule_name}`: {config.schedule_obj.epochs} x {config.schedule_obj.steps_per_epoch} steps; "
-        f"seeds {', '.join(map(str, config.seeds))} (paired: a seed fixes the shop and the initialisation)",
+        f"seeds {', '.join(map(str, config.seeds))} (paired: a seed fixes the initialisation and the batches"
+        + (")" if users_data else ", and the synthetic shop itself)"),
         f"- Text encoder: `{config.text_encoder}`; margins: catalog-scaled mapping (1st-99th percentile of the "
         "training pairs' description distances onto [0.05, 0.4])",
         f"- Hosts: {', '.join(hosts)}; code versions: {', '.join(versions)}"
@@ -358,21 +376,23 @@ def render_weak_label_report(result: ReplicationResult) -> str:
                 lines += ["Semantic threshold (median text distance of training variant pairs), per seed: "
                           + ", ".join(f"{t:.3f}" for t in thresholds) + ".", ""]
             comparisons = planned_comparisons(protocol_name)
-            primary = paired_differences(records, evaluation, PRIMARY_METRIC, comparisons)
+            primary = paired_differences(records, evaluation, PRIMARY_METRIC, comparisons, pipeline_check=pipeline)
             lines += [f"### Pre-registered comparisons, primary metric {METRIC_NAMES[PRIMARY_METRIC]} "
                       "(paired over seeds; Holm over these comparisons)", ""]
             lines += _difference_rows(primary) + ["", "### Verdicts", ""]
             lines += _decisions(protocol_name, {d.label: d for d in primary}) + [""]
             for metric in metrics[1:]:
                 lines += [f"### Secondary: {METRIC_NAMES.get(metric, metric)} (same comparisons; descriptive)", ""]
-                lines += _difference_rows(paired_differences(records, evaluation, metric, comparisons)) + [""]
+                lines += _difference_rows(paired_differences(records, evaluation, metric, comparisons,
+                                                             pipeline_check=pipeline)) + [""]
             context = context_comparisons(protocol_name)
             if context:
                 lines += ["### Context (not decision rules): does this testbed reward true semantic margins, "
                           "and what does margin spread alone do?", ""]
                 for metric in metrics:
                     lines += [f"{METRIC_NAMES.get(metric, metric)}:", ""]
-                    lines += _difference_rows(paired_differences(records, evaluation, metric, context), False) + [""]
+                    lines += _difference_rows(paired_differences(records, evaluation, metric, context,
+                                                                 pipeline_check=pipeline), False) + [""]
             if proxy_methods:
                 lines += _proxy_section(all_records, evaluation, metrics, methods, proxy_methods, config)
             order = [m.name for m in all_methods]
