@@ -378,54 +378,10 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def weights_fingerprint(model: Any) -> str:
-    """sha256 over the model's weight shapes and bytes, in order (not their auto-generated names)."""
-    import keras
-
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
-        digest.update(f"{value.dtype}{value.shape}".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
 def cache_key(model_sha256: str, preprocessing: Any) -> str:
     """The cache folder name: model weights + preprocessing (either changing re-embeds)."""
     text = json.dumps({"model": model_sha256, "preprocessing": preprocessing.to_dict()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-# -------------------------------------------------------------------------------- embed
-def _embed_files(
-    model: Any,
-    paths: Sequence[str],
-    preprocessing: Any,
-    batch_size: int,
-    on_batch: Callable[[np.ndarray, np.ndarray], None],
-) -> None:
-    """Decode + embed `paths` in batches; ``on_batch(indices [b], vectors [b, D])``; bad files dropped."""
-    import tensorflow as tf
-
-    from atl_keras.preprocessing import decode_image
-
-    def load(path, index):
-        return tf.cast(decode_image(tf.io.read_file(path), preprocessing), tf.float32), index
-
-    dataset = (
-        tf.data.Dataset.from_tensor_slices((tf.constant(list(paths), tf.string), tf.range(len(paths), dtype=tf.int64)))
-        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .ignore_errors(log_warning=False)
-        .batch(batch_size)
-        .prefetch(2)
-    )
-
-    @tf.function(reduce_retracing=True)
-    def forward(pixels):
-        return tf.cast(model(pixels, training=False), tf.float32)
-
-    for pixels, indices in dataset:
-        on_batch(indices.numpy(), forward(pixels).numpy())
 
 
 # -------------------------------------------------------------------------------- index
@@ -477,6 +433,7 @@ def index_catalog(
         export_embeddings,
         reserve_version,
     )
+    from atl_keras.embedding import embed_batches, weights_fingerprint
     from atl_keras.preprocessing import Preprocessing
 
     if isinstance(model, (str, os.PathLike)):
@@ -545,8 +502,12 @@ def index_catalog(
             if progress is not None:
                 progress(done[0], len(todo_paths))
 
+        def embed(paths: Sequence[str], on_batch: Callable[[np.ndarray, np.ndarray], None]) -> None:
+            for indices, vectors in embed_batches(model, paths, preprocessing=preprocessing, batch_size=batch_size):
+                on_batch(indices, vectors)
+
         if todo_paths:
-            _embed_files(model, todo_paths, preprocessing, batch_size, store)
+            embed(todo_paths, store)
         corrupt = {key for key in todo_keys if key not in cache}
         bad = [{"image": r.image, "image_id": r.image_id, "reason": "cannot be decoded"}
                for r in rows if r.sha256 in corrupt]
@@ -565,8 +526,7 @@ def index_catalog(
         del rows, todo, todo_keys, todo_paths, corrupt  # per-row Python objects the export does not need
 
         # 4. the gallery (the index's own memory) and the export
-        gallery = _gather_verified(cache, kept, lambda paths, on_batch: _embed_files(
-            model, paths, preprocessing, batch_size, on_batch))
+        gallery = _gather_verified(cache, kept, embed)
         cache_folder = cache.folder
         del cache  # its key -> row dict
         with tempfile.TemporaryDirectory(dir=output_base, prefix=".tmp-rows-") as staging:

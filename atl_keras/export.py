@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -59,6 +58,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from atl_keras.embedding import embed_images, weights_fingerprint
 from atl_keras.index import ScannConfig
 from atl_keras.preprocessing import Preprocessing, decode_batch
 from atl_keras.search.scann import IndexOptions, RecallGateError, ScannSearcher
@@ -231,17 +231,6 @@ def reserve_version(
 
 
 # ------------------------------------------------------------------------------- module
-def model_fingerprint(model: keras.Model) -> str:
-    """sha256 over the model's weights (order, shapes and bytes)."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        value = np.asarray(keras.ops.convert_to_numpy(weight))
-        digest.update(weight.path.encode())
-        digest.update(str(value.shape).encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
-
-
 class RetrievalModule(IndexModule):
     """The exported object: decode -> embed -> search, over one fixed gallery.
 
@@ -308,9 +297,8 @@ class RetrievalModule(IndexModule):
 
 # ------------------------------------------------------------------------------- checks
 def _embed(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    if hasattr(model, "embed"):
-        return np.asarray(model.embed(images, batch_size=batch_size), dtype=np.float32)
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+    """Pixels ``[N, H, W, C]`` -> ``[N, D]`` float32 (`atl_keras.embedding`)."""
+    return embed_images(model, images, batch_size=batch_size, strict=True).vectors
 
 
 def _model_image_shape(model: keras.Model) -> tuple | None:
@@ -558,7 +546,7 @@ def _export_reserved(
         "package_version": atl_keras.__version__,
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
-        "model_sha256": model_fingerprint(model),
+        "model_sha256": weights_fingerprint(model),
         "model_class": type(model).__name__,
         "embedding_dim": int(gallery.shape[1]),
         "image_shape": list(preprocessing.image_shape),

@@ -309,25 +309,37 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         self.last_metrics: dict[str, float] | None = None
         self.last_epoch: int | None = None
 
+    def _forward(self) -> Any:
+        """``pixels -> embeddings`` of ``self.model`` (its ``output_key`` output), traced once per model."""
+        if getattr(self, "_traced", (None, None))[0] is not self.model:
+            model, key = self.model, self.output_key
+
+            def forward(pixels):
+                outputs = model(pixels, training=False)
+                if isinstance(outputs, (dict, list, tuple)):
+                    if key is None:
+                        keys = list(outputs.keys()) if isinstance(outputs, dict) else list(range(len(outputs)))
+                        raise ValueError(
+                            f"The model returns several outputs ({keys}); pass "
+                            "`output_key=` to RetrievalEvaluation to pick the embedding output."
+                        )
+                    outputs = outputs[key]
+                return outputs
+
+            self._traced = (model, tf.function(forward, reduce_retracing=True))
+        return self._traced[1]
+
     def _embed(self, images: Any, expected_rows: int, name: str) -> np.ndarray:
-        """Embeds ``images`` with ``self.model`` -> ``[n, D]`` float32."""
-        if isinstance(images, tf.data.Dataset):
-            outputs = self.model.predict(images, verbose=0)
-        else:
-            # A batched tf.data pipeline rather than predict(numpy): Keras slices arrays in a
-            # parallel map that TF's op-determinism rewrite turns into a MapDataset node with
-            # an attribute the op lacks, and TF 2.20 logs a ~900-character error each epoch.
-            dataset = tf.data.Dataset.from_tensor_slices(images).batch(self.batch_size)
-            outputs = self.model.predict(dataset, verbose=0)
-        if isinstance(outputs, (dict, list, tuple)):
-            if self.output_key is None:
-                keys = list(outputs.keys()) if isinstance(outputs, dict) else list(range(len(outputs)))
-                raise ValueError(
-                    f"The model returns several outputs ({keys}); pass "
-                    "`output_key=` to RetrievalEvaluation to pick the embedding output."
-                )
-            outputs = outputs[self.output_key]
-        embeddings = np.asarray(outputs, dtype=np.float32)
+        """Embeds ``images`` (pixels, image files or a dataset; `atl_keras.embedding`) -> ``[n, D]`` float32."""
+        from atl_keras.embedding import embed_images
+        from atl_keras.preprocessing import Preprocessing
+
+        try:
+            preprocessing = Preprocessing.for_model(self.model)
+        except (AttributeError, TypeError, ValueError):
+            preprocessing = None  # a model without a fixed input size: pixels are passed as they are
+        embeddings = embed_images(self._forward(), images, preprocessing=preprocessing,
+                                  batch_size=self.batch_size, strict=True).vectors
         if embeddings.ndim != 2:
             raise ValueError(
                 f"Expected {name} embeddings of shape [num_images, dim] from the model; got "

@@ -410,18 +410,21 @@ class ATLModel(keras.Model):
         return [m for m in metrics if id(m) not in hidden_ids]
 
     # ----------------------------------------------------------------- inference
-    def embed(self, images: np.ndarray | tf.Tensor | tf.data.Dataset, batch_size: int = 256) -> np.ndarray:
+    def embed(self, images: Any, batch_size: int = 256) -> np.ndarray:
         """Embeddings of ``images`` as a float32 numpy array ``[N, D]`` (unit rows).
 
-        ``images`` is an array ``[N, H, W, C]`` (pixels in [0, 255]) or a *finite*
-        ``tf.data.Dataset`` of image batches or of ``(images, y)`` / ``(images, y, w)`` batches.
-        ``batch_size`` only applies to arrays.
+        ``images`` is an array ``[N, H, W, C]`` (pixels in [0, 255]), a *finite*
+        ``tf.data.Dataset`` of image batches or of ``(images, y)`` / ``(images, y, w)`` batches,
+        or a sequence of image files / encoded images (decoded with the model's
+        `atl_keras.preprocessing`; a bad one raises `ImageDecodeError`, see
+        `atl_keras.embedding.embed_images` to skip them instead). ``batch_size`` applies to
+        arrays and files.
         """
+        from atl_keras.embedding import embed_images
+
         if isinstance(images, tf.data.Dataset):
             spec = images.element_spec
-            if isinstance(spec, (tuple, list)):
-                images = images.map(lambda *batch: batch[0])
-            elif isinstance(spec, dict):
+            if isinstance(spec, dict):
                 raise ValueError(
                     "embed() takes a dataset of image batches or of (images, y) tuples, "
                     f"got a dataset of dicts with keys {sorted(spec)}."
@@ -431,28 +434,21 @@ class ATLModel(keras.Model):
                     "embed() got an infinite dataset (e.g. pk_dataset); pass a finite dataset "
                     "or an array of images."
                 )
-            chunks = [np.asarray(self.predict_on_batch(batch), np.float32) for batch in images]
-            if not chunks:
-                return np.zeros((0, self.embedding_dim), np.float32)
-            return np.concatenate(chunks, axis=0)
-        images = np.asarray(images)
-        if images.ndim == len(self.image_shape):  # a single image
-            raise ValueError(
-                f"embed() expects a batch [N, {', '.join(map(str, self.image_shape))}], got one "
-                f"image of shape {images.shape}; use images[None]."
-            )
-        if images.shape[1:] != self.image_shape:
-            raise ValueError(
-                f"embed() expects images of shape [N, {', '.join(map(str, self.image_shape))}], got "
-                f"{images.shape}."
-            )
-        if batch_size <= 0:
+        elif isinstance(images, (np.ndarray, tf.Tensor)) and np.asarray(images).dtype.kind not in "OSU":
+            images = np.asarray(images)
+            if images.ndim == len(self.image_shape):  # a single image
+                raise ValueError(
+                    f"embed() expects a batch [N, {', '.join(map(str, self.image_shape))}], got one "
+                    f"image of shape {images.shape}; use images[None]."
+                )
+            if images.shape[1:] != self.image_shape:
+                raise ValueError(
+                    f"embed() expects images of shape [N, {', '.join(map(str, self.image_shape))}], got "
+                    f"{images.shape}."
+                )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        out = np.empty((len(images), self.embedding_dim), np.float32)
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            out[start : start + len(batch)] = self.predict_on_batch(batch)
-        return out
+        return embed_images(self, images, batch_size=batch_size, strict=True).vectors
 
     # ------------------------------------------------------------- serialisation
     def get_config(self) -> dict[str, Any]:

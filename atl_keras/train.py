@@ -45,7 +45,6 @@ import time
 import types
 import typing
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -76,6 +75,7 @@ from atl_keras.distribute import (
     worker_info,
 )
 from atl_keras.distances import DISTANCES
+from atl_keras.embedding import embed_images
 from atl_keras.home import with_home_dirs
 from atl_keras.losses import registry as loss_registry
 from atl_keras.losses.proxy import proxy_classes
@@ -336,29 +336,14 @@ def evaluate_embeddings(
     )
 
 
-_forward_functions: "weakref.WeakKeyDictionary[keras.Model, Any]" = weakref.WeakKeyDictionary()
+def _embed(model: keras.Model, images: Any, batch_size: int = 256) -> np.ndarray:
+    """Pixels ``[N, H, W, C]`` (or image files, encoded images) -> ``[N, D]`` float32.
 
-
-def _embed(model: keras.Model, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """``[N, H, W, C]`` -> ``[N, D]`` float32 on this process's default device.
-
-    Calls the model directly instead of `predict`, so a model built under any strategy
-    (including multi-worker, whose `predict` would shard and gather across workers)
-    embeds locally from its (mirrored, identical) weights.
+    `atl_keras.embedding.embed_images`: the model is called directly on this process's
+    default device (not `predict`, which under multi-worker would shard and gather).
+    Every row must embed (evaluation rows are aligned with their labels).
     """
-    images = np.asarray(images)
-    if not len(images):
-        return np.zeros((0, int(getattr(model, "embedding_dim", 0))), np.float32)
-    forward = _forward_functions.get(model)
-    if forward is None:  # one traced function per model, not one per call (no retracing)
-        model_ref = weakref.ref(model)  # the cache must not keep the model alive
-        forward = tf.function(lambda x: model_ref()(x, training=False), reduce_retracing=True)
-        _forward_functions[model] = forward
-    chunks = [
-        np.asarray(forward(tf.constant(images[start : start + batch_size])), np.float32)
-        for start in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(chunks, axis=0)
+    return embed_images(model, images, batch_size=batch_size, strict=True).vectors
 
 
 def save_model_atomically(model: keras.Model, path: str) -> None:

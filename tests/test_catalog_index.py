@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from atl_keras import catalog_index as ci
+from atl_keras import embedding
 from atl_keras.catalog_index import CatalogError, index_catalog, read_index_catalog
 from atl_keras.export import existing_versions, load_export, load_manifest
 
@@ -54,16 +55,14 @@ def write_catalog(folder, n: int, seed: int = 0, name: str = "products.csv", ite
 def counted(monkeypatch):
     """Counts the images that really go through the model."""
     seen = []
-    original = ci._embed_files
+    original = embedding.embed_batches
 
-    def counting(model, paths, preprocessing, batch_size, on_batch):
-        def count(indices, vectors):
-            seen.extend(paths[i] for i in indices)
-            on_batch(indices, vectors)
+    def counting(model, images, **kwargs):
+        for indices, vectors in original(model, images, **kwargs):
+            seen.extend(images[i] for i in indices)
+            yield indices, vectors
 
-        original(model, paths, preprocessing, batch_size, count)
-
-    monkeypatch.setattr(ci, "_embed_files", counting)
+    monkeypatch.setattr(embedding, "embed_batches", counting)
     return seen
 
 

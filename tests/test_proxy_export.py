@@ -45,9 +45,9 @@ def test_export_of_a_proxy_model_has_no_proxy_variables_and_the_same_embeddings(
     model_vars = sorted(shape for name, shape in saved if name.startswith("model/"))
     assert model_vars == weight_shapes
     # The fingerprint in the manifest is the exported (stripped) model's.
-    from atl_keras.export import model_fingerprint
+    from atl_keras.embedding import weights_fingerprint
 
-    assert result.manifest["model_sha256"] == model_fingerprint(stripped)
+    assert result.manifest["model_sha256"] == weights_fingerprint(stripped)
     loaded = load_export(result.path)
     queries = rng.uniform(0, 255, (5, 16, 16, 3)).astype(np.float32)
     served = loaded.signatures["embed_pixels"](pixels=tf.constant(queries))["embeddings"].numpy()
