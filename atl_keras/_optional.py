@@ -10,6 +10,7 @@ Each optional feature imports its packages through `require`, so a missing one r
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 #: extra -> (what it provides, the modules it installs).
@@ -38,7 +39,11 @@ def missing_extra_error(extra: str, module: str, feature: str | None = None) -> 
 def require(extra: str, module: str, feature: str | None = None) -> ModuleType:
     """``import module``, or an ImportError that names the extra to install."""
     try:
-        return importlib.import_module(module)
+        with warnings.catch_warnings():
+            # tensorflow_hub 0.16 imports pkg_resources, which setuptools >= 67.5 (>= 77 is
+            # needed for the SPDX license in pyproject.toml) marks deprecated on import.
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            return importlib.import_module(module)
     except ModuleNotFoundError as exc:
         top = module.partition(".")[0]
         if exc.name is not None and exc.name.partition(".")[0] != top:

@@ -51,10 +51,18 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout:
 def wheel(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     source = _copy_sources(work / "src")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "--quiet", "-w", str(work / "dist"), str(source)], cwd=work)
+    log = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                "--verbose", "-w", str(work / "dist"), str(source)], cwd=work)
+    (work / "build.log").write_text(log.stdout + log.stderr)
     (built,) = (work / "dist").glob("atl_keras-*.whl")
     return built
+
+
+def test_build_gives_no_setuptools_warnings(wheel):
+    """SPDX `license = "Apache-2.0"` and no license classifiers: setuptools >= 77 warns about
+    neither (`make setup` printed three BuildBackendWarnings with the TOML-table form)."""
+    log = (wheel.parent.parent / "build.log").read_text()
+    assert "BuildBackendWarning" not in log and "SetuptoolsDeprecationWarning" not in log, log[-3000:]
 
 
 def _metadata(wheel: Path) -> email.message.Message:

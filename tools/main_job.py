@@ -2,6 +2,7 @@
 
     python tools/main_job.py [--dataset synthetic-shop] [--output runs/main]
         [--export-base saved_models/shop] [--epochs 3] [--steps-per-epoch 150] [--queries 5] [--k 5]
+        [--verbose]   # TensorFlow's and ScaNN's log lines (quiet by default, like `atl`)
 
 1. `atl train` on the synthetic shop (items never seen in training are evaluated street
    photo -> catalog) with the adaptive triplet loss, margins from the built-in USE encoder
@@ -19,15 +20,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+from atl_keras.cli.environment import configure_logging, pop_verbose  # noqa: E402  (no TensorFlow)
+from atl_keras.cli.native_logs import filtered_native_stderr  # noqa: E402
 
 
 def start_server(model_name: str, base_path: str, timeout: float = 180.0):
@@ -224,4 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Quiet like `atl` (TensorFlow's C++ lines, ScaNN's Abseil lines); --verbose shows them.
+    arguments, verbose = pop_verbose(sys.argv[1:])
+    configure_logging(verbose)
+    with contextlib.nullcontext() if verbose else filtered_native_stderr():
+        code = main(arguments)
+    sys.exit(code)

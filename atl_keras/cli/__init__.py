@@ -21,6 +21,7 @@ from typing import Sequence
 from atl_keras.cli import evaluate, inspect_margins, train
 from atl_keras.cli.common import train_config as _train_config  # noqa: F401  (tests use it)
 from atl_keras.cli.environment import configure_logging, pop_verbose
+from atl_keras.cli.native_logs import filtered_native_stderr
 
 #: Subcommands parsed here: name -> module with add_parser(subparsers) and run(args).
 COMMANDS = {"train": train, "evaluate": evaluate, "inspect-margins": inspect_margins}
@@ -72,6 +73,12 @@ def _warnings_as_lines(command: str):
 def main(argv: Sequence[str] | None = None) -> int:
     argv, verbose = pop_verbose(list(sys.argv[1:] if argv is None else argv))
     configure_logging(verbose)  # before anything imports TensorFlow
+    # ScaNN's and gRPC's Abseil INFO/WARNING lines ignore TF_CPP_MIN_LOG_LEVEL.
+    with contextlib.nullcontext() if verbose else filtered_native_stderr():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in PASSTHROUGH:
         import importlib
 
