@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -87,7 +88,13 @@ def _clean(value: Any, what: str, where: str) -> str:
     return text
 
 
-def _row(record: dict[str, Any], root: str, where: str) -> CatalogRow:
+def _row(record: Any, root: str, where: str) -> CatalogRow:
+    if not isinstance(record, dict):
+        raise CatalogError(f"{where}: {json.dumps(record)[:40]} is not a JSON object; each line must be "
+                           '{"image": ..., "item_id": ...}.')
+    if None in record:  # csv.DictReader puts a row's extra fields under None
+        raise CatalogError(f"{where}: {len(record) - 1 + len(record[None])} fields, more than the header's "
+                           f"{len(record) - 1} columns (an unquoted comma?).")
     for column in ("image", "item_id"):
         if column not in record:
             raise CatalogError(f"{where}: no {column!r} column; a catalog needs image and item_id.")
@@ -116,27 +123,43 @@ def read_index_catalog(source: str, image_root: str | None = None) -> list[Catal
             raise CatalogError(f"No {'/'.join(IMAGE_EXTENSIONS)} images under {source!r}.")
         return rows
     root = image_root or os.path.dirname(os.path.abspath(source))
+    with open(source, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CatalogError(f"{source}:{number}: not UTF-8 text ({error.reason}); save the catalog as UTF-8.") from None
     rows = []
-    if source.lower().endswith((".jsonl", ".json")):
-        with open(source, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except ValueError as error:
-                        raise CatalogError(f"{source}:{number}: not a JSON object ({error}).") from None
+    lines: list[int] = []
+    number = 0
+    try:
+        if source.lower().endswith((".jsonl", ".json")):
+            with open(source, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except ValueError as error:
+                            raise CatalogError(f"{source}:{number}: not a JSON object ({error}).") from None
+                        rows.append(_row(record, root, f"{source}:{number}"))
+                        lines.append(number)
+        else:
+            with open(source, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                for record in reader:
+                    number = reader.line_num
                     rows.append(_row(record, root, f"{source}:{number}"))
-    else:
-        with open(source, encoding="utf-8", newline="") as f:
-            for number, record in enumerate(csv.DictReader(f), 2):
-                rows.append(_row(record, root, f"{source}:{number}"))
+                    lines.append(number)
+    except csv.Error as error:
+        raise CatalogError(f"{source}:{number + 1}: {error}.") from None
     if not rows:
         raise CatalogError(f"The catalog {source!r} has no rows.")
-    seen: set[str] = set()
-    for row in rows:
+    seen: dict[str, int] = {}
+    for row, number in zip(rows, lines):
         if row.image_id in seen:
-            raise CatalogError(f"{source}: image_id {row.image_id!r} appears twice; image ids must be unique.")
-        seen.add(row.image_id)
+            raise CatalogError(f"{source}:{number}: image_id {row.image_id!r} already on line {seen[row.image_id]}; "
+                               "image ids must be unique.")
+        seen[row.image_id] = number
     return rows
 
 
@@ -162,9 +185,12 @@ def _as_removals(remove: str | Sequence[str] | None) -> set[str]:
     if remove is None:
         return set()
     if isinstance(remove, str):
-        if os.path.isfile(remove):
-            with open(remove, encoding="utf-8") as f:
-                return {line.strip() for line in f if line.strip()}
+        if os.path.isfile(remove):  # an existing path is a file of ids, one per line
+            try:
+                with open(remove, encoding="utf-8") as f:
+                    return {line.strip() for line in f if line.strip()}
+            except UnicodeDecodeError as error:
+                raise CatalogError(f"--remove {remove}: not UTF-8 text ({error.reason}).") from None
         return {part.strip() for part in remove.split(",") if part.strip()}
     return {str(x) for x in remove}
 
@@ -385,6 +411,41 @@ def cache_key(model_sha256: str, preprocessing: Any) -> str:
 
 
 # -------------------------------------------------------------------------------- index
+@contextlib.contextmanager
+def edit_lock(output_base: str):
+    """Hold `output_base`'s edit lock (``flock`` on the folder itself: no file is left).
+
+    `index_catalog` runs under it from reading the latest version to publishing the next, so
+    concurrent runs on one base (``--add``, ``--remove``, full re-indexes) land one after the
+    other, each starting from the version the previous one published: no update is lost. A
+    run that finds the lock taken warns and waits.
+    """
+    if os.path.exists(output_base) and not os.path.isdir(output_base):
+        raise CatalogError(f"{output_base} exists and is not a directory; choose another output base.")
+    os.makedirs(output_base, exist_ok=True)
+    fd = os.open(output_base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"Another `atl index` is editing {output_base}; waiting for it to publish "
+                          "(this run then starts from the version it wrote).", stacklevel=4)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _one_edit_per_base(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def serialized(model: Any, catalog: Any, output_base: str, *args: Any, **kwargs: Any) -> Any:
+        with edit_lock(output_base):
+            return function(model, catalog, output_base, *args, **kwargs)
+
+    return serialized
+
+
+@_one_edit_per_base
 def index_catalog(
     model: Any,
     catalog: str | Sequence[CatalogRow] | None,
@@ -462,7 +523,12 @@ def index_catalog(
         rows = [r for r in rows if r.image_id not in replaced] + new_rows
         counts["added"] = len(new_rows)
     removals = _as_removals(remove)
+    if remove is not None and not removals:
+        raise CatalogError(f"--remove {remove!r} names no ids (an empty file or list); nothing to remove.")
     if removals:
+        unknown = removals - {r.item_id for r in rows} - {r.image_id for r in rows}
+        if unknown:
+            raise CatalogError(_unknown_removals(sorted(unknown), remove, output_base if catalog is None else catalog))
         before = len(rows)
         rows = [r for r in rows if r.item_id not in removals and r.image_id not in removals]
         counts["removed"] = before - len(rows)
@@ -605,6 +671,17 @@ def _first_occurrences(rows: Iterable[CatalogRow], keys: set[str]) -> Iterable[C
         if row.sha256 in keys and row.sha256 not in seen:
             seen.add(row.sha256)
             yield row
+
+
+def _unknown_removals(unknown: list[str], remove: Any, where: Any) -> str:
+    named = ", ".join(repr(u) for u in unknown[:_MAX_NAMED])
+    more = f" and {len(unknown) - _MAX_NAMED} more" if len(unknown) > _MAX_NAMED else ""
+    source = f"the latest version of {where}" if isinstance(where, str) else "the catalog"
+    hint = ""
+    if isinstance(remove, str) and not os.path.isfile(remove) and (os.sep in remove or "." in remove):
+        hint = f" No file {remove!r} exists (a --remove value that names a file is read as ids, one per line)."
+    return (f"--remove: {len(unknown)} id(s) are neither an item id nor an image id of {source}: "
+            f"{named}{more}. Nothing was published.{hint}")
 
 
 def _bad_message(bad: list[dict[str, str]], total: int) -> str:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import numpy as np
@@ -15,6 +19,7 @@ from atl_keras import catalog_index as ci
 from atl_keras.catalog_index import index_catalog
 from atl_keras.export import existing_versions, load_export
 from atl_keras.preprocessing import Preprocessing
+from tests.conftest import REPO_ROOT
 from tests.test_catalog_index import tiny_model, write_catalog
 
 N = 24
@@ -142,3 +147,92 @@ def test_disk_full_mid_cache_write_is_one_error_line_then_reruns_publish_true_ro
     for run in (1, 2):  # space freed: the campaign's two reruns
         assert cli.main(argv) == 0
         assert_rows_are_fresh_embeddings(os.path.join(base, str(run)), tmp_path)
+
+
+# ------------------------------------------------------------------ concurrent edits (item 2)
+def test_concurrent_add_and_remove_both_land_in_order(tmp_path):
+    """Two real `atl index` processes edit one base while a third edit holds it: both wait,
+    then each starts from the version the previous one published; the latest has both edits."""
+    catalog = write_catalog(tmp_path, 12)
+    extra = write_catalog(tmp_path, 4, seed=7, name="new.csv", item="new")
+    base = str(tmp_path / "shop")
+    model_path = str(tmp_path / "model.keras")
+    tiny_model().save(model_path)
+    index_catalog(tiny_model(), catalog, base)
+    command = [sys.executable, "-m", "atl_keras.cli", "index", "--model", model_path, "--output-base", base, "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    logs = [tmp_path / "add.err", tmp_path / "remove.err"]
+    held = os.open(base, os.O_RDONLY | os.O_DIRECTORY)  # another edit holds the base (ci.edit_lock)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        procs = [subprocess.Popen(command + flags, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+                 for flags, log in ((["--add", extra], logs[0]), (["--remove", "sku-1"], logs[1]))]
+        deadline = time.time() + 300
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            if all("waiting" in log.read_text() for log in logs):
+                break
+            time.sleep(0.2)
+        waited = [("waiting" in log.read_text()) for log in logs]
+    finally:
+        os.close(held)
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], [log.read_text() for log in logs]
+    assert waited == [True, True], [log.read_text() for log in logs]
+    assert existing_versions(base) == [1, 2, 3]
+    latest = open(os.path.join(base, "3", "assets", "gallery_ids.txt")).read().split()
+    assert "sku-1" not in latest and {f"new-{i}" for i in range(2)} <= set(latest)
+    assert len(latest) == 12 - 2 + 4
+
+
+# ------------------------------------------------------------------ removals (item 5)
+def test_remove_of_ids_not_in_the_index_publishes_nothing(tmp_path, capsys):
+    from atl_keras import cli
+
+    catalog = write_catalog(tmp_path, 8)
+    base = str(tmp_path / "shop")
+    model_path = str(tmp_path / "model.keras")
+    tiny_model().save(model_path)
+    index_catalog(tiny_model(), catalog, base)
+    with pytest.raises(ci.CatalogError, match="'sku-99'"):
+        index_catalog(tiny_model(), None, base, remove=["sku-1", "sku-99"])
+    argv = ["index", "--model", model_path, "--output-base", base, "--quiet", "--remove"]
+    assert cli.main(argv + ["gone.txt"]) == 2  # a mistyped file path is not taken as an id
+    err = capsys.readouterr().err
+    assert "'gone.txt'" in err and "No file" in err and len(err.strip().splitlines()) == 1, err
+    assert cli.main(argv + ["sku-1,sku-77"]) == 2
+    assert "'sku-77'" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert cli.main(argv + [str(empty)]) == 2
+    assert existing_versions(base) == [1]
+    ids = tmp_path / "gone-ids.txt"  # an existing path is a file of ids
+    ids.write_text("sku-1\nimg/products-0004.png\n")
+    assert cli.main(argv + [str(ids)]) == 0
+    published = open(os.path.join(base, "2", "assets", "gallery_image_ids.txt")).read().split()
+    assert len(published) == 5 and "img/products-0002.png" not in published and "img/products-0004.png" not in published
+
+
+# ------------------------------------------------------------------ input errors (item 7)
+@pytest.mark.parametrize("name, text, where", [
+    ("c.csv", "image,item_id\nimg/products-0000.png,sku-0\nimg/products-0001.png,sku-0,red\n", "c.csv:3"),
+    ("c.jsonl", '{"image": "img/products-0000.png", "item_id": "a"}\n5\n', "c.jsonl:2"),
+    ("c.jsonl", '{"image": "img/products-0000.png", "item_id": "a"}\n\nnull\n', "c.jsonl:3"),
+    ("c.jsonl", '["img/products-0000.png", "a"]\n', "c.jsonl:1"),
+    ("c.csv", "image,item_id\nimg/products-0000.png,sku-\xe9\n", "c.csv:2"),
+    ("c.csv", "image,item_id\nimg/products-0000.png,a\nimg/products-0000.png,b\n", "c.csv:3"),
+])
+def test_every_catalog_input_error_is_one_line_with_file_and_line_before_any_work(tmp_path, capsys, name, text, where):
+    from atl_keras import cli
+
+    write_catalog(tmp_path, 2)
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))  # the \xe9 row is not UTF-8
+    model_path = str(tmp_path / "model.keras")
+    tiny_model().save(model_path)
+    base = str(tmp_path / "shop")
+    for flags in (["--catalog", str(path)], ["--catalog", write_catalog(tmp_path, 2, name="ok.csv"), "--add", str(path)]):
+        assert cli.main(["index", "--model", model_path, "--output-base", base, "--quiet", *flags]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("atl index: error:") and where in lines[0], err
+        assert not os.path.exists(os.path.join(base, ".embedding-cache")) and existing_versions(base) == []

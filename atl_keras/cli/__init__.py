@@ -84,7 +84,8 @@ def _run(argv: list[str]) -> int:
 
         try:
             module = importlib.import_module(PASSTHROUGH[argv[0]][0])
-            return int(module.main(argv[1:]) or 0)
+            with _warnings_as_lines(argv[0]):
+                return int(module.main(argv[1:]) or 0)
         except KeyboardInterrupt:
             print(f"atl {argv[0]}: interrupted.", file=sys.stderr)
             return 130

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--portable-output-base", default=None,
                    help="also write the same version without ScaNN ops (stock TF Serving)")
     p.add_argument("--add", default=None, help="catalog file of rows to add to the latest version")
-    p.add_argument("--remove", default=None, help="item ids / image ids to drop: a file (one per line) or a comma list")
+    p.add_argument("--remove", default=None,
+                   help="item ids / image ids to drop: a comma list, or the path of an existing file (one id "
+                        "per line); ids in neither the index nor --add stop the run (exit 2, nothing published)")
     p.add_argument("--strict", action="store_true", help="stop on a missing or undecodable image")
     p.add_argument("--image-root", default=None, help="folder the catalog's image paths are relative to")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default OUTPUT_BASE/.embedding-cache)")
