@@ -4,6 +4,7 @@
     atl train --config run.yaml --epochs 5          # flags override the YAML file
     atl evaluate --model runs/main/model.keras --dataset synthetic-shop
     atl inspect-margins --dataset synthetic-shop --output runs/margins
+    atl shards --dataset catalog:shop.csv --output data/shop-shards   # then --dataset shards:data/shop-shards
     atl export --model runs/main/model.keras --output-base saved_models/shop
     atl serve --port 8500 --model_name shop --model_base_path saved_models/shop
     atl query --server localhost:8500 --model shop --image street.jpg --k 10
@@ -18,13 +19,13 @@ import sys
 import warnings
 from typing import Sequence
 
-from atl_keras.cli import evaluate, inspect_margins, train
+from atl_keras.cli import evaluate, inspect_margins, shards, train
 from atl_keras.cli.common import train_config as _train_config  # noqa: F401  (tests use it)
 from atl_keras.cli.environment import configure_logging, pop_verbose
 from atl_keras.cli.native_logs import filtered_native_stderr
 
 #: Subcommands parsed here: name -> module with add_parser(subparsers) and run(args).
-COMMANDS = {"train": train, "evaluate": evaluate, "inspect-margins": inspect_margins}
+COMMANDS = {"train": train, "evaluate": evaluate, "inspect-margins": inspect_margins, "shards": shards}
 
 #: Commands whose flags belong to another entry point: `atl NAME ...` runs `module.main(...)`.
 PASSTHROUGH = {

@@ -30,6 +30,8 @@ _EXPORTS = {
     "image_dataset": "atl_keras.data.images",
     "make_synthetic_shop": "atl_keras.data.synthetic_shop",
     "FileImages": "atl_keras.data.sources",
+    "read_shards": "atl_keras.data.shards",
+    "write_shards": "atl_keras.data.shards",
     "ShardImages": "atl_keras.data.sources",
     "SkippedRows": "atl_keras.data.streaming",
     "SkippedRowsWarning": "atl_keras.data.streaming",
