@@ -46,6 +46,8 @@ _EXPORTS: dict[str, str] = {
     "ProxyAnchorLoss": "atl_keras.losses.proxy",
     "ExactSearcher": "atl_keras.search",
     "exact_search": "atl_keras.search",
+    "RetrievalIndex": "atl_keras.search.retrieval_index",
+    "neighbour_grid": "atl_keras.search.pictures",
     "index_catalog": "atl_keras.catalog_index",
     "attribute_agreement_at_k": "atl_keras.semantic_metrics",
     "semantic_retrieval_metrics": "atl_keras.semantic_metrics",
@@ -98,6 +100,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from atl_keras.proxies import ProxyHead, strip_proxies
     from atl_keras.losses.proxy import AdaptiveProxyLoss, ProxyAnchorLoss
     from atl_keras.search import ExactSearcher, exact_search
+    from atl_keras.search.pictures import neighbour_grid
+    from atl_keras.search.retrieval_index import RetrievalIndex
     from atl_keras.semantic_metrics import (
         attribute_agreement_at_k,
         semantic_retrieval_metrics,

@@ -184,3 +184,29 @@ def test_bad_input_is_refused_clearly():
         index.add_embeddings(np.eye(4, dtype=np.float32)[:1], ["z"], image_ids=["a#1"])
     with pytest.raises(ValueError, match="Unknown searcher"):
         RetrievalIndex(searcher="hnsw")
+
+
+def test_export_exact_signature_and_the_index_give_the_same_ids(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from atl_keras.export import export_model
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 1))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255.0)(inputs))
+    model = keras.Model(inputs, keras.layers.UnitNormalization()(keras.layers.Dense(8)(x)))
+    rng = np.random.default_rng(13)
+    gallery = rng.integers(0, 256, size=(200, 12, 12, 1)).astype(np.float32)
+    queries = rng.integers(0, 256, size=(15, 12, 12, 1)).astype(np.float32)
+    ids = [f"sku-{i // 2}" for i in range(200)]
+    result = export_model(model, gallery, ids, str(tmp_path / "shop"), include_scann=False, match_threshold=0.5)
+    pngs = [tf.io.encode_png(tf.cast(q, tf.uint8)).numpy() for q in queries]
+    served = tf.saved_model.load(result.path).signatures["retrieve_exact"](images=tf.constant(pngs), k=tf.constant(6))
+    embeddings = np.asarray(model(queries), np.float32)
+    from_python = RetrievalIndex.from_embeddings(np.asarray(model(gallery), np.float32), ids).lookup(embeddings, 6)
+    from_export = RetrievalIndex.load(result.path)
+    np.testing.assert_array_equal(served["ids"].numpy().astype(str), from_python[0].astype(str))
+    np.testing.assert_array_equal(from_export.lookup(embeddings, 6)[0], from_python[0])
+    assert from_export.threshold == 0.5 and result.manifest["match_threshold"] == 0.5
+    np.testing.assert_array_equal(served["match"].numpy(), served["scores"].numpy() >= 0.5)

@@ -562,14 +562,17 @@ def test_client_main_grid_and_errors(served, tmp_path, capsys):
     gallery = tmp_path / "gallery"
     gallery.mkdir()
     top = served.atl[1].retrieve(served.pixels[:1], 2)[0][0]
-    (gallery / f"{top[0]}.png").write_bytes(served.pngs[2])  # the other result is shown by id only
+    red = tf.io.encode_png(tf.constant(np.tile(np.array([255, 0, 0], np.uint8), (8, 8, 1)))).numpy()
+    (gallery / f"{top[0]}.png").write_bytes(red)  # the other result has no image: a 'not found' tile
     argv = ["--server", served.target, "--model", "atl", "--image", str(tmp_path / "q.png")]
     grid = tmp_path / "grid.png"
     assert client.main([*argv, "--k", "2", "--version-label", "stable", "--grid", str(grid),
                         "--gallery-dir", str(gallery)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert [row.split()[2] for row in table[2:4]] == top.tolist()
-    assert grid.read_bytes().startswith(b"\x89PNG")
+    pixels = tf.io.decode_png(grid.read_bytes(), channels=3).numpy()
+    # the first result's tile shows its image (pure red), not an empty box with its id
+    assert np.sum(np.all(pixels == [255, 0, 0], axis=-1)) > 50 * 50
     assert client.main([*argv, "--k", "999"]) == 1
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT" in err and "k must be" in err

@@ -255,6 +255,28 @@ class RetrievalIndex:
         """The image ids ``[Q, k]`` of gallery rows (as `search` returns them)."""
         return self._ids_of(np.asarray(rows), "image_ids")
 
+    def grid(
+        self,
+        path: str | os.PathLike | None,
+        queries: Any,
+        k: int = 5,
+        *,
+        expected_ids: Sequence[Any] | None = None,
+        image_root: str | os.PathLike | None = None,
+    ) -> Any:
+        """`atl_keras.search.pictures.neighbour_grid` of the ``k`` results of query images (paths,
+        bytes or pixels): result tiles are the rows' image ids / paths (under `image_root`);
+        with ``expected_ids`` the correct results are framed green, the others red."""
+        from atl_keras.search.pictures import neighbour_grid
+
+        rows, scores = self.search(queries, k)
+        ids = self._ids_of(rows)
+        correct = None
+        if expected_ids is not None:
+            correct = ids == np.array([None if e is None else str(e) for e in expected_ids], dtype=object)[:, None]
+        return neighbour_grid(path, list(queries), self.image_ids_of(rows).tolist(), ids.tolist(), scores,
+                              correct=correct, image_root=image_root)
+
     # ------------------------------------------------------------------ matching
     def calibrate(
         self,

@@ -4,7 +4,7 @@ Built only on ``tensorflow_serving.apis`` stubs, so it works unchanged against
 ``tensorflow_model_server``.
 
     atl query --server localhost:8500 --model atl --image q.jpg --k 10
-    atl query ... --signature retrieve_exact --grid out.png --gallery-dir gallery/
+    atl query ... --signature retrieve_exact --grid out.png --gallery-dir catalog/
 
 Library::
 
@@ -46,16 +46,19 @@ class Neighbors(_Pair):
 
     Catalog exports (`atl index`) also return, per result, ``image_ids`` (the catalog row's
     image id) and ``metadata`` (the row's metadata columns, a dict); other exports leave
-    both empty.
+    both empty. Exports with a calibrated match threshold return ``match`` (per result: its
+    score reaches the threshold, i.e. the same product); else it is empty.
     """
 
     image_ids: list[str]
     metadata: list[dict]
+    match: list[bool]
 
-    def __new__(cls, ids, scores, image_ids=None, metadata=None):
+    def __new__(cls, ids, scores, image_ids=None, metadata=None, match=None):
         self = super().__new__(cls, ids, scores)
         self.image_ids = list(image_ids) if image_ids is not None else []
         self.metadata = list(metadata) if metadata is not None else []
+        self.match = [bool(m) for m in match] if match is not None else []
         return self
 
 
@@ -181,13 +184,15 @@ def retrieve(
     )
     image_ids = out.get("image_ids", [None] * len(out["ids"]))
     metadata = out.get("metadata", [None] * len(out["ids"]))
+    match = out.get("match", [None] * len(out["ids"]))
     return [
         Neighbors(
             [i.decode("utf-8") for i in ids], [float(s) for s in scores],
             None if rows is None else [r.decode("utf-8") for r in rows],
             None if meta is None else [json.loads(m.decode("utf-8") or "{}") for m in meta],
+            matched,
         )
-        for ids, scores, rows, meta in zip(out["ids"], out["scores"], image_ids, metadata)
+        for ids, scores, rows, meta, matched in zip(out["ids"], out["scores"], image_ids, metadata, match)
     ]
 
 
@@ -215,7 +220,8 @@ def get_model_status(channel: grpc.Channel, model: str, *, version: int | None =
 def format_table(queries: Sequence[str], results: Sequence[Neighbors]) -> str:
     """Plain-text table: query, rank, id, score (+ image_id, metadata for catalog exports)."""
     catalog = any(getattr(r, "image_ids", None) for r in results)
-    rows = [("query", "rank", "id", "score") + (("image_id", "metadata") if catalog else ())]
+    flagged = any(getattr(r, "match", None) for r in results)
+    rows = [("query", "rank", "id", "score") + (("match",) if flagged else ()) + (("image_id", "metadata") if catalog else ())]
     for query, result in zip(queries, results):
         ids, scores = result
         for rank, (item, score) in enumerate(zip(ids, scores), start=1):
@@ -224,19 +230,12 @@ def format_table(queries: Sequence[str], results: Sequence[Neighbors]) -> str:
                 image_ids, metadata = getattr(result, "image_ids", []), getattr(result, "metadata", [])
                 extra = (image_ids[rank - 1] if rank <= len(image_ids) else "",
                          json.dumps(metadata[rank - 1], ensure_ascii=False, sort_keys=True) if rank <= len(metadata) else "")
-            rows.append((query, str(rank), item, f"{score:.4f}") + extra)
+            flag = (("yes" if result.match[rank - 1] else "no",) if flagged else ())
+            rows.append((query, str(rank), item, f"{score:.4f}") + flag + extra)
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _find_gallery_image(gallery_dir: pathlib.Path, item: str) -> pathlib.Path | None:
-    for ext in (".jpg", ".jpeg", ".png", ".gif", ".bmp", ""):
-        path = gallery_dir / f"{item}{ext}"
-        if path.is_file():
-            return path
-    return None
 
 
 def save_grid(
@@ -245,36 +244,19 @@ def save_grid(
     results: Sequence[Neighbors],
     gallery_dir: str | os.PathLike | None = None,
 ) -> None:
-    """PNG grid: one row per query (query image, then its results with id and score)."""
-    import matplotlib
+    """PNG grid: one row per query (query image, then its results with id and score).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Result tiles show the returned ``image_ids`` (catalog exports: the row's image id or path,
+    found as a file or under `gallery_dir`, with or without an image extension); exports
+    without them fall back to the item id (`<gallery_dir>/<id>.png`). Drawn by
+    `atl_keras.search.pictures.neighbour_grid`.
+    """
+    from atl_keras.search.pictures import neighbour_grid
 
+    images = [r.image_ids if r.image_ids else r.ids for r in results]
     k = max(len(r.ids) for r in results)
-    fig, axes = plt.subplots(
-        len(results), k + 1, figsize=(1.8 * (k + 1), 2.0 * len(results)), squeeze=False
-    )
-    gallery = pathlib.Path(gallery_dir) if gallery_dir else None
-    for row, (query, result) in enumerate(zip(query_images, results)):
-        axes[row, 0].imshow(tf.io.decode_image(query, channels=3, expand_animations=False).numpy())
-        axes[row, 0].set_title("query", fontsize=8)
-        for col in range(k):
-            ax = axes[row, col + 1]
-            if col < len(result.ids):
-                item, score = result.ids[col], result.scores[col]
-                image = _find_gallery_image(gallery, item) if gallery else None
-                if image is not None:
-                    ax.imshow(tf.io.decode_image(image.read_bytes(), channels=3, expand_animations=False).numpy())
-                else:
-                    ax.text(0.5, 0.5, item, ha="center", va="center", fontsize=8, wrap=True)
-                ax.set_title(f"{item}\n{score:.3f}", fontsize=7)
-        for ax in axes[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    scores = np.array([list(r.scores) + [np.nan] * (k - len(r.scores)) for r in results])
+    neighbour_grid(path, list(query_images), images, [r.ids for r in results], scores, image_root=gallery_dir)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -294,7 +276,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="client certificate PEM for mutual TLS (a server started with --ssl_ca); needs --tls-key")
     p.add_argument("--tls-key", default=None, help="client private key PEM for mutual TLS; needs --tls-cert")
     p.add_argument("--grid", default=None, help="write a PNG grid of queries and results here")
-    p.add_argument("--gallery-dir", default=None, help="gallery images named <id>.jpg|png for --grid")
+    p.add_argument("--gallery-dir", default=None,
+                   help="folder the results' image ids (or paths) are found in for --grid, e.g. the catalog's folder")
     return p
 
 
