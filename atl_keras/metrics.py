@@ -230,7 +230,8 @@ class RetrievalEvaluation(keras.callbacks.Callback):
     Every ``every_n_epochs`` epochs (and on the last epoch of ``fit``) the model embeds
     the query (and gallery) images with ``model.predict`` and the metrics are written
     into ``logs`` as ``f"{prefix}{name}"`` (``val_recall_at_1``, ``val_map_at_r``, ...),
-    so ``History``, ``EarlyStopping``, ``ModelCheckpoint`` and ``TensorBoard`` see them.
+    so ``History``, ``EarlyStopping``, ``ModelCheckpoint`` and ``TensorBoard`` see them;
+    the query counts (``num_queries``, ...) are not metrics and stay in ``last_metrics``.
 
     **Order matters**: put this callback *before* the callbacks that read its keys in
     ``callbacks=[...]`` (Keras calls them in list order; ``History`` and the progress
@@ -382,5 +383,6 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         metrics = self.evaluate()
         self.last_metrics = metrics
         self.last_epoch = epoch
-        if logs is not None:
-            logs.update({f"{self.prefix}{name}": value for name, value in metrics.items()})
+        if logs is not None:  # metrics only: the query counts stay in `last_metrics`
+            logs.update({f"{self.prefix}{name}": value for name, value in metrics.items()
+                         if name not in _COUNT_KEYS})

@@ -27,8 +27,8 @@ Training at scale (see docs/distributed.md):
 - `deterministic` (default True): seeds + `tf.config.experimental.enable_op_determinism()`,
   so the same seed on one device gives identical metrics on a rerun. Costs speed on GPUs (and
   a few ops have no deterministic GPU kernel): set False for large GPU runs. Restored on return.
-- Observability: TensorBoard scalars (loss, ``fraction_active``, ``mean_active_margin``,
-  validation retrieval metrics), ``training_log.csv`` (one row per epoch, appended across
+- Observability: TensorBoard scalars (loss, ``fraction_active``, ``mean_active_margin`` per
+  epoch and every `TENSORBOARD_EVERY_STEPS` steps; validation retrieval metrics per epoch), ``training_log.csv`` (one row per epoch, appended across
   resumes) and an embedding-projector export of up to `projector_size` test gallery images.
 """
 
@@ -376,6 +376,23 @@ _STALE_TMP = re.compile(r"^(?:(?:model\.keras|metrics\.json|config\.json|trainin
 PHASES = ("data", "restored", "trained", "evaluated", "projector", "model", "metrics", "published")
 
 
+#: Training steps between TensorBoard's per-step scalars (``batch_loss``, ...).
+TENSORBOARD_EVERY_STEPS = 10
+
+
+class StepTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback whose step count starts at `initial_step`, so the
+    per-step scalars of a resumed run continue the curve instead of restarting at 0."""
+
+    def __init__(self, log_dir: str, initial_step: int = 0, **kwargs: Any) -> None:
+        super().__init__(log_dir, **kwargs)
+        self.initial_step = int(initial_step)
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        super().on_train_begin(logs)
+        self._global_train_batch = self.initial_step  # Keras resets it to 0 here
+
+
 def backup_epoch(backup_dir: str) -> int | None:
     """The number of finished epochs the backup in `backup_dir` resumes after (None: no backup)."""
     state = read_backup_state(backup_dir)
@@ -397,10 +414,15 @@ def check_output_dir(output_dir: str) -> None:
         raise ValueError(f"output_dir {output_dir!r}: {path!r} is not writable; choose another output directory.")
 
 
-def check_evaluation_sizes(data: RetrievalData, config: TrainConfig) -> RetrievalData:
-    """Fail before training when the test set cannot give Recall@max(ks); drop (with a
-    warning) a validation set that cannot, so a small catalog still trains."""
+def check_evaluation_sizes(data: RetrievalData, config: TrainConfig) -> tuple[RetrievalData, tuple[int, ...]]:
+    """Fail before training when the test set cannot give Recall@max(ks). A validation set
+    too small for some ks is scored at the ks that fit (with a warning), and dropped only
+    when none fits, so a small catalog still trains with validation metrics.
+
+    Returns (data, the ks the validation set is scored at; empty without validation).
+    """
     need = max(config.ks)
+    validation_ks = tuple(config.ks) if data.validation is not None else ()
     for split in ("test", "validation"):
         evaluation = getattr(data, split)
         if evaluation is None:
@@ -413,7 +435,8 @@ def check_evaluation_sizes(data: RetrievalData, config: TrainConfig) -> Retrieva
             have, what, labels = len(evaluation.gallery_images), "gallery images", evaluation.gallery_labels
         if have >= need:
             continue
-        fits = ",".join(str(k) for k in config.ks if k <= have) or "none"
+        fitting = tuple(k for k in config.ks if k <= have)
+        fits = ",".join(str(k) for k in fitting) or "none"
         items = len(np.unique(labels))
         per_item = max(have, 1) / max(items, 1)
         message = (
@@ -426,10 +449,13 @@ def check_evaluation_sizes(data: RetrievalData, config: TrainConfig) -> Retrieva
                 f"{message}. Use smaller ks (ks that fit: {fits}; `atl train --ks ...`) or a "
                 "larger catalog."
             )
-        warnings.warn(f"{message}; training without validation metrics (ks that fit: {fits}).",
-                      stacklevel=2)
-        data = dataclasses.replace(data, validation=None)
-    return data
+        if fitting:
+            warnings.warn(f"{message}; validating at ks {fits} only.", stacklevel=2)
+            validation_ks = fitting
+        else:
+            warnings.warn(f"{message}; training without validation metrics (no k fits).", stacklevel=2)
+            data, validation_ks = dataclasses.replace(data, validation=None), ()
+    return data, validation_ks
 
 
 def _remove_stale_tmp_files(output_dir: str) -> None:
@@ -569,7 +595,7 @@ def _train(
 ) -> TrainResult:
     phase = on_phase or (lambda name: None)
     keras.utils.set_random_seed(config.seed)
-    data = check_evaluation_sizes(load_data(config), config)
+    data, validation_ks = check_evaluation_sizes(load_data(config), config)
     encoder = load_text_encoder(config.text_encoder, cache_dir=config.text_encoder_dir, progress=progress)
     item_text = embed_descriptions(
         data.descriptions, encoder, cache_dir=config.text_cache_dir,
@@ -656,14 +682,16 @@ def _train(
             val.query_labels,
             val.gallery_images,
             val.gallery_labels,
-            ks=config.ks,
+            ks=validation_ks,
             distance=config.distance,
         ))
     if skipped is not None:
         callbacks.append(SkippedRowsWarning(skipped, data.train_source))
     callbacks += [
         keras.callbacks.CSVLogger(log_path, append=True),
-        keras.callbacks.TensorBoard(os.path.join(output_dir, "logs")),
+        StepTensorBoard(os.path.join(output_dir, "logs"),
+                        update_freq=min(TENSORBOARD_EVERY_STEPS, config.steps_per_epoch),
+                        initial_step=(resume_epoch or 0) * config.steps_per_epoch),
         TrainingBackup(backup_dir, save_freq=config.save_freq),  # last: commits the epoch's logs
     ]
     initial_epoch = resume_epoch or 0

@@ -202,3 +202,70 @@ def test_killed_run_resumes_from_backup(tmp_path):
     assert not (out / "backup").exists()
     leftovers = [p for p in os.listdir(out) if p.endswith((".tmp", ".keras")) and p != "model.keras"]
     assert leftovers == []
+
+
+# ------------------------------------------------------------------------------ a user's small catalog
+def _write_small_catalog(folder, items: int = 40, size: int = 20) -> str:
+    """`items` products x (1 street + 4 catalog) PNGs and their CSV; returns the CSV path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for item in range(items):
+        colour = rng.integers(0, 256, 3)
+        for view in range(5):
+            pixels = np.clip(colour + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            name = f"{item:03d}_{view}.png"
+            Image.fromarray(pixels).save(os.path.join(folder, name))
+            rows.append({"image": name, "item_id": f"sku-{item:03d}", "description": f"colour {item % 5}",
+                         "domain": "street" if view == 0 else "catalog"})
+    path = os.path.join(folder, "products.csv")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _tensorboard_tags(log_dir) -> dict[str, list[int]]:
+    """tag -> steps of the scalars in a TensorBoard event directory."""
+    tags: dict[str, list[int]] = {}
+    for path in sorted(tf.io.gfile.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(int(event.step))
+    return tags
+
+
+def test_small_catalog_piped_trains_with_validation_at_the_ks_that_fit(tmp_path):
+    """`atl train --dataset catalog:products.csv | cat` on 40 products with the default ks
+    1,10,20: validation is scored at the ks that fit (not dropped), the log has plain
+    per-epoch lines (no ANSI progress bar), and TensorBoard has per-step scalars and no
+    query counts."""
+    catalog = _write_small_catalog(str(tmp_path / "shop"))
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "atl_keras.cli", "train", "--dataset", f"catalog:{catalog}", "--image-size", "16",
+         "--text-encoder", "hashing", "--text-cache-dir", str(tmp_path / "cache"), "--epochs", "2",
+         "--steps-per-epoch", "10", "--embedding-dim", "8", "--projector-size", "0", "--output", str(run)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "validating at ks 1,10 only" in result.stderr, result.stderr
+    assert "\x1b[" not in result.stdout and "\b" not in result.stdout and "\r" not in result.stdout
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("10/10 - ")]
+    assert len(epoch_lines) == 2 and all("val_recall_at_10:" in line for line in epoch_lines), result.stdout
+    with open(run / "training_log.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("val_recall_at_1", "val_recall_at_10", "val_map_at_r"):
+            assert np.isfinite(float(row[key])), (key, row)
+        assert not [k for k in row if "num_queries" in k or "recall_at_20" in k]
+    tags = _tensorboard_tags(run / "logs" / "train")
+    assert sorted(set(tags["batch_loss"])) == [10, 20]  # every 10 steps, counted across epochs
+    validation = _tensorboard_tags(run / "logs" / "validation")  # Keras files val_* metrics here
+    assert validation["epoch_recall_at_10"] == [0, 1]
+    assert not [tag for tag in [*tags, *validation] if "num_queries" in tag]

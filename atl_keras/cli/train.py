@@ -79,7 +79,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="skip TF op determinism (faster on GPUs; runs no longer bit-reproducible)")
     p.add_argument("--projector-size", type=int,
                    help="test gallery images in the TensorBoard projector export (0: none)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (default: a progress bar on a terminal, one line per epoch otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"atl train: {config.loss} loss ({config.mining}) on {config.dataset}, "
           f"text encoder {config.text_encoder}, output {config.output_dir}", flush=True)
     try:
-        result = run_training(config, verbose=0 if quiet else "auto",
+        # Keras' progress bar on a terminal; one plain line per epoch in a redirected log.
+        verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
+        result = run_training(config, verbose=verbose,
                               progress=lambda message: print(f"atl train: {message}", flush=True))
     except KeyboardInterrupt:
         print(f"atl train: {interrupted_message(config)}", file=sys.stderr, flush=True)
