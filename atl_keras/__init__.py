@@ -7,16 +7,16 @@
     model.fit(atl.data.pk_dataset(images, labels, text_embeddings, p=10, k=8), ...)
 
 Names are imported on first use (module ``__getattr__``), so ``import atl_keras`` (and
-``atl --help``) does not load TensorFlow. The Keras-serializable classes (model, layers,
-losses) are registered as soon as Keras is loaded, so ``import atl_keras`` followed by
-``keras.saving.load_model("model.keras")`` works in a fresh process.
+``atl --help``) does not load TensorFlow. The Keras-serializable classes (models, layers,
+losses) are registered with Keras at ``import atl_keras`` if Keras is already imported, and
+on first use of any ``atl.`` name; otherwise call ``atl.register_keras_objects()`` before
+``keras.saving.load_model("model.keras")``. Importing atl_keras patches nothing in Keras
+and installs no import hook.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
 import importlib.util
 import sys
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "retrieval_metrics": "atl_keras.metrics",
     "index_catalog": "atl_keras.catalog_index",
     "ATLModel": "atl_keras.model",
+    "MetricModel": "atl_keras.metric_model",
     "write_projector": "atl_keras.projector",
     "ProxyHead": "atl_keras.proxies",
     "strip_proxies": "atl_keras.proxies",
@@ -59,9 +60,9 @@ _EXPORTS: dict[str, str] = {
     "load_text_encoder": "atl_keras.text",
 }
 #: Subpackages / modules reachable as attributes (``atl.data.pk_dataset``).
-_SUBMODULES = ("data", "distribute")
+_SUBMODULES = ("data", "distribute", "losses", "margins")
 
-__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "register_keras_objects"])
 
 
 def __getattr__(name: str) -> Any:
@@ -82,7 +83,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
-    from atl_keras import data, distribute
+    from atl_keras import data, distribute, losses, margins
     from atl_keras.backbones import available_backbones, build_backbone
     from atl_keras.distances import pairwise_distances
     from atl_keras.losses.triplet import (
@@ -95,6 +96,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
     from atl_keras.metrics import RetrievalEvaluation, format_metrics_table, retrieval_metrics
     from atl_keras.catalog_index import index_catalog
+    from atl_keras.metric_model import MetricModel
     from atl_keras.model import ATLModel
     from atl_keras.projector import write_projector
     from atl_keras.proxies import ProxyHead, strip_proxies
@@ -121,7 +123,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
 #: The loss modules come from `atl_keras.losses.registry.loss_modules`.
 _SERIALIZABLE_MODULES = (
     "atl_keras.backbones",
+    "atl_keras.metric_model",
     "atl_keras.model",
+    "atl_keras.proxies",
 )
 _TRIGGERS = ("keras", "tensorflow")  # `import tensorflow` imports keras inside its own import
 
@@ -151,32 +155,22 @@ def _register_serializables() -> bool:
     for name in (*_SERIALIZABLE_MODULES, *loss_modules()):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name)
-    for finder in [f for f in sys.meta_path if isinstance(f, _RegisterAfterKeras)]:
-        sys.meta_path.remove(finder)
     return True
 
 
-class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
-    """After the first top-level import of keras / tensorflow completes, register atl_keras'
-    serializable classes (so `keras.saving.load_model` finds them), then step aside."""
+def register_keras_objects() -> None:
+    """Register atl_keras' Keras classes (models, layers, losses) with Keras, so
+    ``keras.saving.load_model`` finds them; imports Keras. Idempotent.
 
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in _TRIGGERS:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        loader = spec.loader
-        exec_module = loader.exec_module
+    Runs by itself at ``import atl_keras`` when Keras is already imported, and on the first
+    use of any ``atl.`` name; otherwise call it before ``keras.saving.load_model``
+    (no import hook is installed).
+    """
+    import keras  # noqa: F401  (the registry lives in Keras)
 
-        def exec_then_register(module):
-            exec_module(module)
-            spec._initializing = False  # importlib resets it right after; we run first
-            _register_serializables()
-
-        loader.exec_module = exec_then_register  # type: ignore[method-assign]
-        return spec
+    if not _register_serializables():  # only while a module is half-imported
+        raise RuntimeError("register_keras_objects() was called while atl_keras or Keras is "
+                           "still being imported; call it after the imports.")
 
 
-if not _register_serializables():
-    sys.meta_path.insert(0, _RegisterAfterKeras())
+_register_serializables()

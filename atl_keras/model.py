@@ -25,6 +25,7 @@ from keras import layers, ops
 from atl_keras.backbones import build_backbone
 from atl_keras.distribute import gather_replicas, in_multi_replica_context
 from atl_keras.losses.triplet import AdaptiveTripletLoss, TripletLoss, triplet_statistics
+from atl_keras.metric_model import LossNamesMixin
 from atl_keras.proxies import ProxyHead
 
 __all__ = ["ATLModel", "GeneralizedMeanPooling", "L2Normalization", "POOLINGS", "PROXY_STATISTICS",
@@ -114,7 +115,7 @@ class L2Normalization(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="atl_keras")
-class ATLModel(keras.Model):
+class ATLModel(LossNamesMixin, keras.Model):
     """Embedding model: ``[B, H, W, C]`` pixels in [0, 255] -> ``[B, embedding_dim]`` float32, unit L2 norm.
 
     Args:
@@ -277,7 +278,7 @@ class ATLModel(keras.Model):
                 "ATLModel.fit/evaluate needs targets: batches must be (images, "
                 '{"label": [B], "text_embedding": [B, T]}) or (images, labels [B]); got images only.'
             )
-        loss_fn = keras.losses.get(self.loss) if isinstance(self.loss, str) else self.loss
+        loss_fn = self.loss
         if self.cross_replica_mining and in_multi_replica_context():
             if sample_weight is not None:
                 raise ValueError(
@@ -315,11 +316,13 @@ class ATLModel(keras.Model):
             kwargs["shuffle"] = False
         return super().fit(*args, **kwargs)
 
-    def train_step(self, data):
-        return self._multi_worker_logs(super().train_step(data))
+    def train_step(self, *args):
+        """Keras' step: ``(data)`` on TensorFlow and PyTorch, ``(state, data)`` on JAX (which
+        returns ``(logs, state)``)."""
+        return self._multi_worker_logs(super().train_step(*args))
 
-    def test_step(self, data):
-        return self._multi_worker_logs(super().test_step(data))
+    def test_step(self, *args):
+        return self._multi_worker_logs(super().test_step(*args))
 
     def _multi_worker_logs(self, logs: Any) -> Any:
         """Scalar logs -> ``[1]`` under MultiWorkerMirroredStrategy.
@@ -400,7 +403,6 @@ class ATLModel(keras.Model):
         loss_fn = getattr(self, "loss", None)
         if loss_fn is None:
             return metrics
-        loss_fn = keras.losses.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
         hidden = []
         if not isinstance(loss_fn, (AdaptiveTripletLoss, TripletLoss)):
             hidden += list(getattr(self, "statistics", {}).values())

@@ -20,6 +20,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from atl_keras.distances import l2_normalize
+
 __all__ = ["ProxyHead", "strip_proxies"]
 
 
@@ -40,8 +42,16 @@ class ProxyHead(layers.Layer):
         seed: seed of the initialiser: i.i.d. normal directions, unit-norm rows (the losses
             normalise proxies, so only directions matter).
 
-    ``call()`` takes no meaningful input and returns `proxies`, so the head can also be used
-    outside `ATLModel`.
+    As a layer in any functional model (the proxy / ArcFace-style head),
+    ``head(embeddings [B, D])`` returns the cosines ``[B, C]`` between the L2-normalised
+    embeddings and proxies; a proxy loss built with ``from_cosines=True`` reads them
+    (labels-only targets, no proxies argument):
+
+        cosines = atl.ProxyHead(num_proxies=C, embedding_dim=D)(embeddings)
+        model = atl.MetricModel(inputs, {"embedding": embeddings, "proxy": cosines})
+        model.compile("adam", loss={"proxy": atl.ProxyAnchorLoss(from_cosines=True)})
+
+    ``head()`` without input returns `proxies` ``[C, D]`` (what `ATLModel` passes to the loss).
     """
 
     def __init__(
@@ -91,10 +101,16 @@ class ProxyHead(layers.Layer):
         return ops.cast(self.scaled_proxies, "float32") * self.learning_rate_multiplier
 
     def call(self, inputs: Any = None) -> Any:
-        return self.proxies
+        """No input: the proxies ``[C, D]``. Embeddings ``[B, D]``: cosines ``[B, C]``."""
+        if inputs is None:
+            return self.proxies
+        embeddings = ops.cast(inputs, "float32")
+        return ops.matmul(l2_normalize(embeddings), ops.transpose(l2_normalize(self.proxies)))
 
-    def compute_output_shape(self, input_shape: Any = None) -> tuple[int, int]:
-        return (self.num_proxies, self.embedding_dim)
+    def compute_output_shape(self, input_shape: Any = None) -> tuple[Any, int]:
+        if input_shape is None:
+            return (self.num_proxies, self.embedding_dim)
+        return (input_shape[0], self.num_proxies)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

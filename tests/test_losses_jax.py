@@ -88,13 +88,13 @@ SCRIPT = textwrap.dedent(
             assert np.all(np.isfinite(np.asarray(grad)))
         out["compiles"][mining] = [int(step._cache_size()), worst]
 
-    # A plain functional Keras model trains on JAX with dict targets.
+    # A functional MetricModel trains on JAX with dict targets.
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(12), 4).astype(np.int32)
     x = (rng.normal(size=(12, 8))[labels] + 0.5 * rng.normal(size=(48, 8))).astype(np.float32)
     text = rng.normal(size=(12, 5)).astype(np.float32)[labels]
     inputs = keras.Input((8,))
-    model = keras.Model(inputs, keras.layers.UnitNormalization()(keras.layers.Dense(6)(inputs)))
+    model = atl.MetricModel(inputs, keras.layers.UnitNormalization()(keras.layers.Dense(6)(inputs)))
     model.compile(optimizer=keras.optimizers.SGD(0.5),
                   loss=atl.AdaptiveTripletLoss(mining="semi_hard"))
     history = model.fit(x, {"label": labels, "text_embedding": text}, batch_size=16,

@@ -136,7 +136,7 @@ def test_fit_with_jit_compile_traces_and_compiles_the_train_step_once():
             keras.utils.set_random_seed(0)
             inputs = keras.Input((2, 4, 1))
             y = keras.layers.Dense(6)(keras.layers.Flatten()(inputs))
-            model = keras.Model(inputs, keras.layers.UnitNormalization()(y))
+            model = atl.MetricModel(inputs, keras.layers.UnitNormalization()(y))
             model.compile(optimizer=keras.optimizers.SGD(0.3), jit_compile=True,
                           loss=Counting(mining=mining, max_images_per_label=k))
             data = atl.data.pk_dataset(x, labels, text, p=8, k=4, seed=1)

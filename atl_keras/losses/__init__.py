@@ -7,7 +7,8 @@
 - `atl_keras.losses.triplet`: the triplet loss and the adaptive triplet loss (ATL).
 - `atl_keras.losses.margin_table`: the triplet loss with a precomputed margin table.
 - `atl_keras.losses.proxy`: proxy losses (adaptive proxy, ProxyAnchor).
-- `atl_keras.losses.keras_compat`: dict targets in plain Keras ``compile``/``fit``.
+- `atl_keras.losses.keras_compat`: losses by registered name (`get`), and the explicit
+  opt-in for dict targets in a plain ``keras.Model``.
 - `atl_keras.losses.registry`: the loss names the training config, the CLI and the docs read.
 
 The weak-label margins the losses use live in `atl_keras.margins`. Names are imported on
@@ -42,7 +43,9 @@ _EXPORTS: dict[str, str] = {
     "ProxyLoss": "atl_keras.losses.proxy",
     "adaptive_proxy_loss": "atl_keras.losses.proxy",
     "proxy_anchor_loss": "atl_keras.losses.proxy",
+    "get": "atl_keras.losses.keras_compat",
     "install_keras_target_support": "atl_keras.losses.keras_compat",
+    "resolve_losses": "atl_keras.losses.keras_compat",
 }
 
 __all__ = sorted(["MINING_MODES", *_EXPORTS])

@@ -75,7 +75,8 @@ _TARGET_HELP = (
 
 
 def split_targets(y_true: Any, need_text: bool, loss_name: str) -> tuple[Any, Any | None]:
-    """``y_true`` -> (labels, text embeddings or None)."""
+    """``y_true`` (labels ``[B]`` or a dict with ``label`` and ``text_embedding``) ->
+    (labels, text embeddings ``[B, T]`` or None); raises if ``need_text`` and there is none."""
     if isinstance(y_true, dict):
         if "label" not in y_true:
             raise ValueError(
@@ -91,8 +92,11 @@ def split_targets(y_true: Any, need_text: bool, loss_name: str) -> tuple[Any, An
         return y_true["label"], text
     if isinstance(y_true, str):  # Keras' CompileLoss packs a one-key dict into its key
         raise ValueError(
-            f"{loss_name} received y_true={y_true!r} (a dict key): Keras' compile() lost the "
-            f"target dict. Import atl_keras before compiling, or pass the labels tensor. "
+            f"{loss_name} received y_true={y_true!r} (a dict key): Keras' compile() cannot hand "
+            "a dict target to one output of a plain keras.Model. Build the model as "
+            "atl_keras.MetricModel(inputs, outputs) (same arguments as keras.Model; nested "
+            "target dicts per output work) or an ATLModel, or call "
+            "atl_keras.losses.install_keras_target_support() once. "
             f"{_TARGET_HELP}."
         )
     if need_text:

@@ -54,8 +54,10 @@ __all__ = [
     "ProxyAnchorLoss",
     "ProxyLoss",
     "adaptive_proxy_loss",
+    "adaptive_proxy_loss_from_cosines",
     "class_margin_matrix",
     "proxy_anchor_loss",
+    "proxy_anchor_loss_from_cosines",
     "proxy_classes",
 ]
 
@@ -87,6 +89,15 @@ def _prepare(labels: Any, embeddings: Any, proxies: Any) -> tuple[Any, Any, Any,
     return labels, ops.cast(embeddings, dtype), ops.cast(proxies, dtype), dtype
 
 
+def _prepare_cosines(cosine: Any) -> Any:
+    cosine = ops.convert_to_tensor(cosine)
+    if len(cosine.shape) != 2:
+        raise ValueError(
+            f"cosines must have shape [batch, classes] (a ProxyHead output); got {tuple(cosine.shape)}."
+        )
+    return ops.cast(cosine, compute_dtype(cosine))
+
+
 def _cosines(embeddings: Any, proxies: Any) -> Any:
     """``[B, D] x [C, D] -> [B, C]`` cosines of the normalised rows."""
     return ops.matmul(l2_normalize(embeddings), ops.transpose(l2_normalize(proxies)))
@@ -114,10 +125,22 @@ def adaptive_proxy_loss(
     Returns:
         Scalar: the mean of ``L_i`` (see the module docstring).
     """
-    labels, embeddings, proxies, dtype = _prepare(labels, embeddings, proxies)
-    positive = ops.one_hot(ops.cast(labels, "int32"), ops.shape(proxies)[0], dtype=dtype)
+    labels, embeddings, proxies, _ = _prepare(labels, embeddings, proxies)
+    return adaptive_proxy_loss_from_cosines(labels, _cosines(embeddings, proxies), margins, scale,
+                                            sample_weight)
+
+
+def adaptive_proxy_loss_from_cosines(
+    labels: Any, cosine: Any, margins: Any, scale: float = 16.0, sample_weight: Any | None = None
+) -> Any:
+    """`adaptive_proxy_loss` from the cosines ``[B, C]`` of the normalised embeddings and
+    proxies (the output of a `atl_keras.ProxyHead` layer); labels ``[B]`` in ``[0, C)``."""
+    cosine = _prepare_cosines(cosine)
+    labels = prepare_labels(labels, cosine.shape[0])
+    dtype = keras.backend.standardize_dtype(cosine.dtype)
+    positive = ops.one_hot(ops.cast(labels, "int32"), ops.shape(cosine)[1], dtype=dtype)
     margins = ops.stop_gradient(ops.cast(margins, dtype))
-    logits = float(scale) * (_cosines(embeddings, proxies) + margins * (1.0 - positive))
+    logits = float(scale) * (cosine + margins * (1.0 - positive))
     per_sample = ops.logsumexp(logits, axis=1) - ops.sum(logits * positive, axis=1)
     if sample_weight is not None:
         per_sample = per_sample * ops.reshape(ops.cast(sample_weight, dtype), (-1,))
@@ -151,13 +174,20 @@ def proxy_anchor_loss(
         Scalar: mean positive term over proxies with a positive in the batch plus the mean
         negative term over all C proxies (see the module docstring).
     """
-    labels, embeddings, proxies, dtype = _prepare(labels, embeddings, proxies)
-    cosine = _cosines(embeddings, proxies)
-    positive = ops.cast(ops.one_hot(ops.cast(labels, "int32"), ops.shape(proxies)[0]), "bool")
+    labels, embeddings, proxies, _ = _prepare(labels, embeddings, proxies)
+    return proxy_anchor_loss_from_cosines(labels, _cosines(embeddings, proxies), margin, alpha)
+
+
+def proxy_anchor_loss_from_cosines(labels: Any, cosine: Any, margin: float = 0.1, alpha: float = 32.0) -> Any:
+    """`proxy_anchor_loss` from the cosines ``[B, C]`` (a `atl_keras.ProxyHead` output)."""
+    cosine = _prepare_cosines(cosine)
+    labels = prepare_labels(labels, cosine.shape[0])
+    dtype = keras.backend.standardize_dtype(cosine.dtype)
+    positive = ops.cast(ops.one_hot(ops.cast(labels, "int32"), ops.shape(cosine)[1]), "bool")
     pos_term = _log1p_sum_exp(-float(alpha) * (cosine - float(margin)), positive, axis=0)
     neg_term = _log1p_sum_exp(float(alpha) * (cosine + float(margin)), ops.logical_not(positive), axis=0)
     with_positive = ops.sum(ops.cast(ops.any(positive, axis=0), dtype))
-    classes = ops.cast(ops.shape(proxies)[0], dtype)
+    classes = ops.cast(ops.shape(cosine)[1], dtype)
     return ops.sum(pos_term) / ops.maximum(with_positive, 1.0) + ops.sum(neg_term) / classes
 
 
@@ -183,12 +213,30 @@ def _check_proxies(loss_name: str, proxies: Any, num_classes: int | None) -> Non
 
 
 class ProxyLoss(MetricLoss):
-    """Base class of the proxy losses: ``loss(y_true, y_pred, proxies=P)``; labels keep their
-    integer dtype. Subclasses implement ``compute(labels, embeddings, proxies, sample_weight)``."""
+    """Base class of the proxy losses; labels keep their integer dtype.
 
-    #: `ATLModel.compute_loss` passes ``proxies=`` to losses that set this.
-    needs_proxies = True
+    Two ways to read a batch:
+
+    - ``loss(y_true, embeddings [B, D], proxies=P [C, D])`` (``from_cosines=False``, the
+      default): `ATLModel(num_proxies=C)` passes its proxies.
+    - ``loss(y_true, cosines [B, C])`` with ``from_cosines=True``: the output of a
+      `atl_keras.ProxyHead` layer in any functional model (labels-only targets).
+
+    Subclasses implement ``compute_from_cosines(labels, cosine, sample_weight)``.
+    """
+
     supports_sample_weight = False
+
+    def __init__(self, from_cosines: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(from_cosines, bool):
+            raise ValueError(f"from_cosines must be True or False; got {from_cosines!r}.")
+        self.from_cosines = from_cosines
+
+    @property
+    def needs_proxies(self) -> bool:
+        """`ATLModel.compute_loss` passes ``proxies=`` to losses that need them."""
+        return not self.from_cosines
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None, proxies: Any = None) -> Any:
         """Loss of a batch.
@@ -196,18 +244,32 @@ class ProxyLoss(MetricLoss):
         Args:
             y_true: labels ``[B]`` or a dict ``{"label": [B], "text_embedding": [B, T]}``
                 (only ``label`` is read).
-            y_pred: ``[B, D]`` embeddings.
+            y_pred: ``[B, D]`` embeddings, or with ``from_cosines=True`` the cosines ``[B, C]``.
             sample_weight: ``[B]`` (AdaptiveProxyLoss only).
-            proxies: ``[C, D]`` class proxies (`ATLModel` passes its own).
+            proxies: ``[C, D]`` class proxies (`ATLModel` passes its own); not with
+                ``from_cosines=True``.
 
         Returns:
             Float32 scalar (divided by the replica count under tf.distribute, like Keras'
             mean losses).
         """
         name = type(self).__name__
-        if proxies is not None:
-            proxies = ops.convert_to_tensor(proxies)
-        _check_proxies(name, proxies, self.num_classes)
+        if self.from_cosines:
+            if proxies is not None:
+                raise ValueError(
+                    f"{name} was built with from_cosines=True: y_pred are the cosines [B, C] of a "
+                    "ProxyHead layer, so do not pass proxies (or build it with from_cosines=False)."
+                )
+            columns = ops.convert_to_tensor(y_pred).shape[-1]
+            if self.num_classes is not None and columns is not None and columns != self.num_classes:
+                raise ValueError(
+                    f"{name} has margins for {self.num_classes} classes but y_pred has {columns} "
+                    f"cosine columns; use ProxyHead(num_proxies={self.num_classes}, ...)."
+                )
+        else:
+            if proxies is not None:
+                proxies = ops.convert_to_tensor(proxies)
+            _check_proxies(name, proxies, self.num_classes)
         if sample_weight is not None and not self.supports_sample_weight:
             raise ValueError(
                 f"{name} does not support sample_weight (it is a sum over proxies, not "
@@ -215,6 +277,8 @@ class ProxyLoss(MetricLoss):
             )
         labels, _ = split_targets(y_true, need_text=False, loss_name=name)
         with keras.name_scope(self.name):
+            if self.from_cosines:
+                return self.finish(self.compute_from_cosines(labels, y_pred, sample_weight))
             return self.finish(self.compute(labels, y_pred, proxies, sample_weight))
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -225,7 +289,15 @@ class ProxyLoss(MetricLoss):
         return None
 
     def compute(self, labels: Any, embeddings: Any, proxies: Any, sample_weight: Any) -> Any:
+        """The loss from embeddings ``[B, D]`` and proxies ``[C, D]``."""
+        labels, embeddings, proxies, _ = _prepare(labels, embeddings, proxies)
+        return self.compute_from_cosines(labels, _cosines(embeddings, proxies), sample_weight)
+
+    def compute_from_cosines(self, labels: Any, cosine: Any, sample_weight: Any) -> Any:
         raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "from_cosines": self.from_cosines}
 
 
 @keras.saving.register_keras_serializable(package="atl_keras")
@@ -247,6 +319,8 @@ class AdaptiveProxyLoss(ProxyLoss):
 
     Args:
         scale: ``s > 0``, the softmax temperature's inverse.
+        from_cosines: ``y_pred`` are the cosines ``[B, C]`` of a `atl_keras.ProxyHead` layer
+            (any functional model) instead of embeddings with ``proxies=``.
 
     ``y_true`` is the labels ``[B]`` or the P x K target dict (only ``label`` is read: the
     class texts are given here, once per catalog). Arrays are stored in ``get_config`` as
@@ -273,8 +347,9 @@ class AdaptiveProxyLoss(ProxyLoss):
         name: str = "adaptive_proxy_loss",
         reduction: str | None = "sum_over_batch_size",
         dtype: Any = "float32",
+        from_cosines: bool = False,
     ) -> None:
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        super().__init__(from_cosines=from_cosines, name=name, reduction=reduction, dtype=dtype)
         sources = [s for s, v in (("class_text_embeddings", class_text_embeddings),
                                   ("margin_matrix", margin_matrix), ("margin", margin)) if v is not None]
         if len(sources) != 1:
@@ -339,10 +414,10 @@ class AdaptiveProxyLoss(ProxyLoss):
         missing_pair = ops.logical_or(ops.expand_dims(ops.take(missing, labels), 1), ops.expand_dims(missing, 0))
         return ops.where(missing_pair, ops.full_like(margins, self._missing_margin), margins)
 
-    def compute(self, labels: Any, embeddings: Any, proxies: Any, sample_weight: Any) -> Any:
+    def compute_from_cosines(self, labels: Any, cosine: Any, sample_weight: Any) -> Any:
         labels = prepare_labels(labels, None)
-        return adaptive_proxy_loss(
-            labels, embeddings, proxies, self.batch_margins(labels), self.scale, sample_weight
+        return adaptive_proxy_loss_from_cosines(
+            labels, cosine, self.batch_margins(labels), self.scale, sample_weight
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -365,7 +440,8 @@ class AdaptiveProxyLoss(ProxyLoss):
 @keras.saving.register_keras_serializable(package="atl_keras")
 class ProxyAnchorLoss(ProxyLoss):
     """ProxyAnchor with PyTorch Metric Learning's ``margin`` (delta) and ``alpha``; see
-    `proxy_anchor_loss`. ``num_classes`` (optional) checks the proxies' count.
+    `proxy_anchor_loss`. ``num_classes`` (optional) checks the proxies' count;
+    ``from_cosines=True`` reads the cosines ``[B, C]`` of a `atl_keras.ProxyHead` layer.
 
     ``y_true`` is the labels ``[B]`` or the P x K target dict (only ``label`` is read).
     """
@@ -378,8 +454,9 @@ class ProxyAnchorLoss(ProxyLoss):
         name: str = "proxy_anchor_loss",
         reduction: str | None = "sum_over_batch_size",
         dtype: Any = "float32",
+        from_cosines: bool = False,
     ) -> None:
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        super().__init__(from_cosines=from_cosines, name=name, reduction=reduction, dtype=dtype)
         self.margin = float(margin)
         self.alpha = float(alpha)
         if not np.isfinite(self.margin) or not np.isfinite(self.alpha) or self.alpha <= 0:
@@ -392,8 +469,8 @@ class ProxyAnchorLoss(ProxyLoss):
     def num_classes(self) -> int | None:
         return self._num_classes
 
-    def compute(self, labels: Any, embeddings: Any, proxies: Any, sample_weight: Any) -> Any:
-        return proxy_anchor_loss(labels, embeddings, proxies, margin=self.margin, alpha=self.alpha)
+    def compute_from_cosines(self, labels: Any, cosine: Any, sample_weight: Any) -> Any:
+        return proxy_anchor_loss_from_cosines(labels, cosine, margin=self.margin, alpha=self.alpha)
 
     def get_config(self) -> dict[str, Any]:
         return {

@@ -310,8 +310,8 @@ class TripletLoss(MetricLoss):
 
     ``y_true`` is the labels ``[B]`` (or ``[B, 1]``) or a dict with a
     ``"label"`` entry (other entries are ignored); ``y_pred`` is ``[B, D]``
-    embeddings. Works in any Keras model's ``compile``/``fit`` (see
-    `AdaptiveTripletLoss` for dict targets).
+    embeddings. Works in any Keras model's ``compile``/``fit`` with label
+    targets (see `AdaptiveTripletLoss` for dict targets).
 
     Example:
         >>> model.compile(optimizer="adam", loss=TripletLoss(mining="semi_hard"))
@@ -378,15 +378,16 @@ class AdaptiveTripletLoss(MetricLoss):
             see `margin_triplet_loss`).
 
     ``y_true`` must be ``{"label": int [B], "text_embedding": float [B, T]}``;
-    ``y_pred`` is ``[B, D]`` embeddings. Works in any Keras model's
-    ``compile``/``fit`` with such dict targets (importing `atl_keras` lets
-    Keras' ``CompileLoss`` hand the dict to this loss unchanged; see
-    `install_keras_target_support`).
+    ``y_pred`` is ``[B, D]`` embeddings. Keras' ``CompileLoss`` cannot hand such
+    a dict to one output of a plain ``keras.Model``: build the model as
+    `atl_keras.MetricModel(inputs, outputs)` (or `ATLModel`), whose
+    ``compute_loss`` passes each output its whole target (nested per output in
+    multi-output models), or opt in to `install_keras_target_support`.
 
     Example:
         >>> inputs = keras.Input((28, 28, 1))
         >>> x = keras.layers.Dense(64)(keras.layers.Flatten()(inputs))
-        >>> model = keras.Model(inputs, keras.layers.UnitNormalization()(x))
+        >>> model = atl_keras.MetricModel(inputs, keras.layers.UnitNormalization()(x))
         >>> model.compile(optimizer="adam", loss=AdaptiveTripletLoss(mining="semi_hard"))
         >>> model.fit(pk_dataset)  # yields (images, {"label": ..., "text_embedding": ...})
     """
