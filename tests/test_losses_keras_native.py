@@ -231,6 +231,18 @@ def test_metric_model_saves_and_loads(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_configs_saved_with_the_old_module_paths_still_load():
+    """Saved .keras files name the class's module; the registered name is what resolves it."""
+    for cls, module, config in (
+        ("TripletLoss", "atl_keras.losses", {"margin": 0.3}),
+        ("AdaptiveProxyLoss", "atl_keras.proxy_losses", {"margin": 0.2}),
+        ("MarginTableTripletLoss", "atl_keras.margin_sources", {"table": [[0.1, 0.2], [0.2, 0.1]]}),
+    ):
+        saved = {"module": module, "class_name": cls, "config": config,
+                 "registered_name": f"atl_keras>{cls}"}
+        assert type(keras.saving.deserialize_keras_object(saved)).__name__ == cls
+
+
 def test_proxy_loss_input_errors():
     with pytest.raises(ValueError, match="from_cosines=True.*do not pass proxies"):
         atl.ProxyAnchorLoss(from_cosines=True)([0, 1], np.eye(2, dtype=np.float32), proxies=np.eye(2))
