@@ -103,6 +103,20 @@ def test_csv_catalog_streams_training_rows_and_decodes_only_evaluation_rows(tmp_
     np.testing.assert_array_equal(data.validation.query_labels, memory.validation.query_labels)
 
 
+def test_catalog_rows_have_the_image_ids_atl_index_gives_them(tmp_path):
+    """One image id everywhere: the evaluation sets (and so the TensorBoard projector and
+    `atl export`) name a catalog row as `atl index` does: its image path as written."""
+    from atl_keras.catalog_index import read_index_catalog
+
+    path = write_catalog(tmp_path, domains=True)
+    with pytest.warns(UserWarning, match="broken.png"):
+        data = load_retrieval_data(f"catalog:{path}", image_size=16, stream=False)
+    indexed = {row.image_id for row in read_index_catalog(str(path))}
+    ids = data.test.gallery_ids
+    assert ids and set(ids) <= indexed and all(i.endswith(".png") for i in ids)
+    assert not [i for i in ids if "#" in i]
+
+
 def test_csv_catalog_strict_mode_names_the_file(tmp_path):
     path = write_catalog(tmp_path, domains=True)
     with pytest.raises(ValueError, match="broken.png"):

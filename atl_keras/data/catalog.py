@@ -87,6 +87,8 @@ class Catalog:
             from `atl_keras.data.shards.read_shards`), else None.
         item_attributes: optional ``[M]`` dicts of structured item metadata (category, colour,
             ... for the synthetic shop; the extra JSON fields for DeepFashion).
+        image_ids: optional ``[N]`` image ids: a catalog file's ``image_id`` column, else the
+            ``image`` value as written in the file (the ids `atl index` gives the same rows).
     """
 
     item_ids: list[str]
@@ -98,6 +100,7 @@ class Catalog:
     image_paths: list[str] | None = None
     item_attributes: list[dict[str, Any]] | None = None
     image_records: Any = None  # ShardImages (atl_keras.data.sources), kept untyped: no TF import here
+    image_ids: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.item_ids = [str(i) for i in self.item_ids]
@@ -124,6 +127,10 @@ class Catalog:
             raise ValueError(
                 f"labels must index item_ids (0..{m - 1}), got values in {self.labels.min()}..{self.labels.max()}."
             )
+        if self.image_ids is not None:
+            self.image_ids = [str(i) for i in self.image_ids]
+            if len(self.image_ids) != n:
+                raise ValueError(f"image_ids must have one id per row ({n}), got {len(self.image_ids)}.")
         self.domains = _as_str_array(self.domains, n, "domains")
         self.splits = _as_str_array(self.splits, n, "splits")
         if self.images is None and self.image_paths is None and self.image_records is None:
@@ -184,6 +191,7 @@ class Catalog:
             images=None if self.images is None else self.images[rows],
             image_paths=None if self.image_paths is None else [self.image_paths[i] for i in rows],
             image_records=None if self.image_records is None else self.image_records.subset(rows),
+            image_ids=None if self.image_ids is None else [self.image_ids[i] for i in rows],
         )
 
     def split(self, name: str | Sequence[str]) -> "Catalog":
@@ -457,7 +465,7 @@ def read_catalog(
     descriptions: list[str | None] = []
     description_line: list[int] = []
     conflicts: list[str] = []
-    labels, domains, splits, image_paths, lines = [], [], [], [], []
+    labels, domains, splits, image_paths, image_ids, lines = [], [], [], [], [], []
     for line_no, row in rows:
         for key in ("image", "item_id"):
             if key not in row:
@@ -493,6 +501,7 @@ def read_catalog(
                 conflicts.append(message)
         image = _text(row["image"])
         image_paths.append(image if os.path.isabs(image) else os.path.join(root, image))
+        image_ids.append(_text(row.get("image_id")) or image)  # as atl_keras.catalog_index names rows
         labels.append(item_index[item])
         domains.append(_text(row.get("domain")) or "catalog")
         splits.append(_text(row.get("split")))
@@ -534,6 +543,7 @@ def read_catalog(
         splits=np.asarray(splits, dtype=str),
         images=None,
         image_paths=image_paths,
+        image_ids=image_ids,
     )
 
 

@@ -105,7 +105,11 @@ class RetrievalData:
 
 
 def _row_ids(rows: Catalog) -> list[str]:
-    """One id per image row: `<item id>#<n>` (n counts the item's images from 1)."""
+    """One id per image row: the catalog's image ids (a catalog file's ``image_id`` column or
+    image path, as `atl index` names the same rows), else `<item id>#<n>` (n counts the
+    item's images from 1) for data without files (the synthetic shop, Fashion-MNIST)."""
+    if rows.image_ids is not None:
+        return list(rows.image_ids)
     counts: dict[str, int] = {}
     ids = []
     for item in rows.row_item_ids:
