@@ -154,8 +154,8 @@ class TrainConfig:
             raise ValueError(
                 f"Unknown dataset {self.dataset!r}; available: {', '.join(DATASET_SPECS)}."
             )
-        if self.loss not in LOSSES:
-            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        if self.loss not in loss_registry.LOSSES:
+            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(loss_registry.LOSSES)}.")
         from atl_keras.margins import MAPPINGS, SOURCES
 
         if self.margin_source not in SOURCES:
@@ -611,7 +611,7 @@ def _train(
     log_path = os.path.join(output_dir, TRAINING_LOG)
 
     train_labels, num_proxies, label_text = data.train_labels, 0, item_text
-    if config.loss in PROXY_LOSSES:  # one proxy per training item: labels 0..C-1
+    if loss_registry.LOSSES[config.loss].proxies:  # one proxy per training item: labels 0..C-1
         classes = proxy_classes(data)
         train_labels, num_proxies = np.searchsorted(classes, data.train_labels), len(classes)
         label_text = item_text[classes]

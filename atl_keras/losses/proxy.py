@@ -55,7 +55,6 @@ __all__ = [
     "ProxyLoss",
     "adaptive_proxy_loss",
     "adaptive_proxy_loss_from_cosines",
-    "class_margin_matrix",
     "proxy_anchor_loss",
     "proxy_anchor_loss_from_cosines",
     "proxy_classes",
