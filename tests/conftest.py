@@ -54,6 +54,7 @@ LONGEST_FIRST = (
     "test_model.py",
     "test_cli.py",
     "test_losses_keras_native.py",
+    "test_model_jax.py",
     "test_catalog_index.py",
     "test_readme.py",
 )
