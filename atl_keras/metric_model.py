@@ -100,7 +100,13 @@ def structured_loss(
                 "atl_keras.ProxyHead in the model (its output: cosines [B, C]) and build the "
                 "loss with from_cosines=True, or use ATLModel(num_proxies=C)."
             )
-        value = fn(y_k, pred_k) if sample_weight_k is None else fn(y_k, pred_k, sample_weight_k)
+        if isinstance(fn, keras.losses.Loss):
+            value = fn(y_k, pred_k) if sample_weight_k is None else fn(y_k, pred_k, sample_weight_k)
+        else:  # a Keras loss function ("mse"): per-sample values, mean over the batch
+            values = ops.cast(fn(y_k, pred_k), "float32")
+            if sample_weight_k is not None:
+                values = values * ops.reshape(ops.cast(sample_weight_k, "float32"), ops.shape(values))
+            value = ops.mean(values)
         value = ops.cast(value, "float32")
         if weight_k is not None:
             value = value * float(weight_k)

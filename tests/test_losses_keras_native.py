@@ -178,6 +178,12 @@ def test_compile_by_registered_name():
     model.compile(optimizer="adam", loss="TripletLoss")
     assert isinstance(model.loss, atl.TripletLoss)
     assert atl.losses.get("mse") is keras.losses.get("mse")  # Keras' names still resolve
+    mixed, _ = _two_head_model(4, ITEMS)  # a Keras loss function on one output, ours on the other
+    mixed.compile(optimizer="sgd", loss={"embedding": "TripletLoss", "proxy": "mse"})
+    targets = {"embedding": labels, "proxy": np.zeros((len(x), ITEMS), np.float32)}
+    out = mixed.predict(x, verbose=0)
+    want = float(atl.TripletLoss()(labels, out["embedding"])) + float(np.mean(out["proxy"] ** 2))
+    assert mixed.evaluate(x, targets, batch_size=len(x), verbose=0) == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="Unknown loss 'NoSuchLoss'.*TripletLoss"):
         atl.losses.get("NoSuchLoss")
     with pytest.raises(ValueError, match="exactly one margin source"):
