@@ -79,6 +79,7 @@ from atl_keras.embedding import embed_images
 from atl_keras.home import with_home_dirs
 from atl_keras.losses import registry as loss_registry
 from atl_keras.losses.proxy import proxy_classes
+from atl_keras.margins.sources import TEXT_FREE_SOURCES
 from atl_keras.metrics import RetrievalEvaluation, retrieval_metrics
 from atl_keras.model import ATLModel
 from atl_keras.projector import write_projector
@@ -162,6 +163,9 @@ class TrainConfig:
             raise ValueError(f"Unknown margin_source {self.margin_source!r}; choose one of {', '.join(SOURCES)}.")
         if self.margin_mapping not in MAPPINGS:
             raise ValueError(f"Unknown margin_mapping {self.margin_mapping!r}; choose one of {', '.join(MAPPINGS)}.")
+        if self.margin_source == "random" and self.semantic_threshold is not None:
+            raise ValueError("semantic_threshold compares descriptions; margin_source='random' uses none. "
+                             "Drop the threshold or use a text source.")
         if not 0.0 <= self.synthetic_variants <= 1.0:
             raise ValueError(f"synthetic_variants must be in [0, 1], got {self.synthetic_variants}.")
         if self.synthetic_street_views < 1:
@@ -596,12 +600,15 @@ def _train(
     phase = on_phase or (lambda name: None)
     keras.utils.set_random_seed(config.seed)
     data, validation_ks = check_evaluation_sizes(load_data(config), config)
-    encoder = load_text_encoder(config.text_encoder, cache_dir=config.text_encoder_dir, progress=progress)
-    item_text = embed_descriptions(
-        data.descriptions, encoder, cache_dir=config.text_cache_dir,
-        progress=None if progress is None else (
-            lambda done, total: progress(f"Embedded {done}/{total} descriptions with {config.text_encoder}")),
-    )
+    if config.margin_source in TEXT_FREE_SOURCES and config.loss in ("atl", "adaptive_proxy"):
+        item_text = np.zeros((len(data.descriptions), 1), np.float32)  # no text read: no encoder loaded
+    else:
+        encoder = load_text_encoder(config.text_encoder, cache_dir=config.text_encoder_dir, progress=progress)
+        item_text = embed_descriptions(
+            data.descriptions, encoder, cache_dir=config.text_cache_dir,
+            progress=None if progress is None else (
+                lambda done, total: progress(f"Embedded {done}/{total} descriptions with {config.text_encoder}")),
+        )
 
     phase("data")
 

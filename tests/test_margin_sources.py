@@ -205,3 +205,68 @@ def test_inspect_margins_spread_lines_follow_margin_spread():
     s = margin_spread(margin_table("text", text_embeddings=text, mapping="catalog"))
     assert f"CV {s['cv']:.3f}" in lines["catalog"]
     assert "paper" not in mapping_spreads(text, TrainConfig(distance="cosine"))
+
+
+def test_random_source_is_iid_uniform_symmetric_seeded_and_needs_no_text():
+    from scipy import stats
+
+    from atl_keras.margins import random_margin_table
+
+    items = np.arange(0, 60, 2)  # training items: the even ones of 60
+    table = margin_table("random", num_items=60, train_items=items, min_margin=0.1, max_margin=0.5, seed=7)
+    assert table.shape == (60, 60) and table.dtype == np.float32
+    assert np.array_equal(table, table.T)
+    values = _pairs(table, items)
+    assert values.min() >= 0.1 and values.max() <= 0.5
+    assert stats.kstest(values, stats.uniform(0.1, 0.4).cdf).pvalue > 0.01  # uniform on [0.1, 0.5]
+    assert abs(np.corrcoef(values[:-1], values[1:])[0, 1]) < 0.1  # no structure between pairs
+    np.testing.assert_array_equal(table, random_margin_table(60, items, 0.1, 0.5, seed=7))  # seeded
+    assert not np.allclose(table, margin_table("random", num_items=60, train_items=items, min_margin=0.1,
+                                               max_margin=0.5, seed=8))
+    assert np.all(table[1] == np.float32(0.3)) and np.all(np.diag(table) == np.float32(0.3))  # midpoint elsewhere
+    # text embeddings, when given, only count the items: their values are not read
+    zeros = np.zeros((60, 4))
+    np.testing.assert_array_equal(margin_table("random", text_embeddings=zeros, train_items=items, min_margin=0.1,
+                                               max_margin=0.5, seed=7), table)
+    with pytest.raises(ValueError, match="num_items"):
+        margin_table("random")
+    with pytest.raises(ValueError, match="min_margin"):
+        margin_table("random", num_items=5, min_margin=0.5, max_margin=0.1)
+    with pytest.raises(ValueError, match="margin_source='random'"):
+        margin_table("permuted", num_items=5)
+
+
+def test_atl_trains_with_random_margins_on_a_catalog_without_descriptions(tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from atl_keras.train import TrainConfig, run_training
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for item in range(16):
+        colour = rng.integers(0, 255, 3)
+        for view in range(3):
+            path = tmp_path / "images" / f"{item}-{view}.png"
+            path.parent.mkdir(exist_ok=True)
+            pixels = np.clip(colour + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path)
+            rows.append({"image": f"images/{path.name}", "item_id": f"item{item}", "description": ""})
+    with open(tmp_path / "products.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "item_id", "description"])
+        writer.writeheader()
+        writer.writerows(rows)
+    config = TrainConfig(dataset=f"catalog:{tmp_path / 'products.csv'}", image_size=16, p=4, k=2, epochs=1,
+                         steps_per_epoch=2, ks=(1,), embedding_dim=8, output_dir=str(tmp_path / "run"),
+                         projector_size=0, loss="atl", margin_source="random", margin_mapping="catalog",
+                         text_encoder=str(tmp_path / "no-such-encoder"))  # never loaded
+    result = run_training(config, verbose=0)
+    assert isinstance(result.model.loss, MarginTableTripletLoss)
+    table = result.model.loss.table
+    train = np.unique(result.data.train_labels)
+    values = _pairs(table, train)
+    assert values.min() >= 0.05 and values.max() <= 0.4 and values.std() > 0.05
+    assert np.isfinite(result.history["loss"]).all()
+    with pytest.raises(ValueError, match="semantic_threshold"):
+        TrainConfig(margin_source="random", semantic_threshold=0.5, loss="atl")

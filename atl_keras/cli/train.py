@@ -31,9 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--margin", type=float, help="triplet loss margin")
     p.add_argument("--min-margin", type=float, help="ATL margin of identical descriptions")
     p.add_argument("--max-margin", type=float, help="ATL margin of opposite descriptions")
-    p.add_argument("--margin-source", choices=["text", "shuffled_text", "permuted", "fixed", "oracle"],
-                   help="where ATL's per-pair margins come from (default text; the others are controls, "
-                   "see atl_keras.margins.sources)")
+    p.add_argument("--margin-source", choices=["text", "shuffled_text", "permuted", "fixed", "oracle", "random"],
+                   help="where ATL's per-pair margins come from (default text; random: i.i.d. uniform margins in "
+                   "[min, max] per item pair, needs no descriptions; the others are controls, see "
+                   "atl_keras.margins.sources)")
     p.add_argument("--margin-mapping", choices=["linear", "paper", "catalog"],
                    help="text distance -> margin: linear (default), paper (unverified preset), catalog "
                    "(the catalog's 1st-99th percentile stretched onto [min, max]: margins that spread)")

@@ -28,10 +28,11 @@ The library never prints: pass `progress` to `run_replication` to hear about eac
 Modules: `methods` (recipes), `protocols` (datasets, schedules, config), `evaluation`
 (query/gallery settings), `controls` (shuffled text), `runs` (training + records),
 `statistics` (seeds, paired tests), `plots`, `report`, `weak_label` (does the weak label
-help? margin-source conditions, pre-registered comparisons, its report).
+help? margin-source conditions, pre-registered comparisons, its report), `confirmatory`
+(Block C on trained models: resumable seed blocks, positive control, verdicts when complete).
 """
 from atl_keras.experiments.methods import BASELINES, MAIN_METHODS, Method, ablation_methods
-from atl_keras.experiments.protocols import EXPERIMENTS, EVALUATIONS, FMNIST_UNSEEN, METRICS, PROTOCOLS, Protocol, ReplicationConfig, SCHEDULES, Schedule
+from atl_keras.experiments.protocols import CONFIRMATORY_SEEDS, EXPERIMENTS, EVALUATIONS, FMNIST_UNSEEN, METRICS, PROTOCOLS, Protocol, ReplicationConfig, SCHEDULES, Schedule
 from atl_keras.experiments.evaluation import query_gallery_split, street_style
 from atl_keras.experiments.controls import ShuffledTextEncoder, derangement, save_lookup_encoder
 from atl_keras.experiments.runs import ReplicationResult, RunRecord, load_result, run_one, run_replication
@@ -43,6 +44,7 @@ from atl_keras.experiments.weak_label import holm, paired_differences, render_we
 
 __all__ = [
     "BASELINES",
+    "CONFIRMATORY_SEEDS",
     "EVALUATIONS",
     "EXPERIMENTS",
     "FMNIST_UNSEEN",

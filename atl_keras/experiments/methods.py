@@ -84,11 +84,12 @@ def method_title(method: Method, config: ReplicationConfig) -> str:
 
 
 #: The weak-label experiment's margin sources, in report order (see `weak_label_methods`).
-WEAK_LABEL_SOURCES = ("fixed", "permuted", "shuffled_text", "text", "oracle")
+WEAK_LABEL_SOURCES = ("fixed", "random", "permuted", "shuffled_text", "text", "oracle")
 WEAK_LABEL_MINERS = {"batch_hard": "bh", "semi_hard": "sh"}
 WEAK_LABEL_SOURCE_TITLES = {
     "fixed": "fixed margin (the text margins' mean)",
-    "permuted": "random: text margin values permuted across item pairs",
+    "random": "random: i.i.d. uniform margins in [0.05, 0.4] per item pair (no text)",
+    "permuted": "permuted: text margin values permuted across item pairs",
     "shuffled_text": "shuffled text: descriptions re-assigned across items",
     "text": "text (USE)",
     "oracle": "oracle: true attribute disagreement (text's mean and sd)",
@@ -100,16 +101,19 @@ def weak_label_method_name(source: str, mining: str, threshold: bool = False) ->
     return f"{source}{'_tau' if threshold else ''}_{WEAK_LABEL_MINERS[mining]}"
 
 
-def weak_label_methods(oracle: bool = True, threshold: bool = True, shuffled: bool = False) -> tuple[Method, ...]:
+def weak_label_methods(oracle: bool = True, threshold: bool = True, shuffled: bool = False,
+                       random: bool = False) -> tuple[Method, ...]:
     """The weak-label experiment's conditions: ATL through one margin-table code path,
     catalog-scaled margins in [0.05, 0.4], each condition differing only in its margin table.
 
     Block A: miners {batch_hard, semi_hard} x sources {fixed, permuted, text, oracle (where the
-    catalog has attributes)}, plus shuffled text where asked (users' catalogs). Block B
+    catalog has attributes)}, plus shuffled text where asked (users' catalogs) and i.i.d. uniform
+    ``random`` margins where asked (users' catalogs, the confirmatory Block C). Block B
     (`threshold`): semi-hard text with ``semantic_threshold`` at the median text distance of
     the training catalog's variant listings.
     """
-    sources = [s for s in WEAK_LABEL_SOURCES if (s != "oracle" or oracle) and (s != "shuffled_text" or shuffled)]
+    sources = [s for s in WEAK_LABEL_SOURCES if (s != "oracle" or oracle) and (s != "shuffled_text" or shuffled)
+               and (s != "random" or random)]
     out = []
     for mining in WEAK_LABEL_MINERS:
         for source in sources:

@@ -37,6 +37,7 @@ class RunRecord:
     reused: bool = False  # True when read back from an earlier invocation's record
     host: str = ""  # the machine that trained it (records of other hosts are never reused)
     code_version: str = ""  # git commit of the checkout (or the package version)
+    settings_key: str = ""  # the run's settings without the host (blocks from other hosts are checked by it)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,7 +112,8 @@ def code_version() -> str:
             return "unknown"
 
 
-def _run_key(train_cfg: Any, method: Method, config: ReplicationConfig) -> str:
+def _run_key(train_cfg: Any, method: Method, config: ReplicationConfig, host: bool = True) -> str:
+    """A hash of every setting of a run (and of this host unless `host=False`)."""
     train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "output_dir"}
     # Where caches live does not change a run: fixed values keep the keys of records made
     # when these were paths relative to the working directory.
@@ -122,10 +124,15 @@ def _run_key(train_cfg: Any, method: Method, config: ReplicationConfig) -> str:
         "max_k": config.max_k,
         "grid_queries": config.grid_queries,
         "eval_seed": EVAL_SEED,
-        "host": host_name(),
+        "host": host_name() if host else None,
         "version": 2,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings_key(protocol: Protocol, method: Method, seed: int, config: ReplicationConfig) -> str:
+    """The key of a run's settings on any host (`RunRecord.settings_key`)."""
+    return _run_key(train_config(protocol, method, seed, config.schedule_obj, config), method, config, host=False)
 
 
 def _record_path(config: ReplicationConfig, protocol: str, method: str, seed: int) -> str:
@@ -256,6 +263,7 @@ def run_one(protocol: Protocol, method: Method, seed: int, config: ReplicationCo
         grids=grids, seconds=time.perf_counter() - start,
         train_config=_json_config(train_cfg, method, config),
         key=key, semantic_threshold=threshold, host=host_name(), code_version=code_version(),
+        settings_key=settings_key(protocol, method, seed, config),
     )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp"

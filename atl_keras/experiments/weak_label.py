@@ -118,13 +118,13 @@ def _values(records: Sequence[RunRecord], evaluation: str, metric: str, method: 
 
 def paired_differences(
     records: Sequence[RunRecord], evaluation: str, metric: str, comparisons: Sequence[tuple[str, str, str]],
-    alpha: float = ALPHA, pipeline_check: bool = False,
+    alpha: float = ALPHA, no_verdict: str = "",
 ) -> list[Difference]:
     """One `Difference` per ``(label, method, baseline)``, Holm-corrected over `comparisons`.
 
     A comparison gets no verdict (p = NaN, never "holds") with fewer than 3 paired seeds, zero
-    variance of the differences, or `pipeline_check` (the `quick` schedule); its intervals are
-    given whenever the differences have a spread (n >= 2).
+    variance of the differences, or when `no_verdict` names a reason (e.g. `PIPELINE_CHECK` for
+    the `quick` schedule); its intervals are given whenever the differences have a spread (n >= 2).
     """
     raw = []
     for label, method, baseline in comparisons:
@@ -132,7 +132,7 @@ def paired_differences(
         seeds = sorted(set(a) & set(b))
         d = np.array([a[s] - b[s] for s in seeds], np.float64)
         n = len(d)
-        reason = PIPELINE_CHECK if pipeline_check else no_verdict_reason(d)
+        reason = no_verdict or no_verdict_reason(d)
         mean = float(d.mean()) if n else math.nan
         sd = float(d.std(ddof=1)) if n > 1 else math.nan
         spread = n > 1 and sd > 0
@@ -299,13 +299,13 @@ def _proxy_section(records: Sequence[RunRecord], evaluation: str, metrics: Seque
     comparisons = [c for c in proxy_comparisons() if c[1] in names and c[2] in names]
     lines += [f"#### Paired comparisons, {METRIC_NAMES[metrics[0]]} (paired over the proxy seeds; Holm over "
               "these comparisons; descriptive)", ""]
-    pipeline = config.schedule_name == "quick"
+    withheld = PIPELINE_CHECK if config.schedule_name == "quick" else ""
     lines += _difference_rows(paired_differences(on_seeds, evaluation, metrics[0], comparisons,
-                                                 pipeline_check=pipeline)) + [""]
+                                                 no_verdict=withheld)) + [""]
     for metric in metrics[1:]:
         lines += [f"#### {METRIC_NAMES.get(metric, metric)} (same comparisons; descriptive)", ""]
         lines += _difference_rows(paired_differences(on_seeds, evaluation, metric, comparisons,
-                                                     pipeline_check=pipeline)) + [""]
+                                                     no_verdict=withheld)) + [""]
     return lines
 
 
@@ -316,6 +316,7 @@ def render_weak_label_report(result: ReplicationResult) -> str:
     hosts = sorted({r.host or "unrecorded" for r in result.records})
     versions = sorted({r.code_version or "unrecorded" for r in result.records})
     pipeline = config.schedule_name == "quick"
+    withheld = PIPELINE_CHECK if pipeline else ""
     users_data = config.dataset is not None
     if users_data:
         origin = ("The comparisons and decision rules are fixed in the library (`atl_keras.experiments.weak_label`), "
@@ -376,7 +377,7 @@ def render_weak_label_report(result: ReplicationResult) -> str:
                 lines += ["Semantic threshold (median text distance of training variant pairs), per seed: "
                           + ", ".join(f"{t:.3f}" for t in thresholds) + ".", ""]
             comparisons = planned_comparisons(protocol_name)
-            primary = paired_differences(records, evaluation, PRIMARY_METRIC, comparisons, pipeline_check=pipeline)
+            primary = paired_differences(records, evaluation, PRIMARY_METRIC, comparisons, no_verdict=withheld)
             lines += [f"### Pre-registered comparisons, primary metric {METRIC_NAMES[PRIMARY_METRIC]} "
                       "(paired over seeds; Holm over these comparisons)", ""]
             lines += _difference_rows(primary) + ["", "### Verdicts", ""]
@@ -384,7 +385,7 @@ def render_weak_label_report(result: ReplicationResult) -> str:
             for metric in metrics[1:]:
                 lines += [f"### Secondary: {METRIC_NAMES.get(metric, metric)} (same comparisons; descriptive)", ""]
                 lines += _difference_rows(paired_differences(records, evaluation, metric, comparisons,
-                                                             pipeline_check=pipeline)) + [""]
+                                                             no_verdict=withheld)) + [""]
             context = context_comparisons(protocol_name)
             if context:
                 lines += ["### Context (not decision rules): does this testbed reward true semantic margins, "
@@ -392,7 +393,7 @@ def render_weak_label_report(result: ReplicationResult) -> str:
                 for metric in metrics:
                     lines += [f"{METRIC_NAMES.get(metric, metric)}:", ""]
                     lines += _difference_rows(paired_differences(records, evaluation, metric, context,
-                                                                 pipeline_check=pipeline), False) + [""]
+                                                                 no_verdict=withheld), False) + [""]
             if proxy_methods:
                 lines += _proxy_section(all_records, evaluation, metrics, methods, proxy_methods, config)
             order = [m.name for m in all_methods]

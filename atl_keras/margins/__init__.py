@@ -7,7 +7,7 @@
 - `atl_keras.margins.batch`: per-batch ``[B, B]`` margin matrices and the semantic mask, in
   `keras.ops` (`batch_margin_matrices`, `adaptive_margins`).
 - `atl_keras.margins.sources`: the ``[M, M]`` margin table of a catalog from a source
-  (text and its controls: shuffled, permuted, fixed, oracle).
+  (text and its controls: shuffled, permuted, fixed, oracle; random, which needs no text).
 - `atl_keras.margins.report`: the inspect-margins report (`atl inspect-margins`).
 
 Every loss with a weak-label margin reads it from here; nothing here imports a loss.
@@ -41,6 +41,7 @@ from atl_keras.margins.sources import (
     derangement,
     margin_spread,
     margin_table,
+    random_margin_table,
 )
 
 _BATCH = ("adaptive_margins", "batch_margin_matrices", "missing_rows")
@@ -55,6 +56,7 @@ __all__ = [
     "map_distances",
     "margin_spread",
     "margin_table",
+    "random_margin_table",
     "text_distance_table",
     "text_distances",
     "unit_text_rows",

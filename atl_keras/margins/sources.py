@@ -14,9 +14,12 @@ condition differs from the others only in this table (`atl_keras.losses.MarginTa
 - ``fixed``: every pair gets the mean of the ``text`` margins (a classic triplet loss).
 - ``oracle``: the items' true attribute disagreement (1 - shared-attribute fraction, see
   `attribute_disagreement`), affinely matched to the ``text`` margins' mean and sd.
+- ``random``: i.i.d. uniform margins in ``[min_margin, max_margin]``, one per unordered item
+  pair (symmetric), drawn from `seed`; needs no descriptions at all (see `random_margin_table`).
 
 Statistics (quantiles, mean, permutation pool) come from pairs of *training* items only, so
-nothing about test items leaks into training. Rows/columns of other items hold the mean.
+nothing about test items leaks into training. Rows/columns of other items hold the mean
+(``random``: the midpoint of the range).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from atl_keras.margins.checks import validate_missing_text_margin
+from atl_keras.margins.checks import validate_margin_range, validate_missing_text_margin
 from atl_keras.margins.mapping import MAPPINGS, map_distances, text_distance_table
 
 __all__ = [
@@ -36,10 +39,13 @@ __all__ = [
     "margin_spread",
     "map_distances",
     "margin_table",
+    "random_margin_table",
     "text_distance_table",
 ]
 
-SOURCES = ("text", "shuffled_text", "permuted", "fixed", "oracle")
+SOURCES = ("text", "shuffled_text", "permuted", "fixed", "oracle", "random")
+#: Sources whose table needs no text embeddings.
+TEXT_FREE_SOURCES = ("random",)
 #: Attribute keys that name a listing, not a property of the product.
 NON_ATTRIBUTE_KEYS = ("design", "listing")
 
@@ -87,6 +93,38 @@ def _fill(values_for_items: np.ndarray, items: np.ndarray, m: int, fill: float) 
     return table
 
 
+def _train_items(train_items: Sequence[int] | None, m: int) -> np.ndarray:
+    items = np.arange(m) if train_items is None else np.unique(np.asarray(train_items, np.int64))
+    if len(items) < 2 or items.min() < 0 or items.max() >= m:
+        raise ValueError(f"train_items must name >= 2 distinct items in [0, {m}), got {len(items)}.")
+    return items
+
+
+def random_margin_table(
+    num_items: int,
+    train_items: Sequence[int] | None = None,
+    min_margin: float = 0.05,
+    max_margin: float = 0.4,
+    seed: int = 0,
+) -> np.ndarray:
+    """``[M, M]`` float32 i.i.d. uniform margins in ``[min_margin, max_margin]``, symmetric.
+
+    One draw per unordered pair of training items (``numpy.random.default_rng(seed)``), so
+    ``table[a, n] == table[n, a]``; the diagonal and rows/columns of other items hold the
+    midpoint. What it is: a margin *spread* with no information about the items, a regulariser
+    of batch-hard mining that changes which negative is "hardest" (it needs no descriptions).
+    What it is not: a weak label: it says nothing about which products are alike, so any gain it
+    gives is not evidence that a text (or any) similarity is used.
+    """
+    min_margin, max_margin = validate_margin_range(min_margin, max_margin)
+    items = _train_items(train_items, int(num_items))
+    upper = np.triu_indices(len(items), k=1)
+    values = np.zeros((len(items), len(items)), np.float64)
+    values[upper] = np.random.default_rng(seed).uniform(min_margin, max_margin, size=len(upper[0]))
+    values = values + values.T
+    return _fill(values, items, int(num_items), (min_margin + max_margin) / 2).astype(np.float32)
+
+
 def margin_table(
     source: str,
     *,
@@ -99,31 +137,38 @@ def margin_table(
     distance: str = "squared_l2",
     missing_text_margin: float | None = None,
     seed: int = 0,
+    num_items: int | None = None,
 ) -> np.ndarray:
     """The ``[M, M]`` float32 margin table of a catalog's items from one margin source.
 
     Args:
         source: one of `SOURCES` (see the module docstring).
-        text_embeddings: ``[M, T]`` item description embeddings (every source: the others
-            are matched to the ``text`` margins' statistics).
+        text_embeddings: ``[M, T]`` item description embeddings (every source but ``random``:
+            the others are matched to the ``text`` margins' statistics).
         item_attributes: ``[M]`` attribute dicts (``oracle`` only).
         train_items: item indices the statistics come from (default: all items).
         mapping, min_margin, max_margin, distance: the text-to-margin mapping.
         missing_text_margin: margin of pairs with a missing description (default: midpoint).
-        seed: the derangement / permutation of ``shuffled_text`` and ``permuted``.
+        seed: the derangement / permutation of ``shuffled_text`` and ``permuted``; the draw of
+            ``random``.
+        num_items: ``M`` for ``random`` without `text_embeddings` (else ``len(text_embeddings)``).
     Returns:
         float32 ``[M, M]``, symmetric; ``table[a, n]`` is the margin of anchor item ``a``
         against negative item ``n``.
     """
     if source not in SOURCES:
         raise ValueError(f"Unknown margin source {source!r}; choose one of {', '.join(SOURCES)}.")
+    if source == "random":
+        if num_items is None and text_embeddings is None:
+            raise ValueError("The random source needs num_items (or text_embeddings [M, T] to count the items).")
+        m = int(num_items) if num_items is not None else len(text_embeddings)
+        return random_margin_table(m, train_items, min_margin, max_margin, seed)
     if text_embeddings is None:
-        raise ValueError("margin_table needs text_embeddings [M, T] (every source is matched to the text margins).")
+        raise ValueError(f"The {source!r} source needs text_embeddings [M, T] (it is matched to the text margins); "
+                         "without descriptions use margin_source='random'.")
     distances = text_distance_table(text_embeddings, distance)
     m = len(distances)
-    items = np.arange(m) if train_items is None else np.unique(np.asarray(train_items, np.int64))
-    if len(items) < 2 or items.min() < 0 or items.max() >= m:
-        raise ValueError(f"train_items must name >= 2 distinct items in [0, {m}), got {len(items)}.")
+    items = _train_items(train_items, m)
     reference = _off_diagonal(distances, items)
     if reference.size == 0:
         raise ValueError("Fewer than two training items have a description: no text margins to build.")
