@@ -97,6 +97,9 @@ class ScannConfig:
     spill_threshold: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.num_leaves == 0 and self.scoring == "ah":
+            # Brute force scores every item exactly: the manifest must not say "ah" for it.
+            object.__setattr__(self, "scoring", "exact")
         if not self.spill_threshold >= 0.0:  # also refuses NaN
             raise ValueError(f"spill_threshold must be >= 0, got {self.spill_threshold}.")
         if self.scoring not in SCORINGS:

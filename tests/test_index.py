@@ -27,6 +27,7 @@ def clustered_unit_vectors(n: int, dim: int, clusters: int, seed: int) -> np.nda
 def test_small_galleries_are_scored_exactly():
     config = scann_config_for(BRUTE_FORCE_BELOW - 1)
     assert config.brute_force
+    assert config.scoring == "exact"  # what a brute-force index does; the manifest says so
     assert scann_config_for(5, k=10).default_k == 5
 
 

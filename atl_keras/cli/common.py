@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 from typing import Any
@@ -105,3 +106,71 @@ def save_freq(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"expected 'epoch' or a number of steps >= 1, got {text!r}")
 
 
+def train_config_defaults() -> dict[str, Any]:
+    """TrainConfig's field defaults, read from the source of `atl_keras.train` (so `-h` does
+    not import TensorFlow); tests/test_cli.py checks them against the class."""
+    import ast
+    import importlib.util
+
+    origin = importlib.util.find_spec("atl_keras.train").origin
+    with open(origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    (config,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig"]
+    return {
+        node.target.id: ast.literal_eval(node.value)
+        for node in config.body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None
+    }
+
+
+#: `-h` defaults of TrainConfig fields whose default depends on the dataset (None in TrainConfig).
+DATASET_DEFAULTS = {
+    "p": "16; 10 on fashion-mnist",
+    "k": "4; 12 on fashion-mnist",
+    "image_size": "64 for image files; the synthetic shop is rendered at 32, Fashion-MNIST is 28",
+    "test_size": "every test query",
+    "semantic_threshold": "none: every other item is a negative",
+    "weights": "random",
+    "text_encoder_dir": "$ATL_HOME/text_encoders",
+    "text_cache_dir": "$ATL_HOME/text_encoders/cache ($ATL_HOME: ~/.cache/atl-keras)",
+}
+
+
+def show_train_config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append TrainConfig's default to the help of every flag that sets a TrainConfig field
+    (these parsers use argparse.SUPPRESS, so argparse cannot show them), unless the help
+    already names its default."""
+    defaults = {**train_config_defaults(), **DATASET_DEFAULTS}
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in defaults or action.nargs == 0:
+            continue
+        if "default" in (action.help or ""):
+            continue
+        value = defaults[action.dest]
+        if value is None:
+            continue
+        if isinstance(value, (tuple, list)):
+            value = ",".join(str(v) for v in value) or "none"
+        action.help = f"{action.help} (default: {value})" if action.help else f"(default: {value})"
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`-h` shows ``(default: X)`` after every option with a real default (not None, "" or a
+    switch) whose help does not name its default already; descriptions keep their layout."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return bool(action.option_strings) and action.nargs != 0 and not isinstance(action.default, bool) \
+            and action.default not in (None, "", argparse.SUPPRESS)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if not action.help and self._shows_default(action):  # argparse skips options without help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"

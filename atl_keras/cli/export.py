@@ -24,10 +24,12 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from atl_keras.cli.index import add_index_flags, index_options  # noqa: E402
+from atl_keras.cli.common import DefaultsHelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="atl export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="atl export", description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="trained model (.keras)")
     p.add_argument("--dataset", default=None, help="dataset spec (default: the model's config.json)")
     p.add_argument("--data-dir", default=os.environ.get("ATL_FASHION_MNIST_DIR"))

@@ -15,7 +15,9 @@ import argparse
 import json
 import os
 import sys
-import time
+
+from atl_keras.cli.progress import progress_reporter
+from atl_keras.cli.common import DefaultsHelpFormatter
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -51,12 +53,16 @@ def index_options(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="atl index", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="atl index", description=__doc__.splitlines()[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="trained model (.keras)")
     p.add_argument("--catalog", default=None, help="products.csv | products.jsonl | a folder of images")
     p.add_argument("--output-base", required=True, help="e.g. saved_models/NAME")
     p.add_argument("--portable-output-base", default=None,
-                   help="also write the same version without ScaNN ops (stock TF Serving)")
+                   help="also write the same version without ScaNN ops (stock TF Serving); remembered in the "
+                   "manifest: later runs on this --output-base keep writing it (default: the latest version's)")
+    p.add_argument("--no-portable", action="store_true",
+                   help="stop writing the portable version remembered from an earlier run")
     p.add_argument("--add", default=None, help="catalog file of rows to add to the latest version")
     p.add_argument("--remove", default=None,
                    help="item ids / image ids to drop: a comma list, or the path of an existing file (one id "
@@ -65,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="folder the catalog's image paths are relative to")
     p.add_argument("--cache-dir", default=None, help="embedding cache (default OUTPUT_BASE/.embedding-cache)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--resize", choices=["pad", "stretch"], default="pad", help="as the model was trained (default pad)")
-    p.add_argument("--pad-value", type=int, default=255)
+    p.add_argument("--resize", choices=["pad", "stretch"], default=None,
+                   help="how photos become the model's square input (default: the latest version's manifest, "
+                   "else pad, as `atl train` decodes)")
+    p.add_argument("--pad-value", type=int, default=None,
+                   help="grey level of the padding (default: the latest version's manifest, else 255)")
     p.add_argument("--version", type=int, default=None, help="default: the next free integer")
     p.add_argument("--force", action="store_true", help="replace an existing version")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -74,19 +83,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress_bar(quiet: bool):
-    start = time.time()
+def latest_manifest(output_base: str) -> tuple[int | None, dict]:
+    """(latest version of `output_base`, its manifest) or (None, {}) when there is none."""
+    from atl_keras.export import MANIFEST_NAME, existing_versions
 
-    def show(done: int, total: int) -> None:
-        if quiet:
-            return
-        width = 30
-        filled = int(width * done / max(total, 1))
-        rate = done / max(time.time() - start, 1e-9)
-        print(f"\rembedding [{'#' * filled}{'.' * (width - filled)}] {done}/{total} ({rate:.0f} img/s)",
-              end="" if done < total else "\n", file=sys.stderr, flush=True)
+    versions = existing_versions(output_base) if os.path.isdir(output_base) else []
+    if not versions:
+        return None, {}
+    path = os.path.join(output_base, str(versions[-1]), "assets", MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return versions[-1], json.load(f)
+    except (OSError, ValueError):
+        return versions[-1], {}
 
-    return show
+
+def remembered_settings(args: argparse.Namespace) -> list[str]:
+    """Fill the portable base and preprocessing the user did not give from the latest
+    version's manifest (else the training defaults); returns one line per value taken."""
+    version, manifest = latest_manifest(args.output_base)
+    notes = []
+    remembered = manifest.get("portable_output_base")
+    if args.portable_output_base is None and remembered and not args.no_portable:
+        args.portable_output_base = remembered
+        notes.append(f"also writing the portable version to {remembered} (remembered from version {version}; "
+                     "--no-portable stops it)")
+    previous = manifest.get("preprocessing") or {}
+    for name, default in (("resize", "pad"), ("pad_value", 255)):
+        if getattr(args, name) is None:
+            if name in previous:
+                setattr(args, name, previous[name])
+                notes.append(f"--{name.replace('_', '-')} {previous[name]} (as version {version} of {args.output_base})")
+            else:
+                setattr(args, name, default)
+    return notes
+
+
+def report(result, args: argparse.Namespace) -> None:
+    """What `atl index` did, on the console: versions, skipped rows, the image ids, the index."""
+    export, counts = result.export, result.counts
+    print(f"Indexed version {export.version} at {export.path}")
+    if export.portable_path:
+        print(f"Portable (stock TF Serving, retrieve_exact) version at {export.portable_path}")
+    skipped = counts.get("skipped_missing", 0) + counts.get("skipped_corrupt", 0)
+    if skipped:
+        named = ", ".join(s.get("image", "?") for s in result.skipped[:3])
+        print(f"Skipped {skipped} of {counts.get('rows', skipped)} rows: {counts.get('skipped_missing', 0)} with a "
+              f"missing or empty image, {counts.get('skipped_corrupt', 0)} undecodable (e.g. {named}; listed "
+              f"in {os.path.join(export.path, 'assets', 'manifest.json')}; --strict stops instead)")
+    from atl_keras.export import IMAGE_IDS_NAME
+
+    ids_path = os.path.join(export.path, "assets", IMAGE_IDS_NAME)
+    if os.path.exists(ids_path):
+        with open(ids_path, encoding="utf-8") as f:
+            example = f.readline().strip()
+        print(f"Image ids (query results, --remove): the catalog's image_id column, else each row's image path "
+              f"as written in the catalog (e.g. {example!r})")
+    if "scann_config" in export.manifest:
+        config, recall = export.manifest["scann_config"], export.manifest.get("recall", {})
+        where = "brute force (every item)" if not config.get("num_leaves") else \
+            f"{config['num_leaves_to_search']} of {config['num_leaves']} leaves"
+        print(f"Index: ScaNN, {where}, {config.get('scoring')} scoring; set recall@{recall.get('k')} "
+              f"{recall.get('set_recall', float('nan')):.4f} vs exact search")
+    print(f"Embedded {counts.get('embedded', 0)} images, {counts.get('cached', 0)} from the cache")
+    if not args.portable_output_base:
+        print("No portable version (stock TF Serving): add --portable-output-base BASE once; later runs keep it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not os.path.exists(args.model):
             raise FileNotFoundError(f"No model at {args.model!r}; train one with `atl train`.")
+        for note in remembered_settings(args):
+            print(f"atl index: {note}", flush=True)
         model = keras.models.load_model(args.model)
         prep = Preprocessing.for_model(model, resize=args.resize, pad_value=args.pad_value)
         result = index_catalog(
@@ -114,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             add=args.add, remove=args.remove, strict=args.strict, cache_dir=args.cache_dir,
             image_root=args.image_root, batch_size=args.batch_size, k=args.k,
             min_recall=args.min_recall, index_options=options, preprocessing=prep,
-            version=args.version, force=args.force, progress=_progress_bar(args.quiet),
-            extra_manifest={"source_model": os.path.abspath(args.model)},
+            version=args.version, force=args.force,
+            progress=progress_reporter("embedding", unit="img", quiet=args.quiet),
+            extra_manifest={"source_model": os.path.abspath(args.model), **(
+                {"portable_output_base": os.path.abspath(args.portable_output_base)}
+                if args.portable_output_base else {})},
         )
     except (ValueError, FileNotFoundError) as error:  # CatalogError / ExportError are ValueErrors
         print(f"atl index: error: {error}", file=sys.stderr)
@@ -125,15 +191,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' ({error.filename})' if error.filename else ''}; nothing was published "
               "(the embeddings cached so far are kept): free space and rerun.", file=sys.stderr)
         return 1
-    export = result.export
-    print(f"Indexed version {export.version} at {export.path}")
-    if export.portable_path:
-        print(f"Portable (stock TF Serving, retrieve_exact) version at {export.portable_path}")
-    summary = {key: export.manifest[key] for key in ("gallery_size", "embedding_dim") if key in export.manifest}
+    report(result, args)
+    summary = {key: result.export.manifest[key] for key in ("gallery_size", "embedding_dim")
+               if key in result.export.manifest}
     summary["catalog"] = result.counts
-    if "recall" in export.manifest:
-        summary["recall"] = {k: export.manifest["recall"][k] for k in ("k", "set_recall", "tie_aware_recall")}
-        summary["scann_config"] = export.manifest["scann_config"]
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from atl_keras.cli.common import add_data_arguments, train_config
+from atl_keras.cli.common import add_data_arguments, show_train_config_defaults, train_config
 from atl_keras.cli.environment import apply_home
 
 
@@ -21,8 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-margin", type=float)
     p.add_argument("--semantic-threshold", type=float)
     p.add_argument("--distance", choices=["squared_l2", "l2", "cosine"])
-    p.add_argument("--output", dest="output_dir", default="runs/margins")
-    p.add_argument("--examples", type=int, default=5, help="items whose nearest descriptions are listed")
+    p.add_argument("--output", dest="output_dir", default="runs/margins", help="default: runs/margins")
+    p.add_argument("--examples", type=int, default=5, help="items whose nearest descriptions are listed (default: 5)")
+    show_train_config_defaults(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import shlex
 import sys
 import time
 
+from atl_keras.cli.common import DefaultsHelpFormatter
 from atl_keras.cli.environment import apply_home
 from atl_keras.experiments import (
     CONFIRMATORY_SEEDS,
@@ -42,7 +43,7 @@ from atl_keras.experiments import (
 
 def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized: schedule 'quick', 1 seed, hashing text encoder (same report structure).")
     parser.add_argument("--seeds", type=int, default=None,

@@ -8,7 +8,13 @@ import sys
 
 from atl_keras.cli.environment import add_weight_arguments, apply_allow_download, apply_home
 
-from atl_keras.cli.common import add_data_arguments, positive_ints, save_freq, train_config
+from atl_keras.cli.common import (
+    add_data_arguments,
+    positive_ints,
+    save_freq,
+    show_train_config_defaults,
+    train_config,
+)
 from atl_keras.losses.registry import LOSSES, MINING_MODES
 
 
@@ -50,7 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--text-encoder",
                    help="use-m3 (built-in, offline), hashing, a local TF-Hub SavedModel dir or a URL")
     p.add_argument("--text-cache-dir")
-    p.add_argument("--backbone")
+    p.add_argument("--backbone",
+                   help="small_cnn, or a keras.applications name: resnet50, mobilenetv3-small, "
+                   "efficientnetv2-b0, ... (all: python -c 'import atl_keras as atl; print(atl.available_backbones())')")
     add_weight_arguments(p)
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--p", type=int, help="labels (items) per batch")
@@ -82,6 +90,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="test gallery images in the TensorBoard projector export (0: none)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress output (default: a progress bar on a terminal, one line per epoch otherwise)")
+    show_train_config_defaults(p)
 
 
 def run(args: argparse.Namespace) -> int:

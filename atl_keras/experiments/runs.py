@@ -340,7 +340,10 @@ def run_replication(
         if progress:
             summary = ", ".join(f"{e}: R@1={m['recall_at_1']:.3f} MAP@R={m['map_at_r']:.3f}"
                                 for e, m in record.metrics.items())
-            progress(f"[{i}/{len(plan)}] done in {record.seconds:.0f} s: {summary}")
+            elapsed = time.perf_counter() - start
+            left = f"; about {elapsed / i * (len(plan) - i) / 60:.0f} min left" if i < len(plan) else ""
+            progress(f"[{i}/{len(plan)}] done in {record.seconds:.0f} s (elapsed {elapsed / 60:.1f} min{left}): "
+                     f"{summary}")
     return ReplicationResult(config, records, time.perf_counter() - start, command, environment_info())
 
 

@@ -33,6 +33,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from atl_keras.cli.common import DefaultsHelpFormatter
+
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 
@@ -260,7 +262,8 @@ def save_grid(
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="atl query", description="Query an atl model over gRPC.")
+    p = argparse.ArgumentParser(prog="atl query", description="Query an atl model over gRPC.",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--server", default="localhost:8500", help="host:port of the gRPC server")
     p.add_argument("--model", required=True, help="model name")
     p.add_argument("--image", action="append", required=True, help="query image file (repeatable)")

@@ -61,6 +61,7 @@ from atl_keras.serving.model_config import (
 from atl_keras.serving.requests import run_signature
 from atl_keras.serving.servicers import ModelServicer, PredictionServicer, ServerState
 from atl_keras.serving.warmup import warm_up
+from atl_keras.cli.common import DefaultsHelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +346,9 @@ def _flag_bool(text: str) -> bool:
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="atl serve",
-        description="gRPC model server speaking TF Serving's PredictionService/ModelService API.",
+        description="gRPC model server speaking TF Serving's PredictionService/ModelService API "
+        "(flags in TF Serving's snake_case, as tensorflow_model_server's: see serving/README.md).",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--port", type=int, default=8500, help="gRPC port (0 = pick a free port)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
