@@ -205,29 +205,6 @@ def test_killed_run_resumes_from_backup(tmp_path):
 
 
 # ------------------------------------------------------------------------------ a user's small catalog
-def _write_small_catalog(folder, items: int = 40, size: int = 20) -> str:
-    """`items` products x (1 street + 4 catalog) PNGs and their CSV; returns the CSV path."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    os.makedirs(folder, exist_ok=True)
-    rows = []
-    for item in range(items):
-        colour = rng.integers(0, 256, 3)
-        for view in range(5):
-            pixels = np.clip(colour + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-            name = f"{item:03d}_{view}.png"
-            Image.fromarray(pixels).save(os.path.join(folder, name))
-            rows.append({"image": name, "item_id": f"sku-{item:03d}", "description": f"colour {item % 5}",
-                         "domain": "street" if view == 0 else "catalog"})
-    path = os.path.join(folder, "products.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def _tensorboard_tags(log_dir) -> dict[str, list[int]]:
     """tag -> steps of the scalars in a TensorBoard event directory."""
     tags: dict[str, list[int]] = {}
@@ -239,11 +216,13 @@ def _tensorboard_tags(log_dir) -> dict[str, list[int]]:
 
 
 def test_small_catalog_piped_trains_with_validation_at_the_ks_that_fit(tmp_path):
-    """`atl train --dataset catalog:products.csv | cat` on 40 products with the default ks
+    """`atl train --dataset catalog:shop.csv | cat` on 40 products with the default ks
     1,10,20: validation is scored at the ks that fit (not dropped), the log has plain
     per-epoch lines (no ANSI progress bar), and TensorBoard has per-step scalars and no
     query counts."""
-    catalog = _write_small_catalog(str(tmp_path / "shop"))
+    from tests.test_distribute import write_image_catalog
+
+    catalog = write_image_catalog(str(tmp_path / "shop"), items=40, per_item=6)  # 3 street + 3 catalog photos
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
