@@ -72,3 +72,16 @@ def test_atl_outside_a_checkout_keeps_caches_in_atl_home(tmp_path, set_atl_home)
     assert sorted(p.name for p in work.iterdir()) == ["margins", "saved_models"]
     assert [p.name for p in (work / "saved_models" / "text_encoders").iterdir()] == ["use-m3"]  # untouched
     assert list((expected / "text_encoders" / "cache").glob("*.npz"))
+
+
+def test_atl_replicate_keeps_its_caches_in_atl_home(tmp_path, monkeypatch, capsys):
+    """`atl replicate` resolves its text cache under $ATL_HOME too (it defaulted to
+    saved_models/text_encoders/cache in the current directory)."""
+    from atl_keras.cli import main
+
+    monkeypatch.setenv("ATL_HOME", str(tmp_path / "atl-home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["replicate", "--quick", "--from-records", str(tmp_path / "none.json")]) == 2
+    out = capsys.readouterr().out
+    assert f"atl replicate: text encoders and caches in {tmp_path / 'atl-home'} ($ATL_HOME)" in out
+    assert not (tmp_path / "saved_models").exists()
