@@ -64,11 +64,9 @@ def weights_fingerprint(model: Any) -> str:
     export's manifest (``model_sha256``), the embedding cache of `atl index` and the
     Beam embedding files all record this value.
     """
-    import keras
-
     digest = hashlib.sha256()
     for weight in model.weights:
-        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        value = np.ascontiguousarray(weight.numpy())  # convert_to_numpy warns under NumPy 2 (no copy=)
         digest.update(f"{value.dtype}{value.shape}".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()

@@ -18,7 +18,9 @@ import tensorflow as tf
 from atl_keras import catalog_index as ci
 from atl_keras.catalog_index import index_catalog
 from atl_keras.export import existing_versions, load_export
+from atl_keras.embedding import weights_fingerprint
 from atl_keras.preprocessing import Preprocessing
+from atl_keras.search.store import loaded_rows
 from tests.conftest import REPO_ROOT
 from tests.test_catalog_index import tiny_model, write_catalog
 
@@ -27,11 +29,7 @@ N = 24
 
 def published_gallery(version_path: str) -> tuple[list[str], np.ndarray]:
     """Image ids ``[N]`` and gallery rows ``[N, D]`` of an exported version, in row order."""
-    loaded = load_export(version_path)
-    if hasattr(loaded, "gallery_embeddings"):
-        gallery = loaded.gallery_embeddings.numpy()
-    else:
-        gallery = loaded.scann_state.dataset.numpy()
+    gallery = loaded_rows(load_export(version_path))
     with open(os.path.join(version_path, "assets", "gallery_image_ids.txt"), encoding="utf-8") as f:
         return f.read().split("\n")[:len(gallery)], gallery
 
@@ -100,7 +98,7 @@ def test_nan_rows_in_the_cache_are_cache_damage_not_a_model_error(tmp_path):
     model = tiny_model()
     rows = ci.read_index_catalog(catalog)
     cache = ci.EmbeddingCache(os.path.join(base, ".embedding-cache"),
-                              ci.cache_key(ci.weights_fingerprint(model), Preprocessing.for_model(model)), 8)
+                              ci.cache_key(weights_fingerprint(model), Preprocessing.for_model(model)), 8)
     poisoned = np.full((4, 8), np.nan, np.float32)
     poisoned[2] = np.inf
     cache.append([ci.content_hashes([r.image])[0] for r in rows[:4]], poisoned)
