@@ -145,6 +145,9 @@ class TrainConfig:
     cross_replica_mining: bool = True
     mixed_precision: bool = False
     save_freq: int | str = "epoch"
+    #: Stop when validation R@1 has not improved for this many epochs and keep the best epoch's
+    #: weights (`keras.callbacks.EarlyStopping`); None: train every epoch. Needs a validation set.
+    early_stopping_patience: int | None = None
     deterministic: bool = True
     projector_size: int = 500
 
@@ -163,6 +166,8 @@ class TrainConfig:
             raise ValueError(f"Unknown margin_source {self.margin_source!r}; choose one of {', '.join(SOURCES)}.")
         if self.margin_mapping not in MAPPINGS:
             raise ValueError(f"Unknown margin_mapping {self.margin_mapping!r}; choose one of {', '.join(MAPPINGS)}.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience must be >= 1 (epochs) or None, got {self.early_stopping_patience}.")
         if self.margin_source == "random" and self.semantic_threshold is not None:
             raise ValueError("semantic_threshold compares descriptions; margin_source='random' uses none. "
                              "Drop the threshold or use a text source.")
@@ -288,6 +293,8 @@ class TrainResult:
     data: RetrievalData | None = None
     initial_epoch: int = 0
     replicas: int = 1
+    epochs_trained: int = 0  # epochs done when training ended (early stopping: fewer than config.epochs)
+    best_epoch: int | None = None  # early stopping: the epoch (1-based) whose weights the model keeps
 
 
 def build_loss(
@@ -692,6 +699,11 @@ def _train(
             ks=validation_ks,
             distance=config.distance,
         ))
+    stopper = None
+    if config.early_stopping_patience is not None and val is not None:  # after the evaluation: reads its logs
+        stopper = keras.callbacks.EarlyStopping(monitor="val_recall_at_1", mode="max",
+                                                patience=config.early_stopping_patience, restore_best_weights=True)
+        callbacks.append(stopper)
     if skipped is not None:
         callbacks.append(SkippedRowsWarning(skipped, data.train_source))
     callbacks += [
@@ -722,6 +734,8 @@ def _train(
                 raise _storage_error(exc, f"the training logs in {output_dir}", backup_dir, False) from exc
             raise
     phase("trained")
+    epochs_trained = initial_epoch + len(history.epoch)
+    best_epoch = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights is not None else None
     test_metrics = evaluate_embeddings(
         model, data.test, ks=config.ks, distance=config.distance, limit=config.test_size
     )
@@ -736,7 +750,7 @@ def _train(
         phase("model")
         seconds = time.perf_counter() - start
         _write_run_files(config, data, output_dir, test_metrics, history, history_dict,
-                         initial_epoch, resume_epoch, replicas, seconds)
+                         initial_epoch, resume_epoch, replicas, seconds, best_epoch)
     except (OSError, tf.errors.OpError) as exc:
         if _is_storage_error(exc):
             raise _storage_error(exc, f"the final files in {output_dir}", backup_dir, True) from exc
@@ -754,6 +768,8 @@ def _train(
         data=data,
         initial_epoch=initial_epoch,
         replicas=replicas,
+        epochs_trained=epochs_trained,
+        best_epoch=best_epoch,
     )
 
 
@@ -768,6 +784,7 @@ def _write_run_files(
     resume_epoch: int | None,
     replicas: int,
     seconds: float,
+    best_epoch: int | None = None,
 ) -> None:
     write_json_atomically(
         {
@@ -775,6 +792,7 @@ def _write_run_files(
             "test_protocol": data.test.protocol,
             "history": history_dict,
             "epochs_run": [int(e) for e in history.epoch],
+            "best_epoch": best_epoch,  # early stopping: the kept weights' epoch (1-based)
             "initial_epoch": initial_epoch,
             "resumed": bool(resume_epoch is not None),
             "replicas": replicas,

@@ -376,3 +376,57 @@ def test_atl_replicate_refuses_more_proxy_seeds_than_seeds(capsys):
 
     assert main(["replicate", "--experiment", "weak_label", "--seeds", "2", "--proxies", "3"]) == 2
     assert "--proxies" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- early stopping (issue 26)
+def test_users_catalogs_default_to_early_stopping():
+    from atl_keras.cli.replicate import default_schedule, parse_args
+    from atl_keras.experiments import SCHEDULES
+
+    assert default_schedule(parse_args(["--dataset", "catalog:x.csv"]), "weak_label") == "early_stopping"
+    assert default_schedule(parse_args(["--experiment", "weak_label"]), "weak_label") == "weak_label"
+    assert default_schedule(parse_args(["--dataset", "catalog:x.csv", "--quick"]), "weak_label") == "quick"
+    schedule = SCHEDULES["early_stopping"]
+    assert schedule.early_stopping_patience and schedule.epochs * schedule.steps_per_epoch == 2000
+    assert "stopping when validation R@1 has not improved for 3 epochs" in schedule.description
+
+
+def test_training_stops_when_validation_recall_stops_improving(tmp_path):
+    import json
+
+    from atl_keras.train import TrainConfig, run_training
+
+    config = TrainConfig(dataset="synthetic-shop", synthetic_items=40, image_size=16, text_encoder="hashing",
+                         p=4, k=2, epochs=8, steps_per_epoch=2, ks=(1,), embedding_dim=8, validation_size=40,
+                         output_dir=str(tmp_path / "run"), projector_size=0, early_stopping_patience=1)
+    result = run_training(config, verbose=0)
+    val = result.history["val_recall_at_1"]
+    assert result.epochs_trained == len(val) <= 8
+    assert result.best_epoch == int(np.argmax(val)) + 1  # the first best epoch's weights are kept
+    if result.epochs_trained < 8:  # stopped: exactly `patience` epochs without improvement
+        assert result.epochs_trained == result.best_epoch + 1
+    stored = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert stored["best_epoch"] == result.best_epoch
+    with pytest.raises(ValueError, match="early_stopping_patience"):
+        TrainConfig(early_stopping_patience=0)
+
+
+@pytest.mark.slow
+def test_replicate_on_a_catalog_reports_the_steps_each_run_used(tmp_path):
+    """CI-sized, structure only: early stopping on a user's catalog, steps in the report."""
+    from atl_keras.experiments import Schedule, run_replication, write_report
+
+    catalog = _write_catalog(tmp_path)
+    schedule = Schedule(epochs=4, steps_per_epoch=2, validation_size=40, early_stopping_patience=1)
+    config = ReplicationConfig(experiment="weak_label", dataset=f"catalog:{catalog}", seeds=(0,), schedule=schedule,
+                               text_encoder="hashing", work_dir=str(tmp_path / "work"))
+    result = run_replication(config)
+    names = {r.method for r in result.records}
+    assert {"fixed_bh", "random_bh", "permuted_bh", "shuffled_text_bh", "text_bh"} <= names
+    for r in result.records:
+        assert 2 <= r.steps_used <= r.steps_trained <= 8 and r.steps_used % 2 == 0
+    report = (tmp_path / "out" / "weak_label.md")
+    write_report(result, str(report.parent))
+    text = report.read_text(encoding="utf-8")
+    assert "Steps per run (early stopping" in text and "steps (scored / trained)" in text
+    assert "stopping when validation R@1 has not improved for 1 epochs" in text

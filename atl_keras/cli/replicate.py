@@ -5,7 +5,7 @@
     atl replicate --experiment weak_label         # the pre-registered margin-source experiment (8 seeds, 240 steps)
     atl replicate --experiment weak_label_confirmatory   # Block C: trained models, seeds 100-109, resumable
     atl replicate --experiment weak_label --proxies 8   # + the proxy losses beside ATL (issue 15)
-    atl replicate --dataset catalog:products.csv --seeds 5   # does text help on MY catalog?
+    atl replicate --dataset catalog:products.csv --seeds 5   # does text help on MY catalog? (early stopping)
     atl replicate --dataset catalog:products.csv --schedule quick --seeds 1   # pipeline check only, no verdicts
 
 (`python tools/replicate.py` is the same command.) Writes <output>/replication.md,
@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> ar
                         help="also run the ATL ablations (margin range, threshold, encoder, shuffled-text control)")
     parser.add_argument("--ablation-protocols", default="shop", help="protocols the ablations run on (default: shop)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
-                        help="training budget preset (default: full; weak_label for the weak-label experiment; quick "
-                             "with --quick). 'quick' (1 x 4 steps) checks the pipeline only: its reports give no "
+                        help="training budget preset (default: full; weak_label for the weak-label experiment; "
+                             "converged for weak_label_confirmatory; early_stopping with --dataset: each run trains "
+                             "until validation R@1 stops improving, at most 2000 steps; quick with --quick). 'quick' (1 x 4 steps) checks the pipeline only: its reports give no "
                              "verdicts")
     parser.add_argument("--text-encoder", default=None, help="ATL's text encoder (default use-m3; hashing with --quick)")
     parser.add_argument("--work-dir", default=None,
@@ -86,6 +87,18 @@ def parse_args(argv: list[str] | None = None, prog: str = "atl replicate") -> ar
                         help="with --proxies: also the adaptive proxy loss with oracle margins")
     parser.add_argument("--no-reuse", action="store_true", help="retrain runs even when a matching record exists")
     return parser.parse_args(argv)
+
+
+def default_schedule(args: argparse.Namespace, experiment: str) -> str:
+    """The schedule a command line asks for: --schedule, else quick (--quick), early_stopping
+    (a user's --dataset), or the experiment's own."""
+    if args.schedule:
+        return args.schedule
+    if args.quick:
+        return "quick"
+    if args.dataset:
+        return "early_stopping"
+    return {"weak_label": "weak_label", "weak_label_confirmatory": "converged"}.get(experiment, "full")
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -132,8 +145,7 @@ def main(argv: list[str] | None = None, prog: str = "atl replicate") -> int:
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else default_seeds)
     first_seed = args.first_seed if args.first_seed is not None else (CONFIRMATORY_SEEDS[0] if confirmatory else 0)
     protocols = args.protocols or ("variant_shop" if experiment.startswith("weak_label") else "shop,fmnist")
-    schedule = args.schedule or ("quick" if args.quick else {"weak_label": "weak_label",
-                                                             "weak_label_confirmatory": "converged"}.get(experiment, "full"))
+    schedule = default_schedule(args, experiment)
     output = args.output or ("runs/replicate-quick" if args.quick else "results")
     if seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)

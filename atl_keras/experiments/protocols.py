@@ -85,6 +85,18 @@ class Schedule:
     eval_limit: int | None = None  # Fashion-MNIST: at most this many query and gallery images
     learning_rate: float = 1e-3
     embedding_dim: int = 64
+    #: Stop a run when validation R@1 has not improved for this many epochs and score the best
+    #: epoch's weights (`epochs` x `steps_per_epoch` is then the step cap); None: train it all.
+    early_stopping_patience: int | None = None
+
+    @property
+    def description(self) -> str:
+        """One line for reports: the budget, and the stopping rule where there is one."""
+        if self.early_stopping_patience is None:
+            return f"{self.epochs} x {self.steps_per_epoch} steps"
+        return (f"up to {self.epochs} x {self.steps_per_epoch} = {self.epochs * self.steps_per_epoch} steps, stopping "
+                f"when validation R@1 has not improved for {self.early_stopping_patience} epochs of "
+                f"{self.steps_per_epoch} steps (the best epoch's weights are scored)")
 
 SCHEDULES: dict[str, Schedule] = {
     # CI-sized: a tiny shop, one short epoch; seconds per run.
@@ -99,6 +111,9 @@ SCHEDULES: dict[str, Schedule] = {
     # Trained models on the shop protocols: 12 x 150 = 1800 steps, after which doubling the steps
     # gave no fixed-margin R@1 gain on the variant shop (pilot: results/weak_label_pilot.md).
     "converged": Schedule(epochs=12, steps_per_epoch=150),
+    # Users' catalogs (`atl replicate --dataset`): train each run until validation R@1 stops
+    # improving (3 epochs of patience), at most 20 x 100 = 2000 steps.
+    "early_stopping": Schedule(epochs=20, steps_per_epoch=100, early_stopping_patience=3),
 }
 
 

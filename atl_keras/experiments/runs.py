@@ -38,6 +38,8 @@ class RunRecord:
     host: str = ""  # the machine that trained it (records of other hosts are never reused)
     code_version: str = ""  # git commit of the checkout (or the package version)
     settings_key: str = ""  # the run's settings without the host (blocks from other hosts are checked by it)
+    steps_trained: int = 0  # optimizer steps run (early stopping: fewer than the schedule's cap)
+    steps_used: int = 0  # steps of the weights scored (early stopping: the best validation epoch's)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,6 +76,7 @@ def train_config(protocol: Protocol, method: Method, seed: int, schedule: Schedu
         k=k,
         epochs=schedule.epochs,
         steps_per_epoch=schedule.steps_per_epoch,
+        early_stopping_patience=schedule.early_stopping_patience,
         learning_rate=schedule.learning_rate,
         embedding_dim=schedule.embedding_dim,
         validation_size=schedule.validation_size,
@@ -112,9 +115,15 @@ def code_version() -> str:
             return "unknown"
 
 
+#: `TrainConfig` fields added after records were keyed, left out of the key at these values so
+#: that earlier records (and the confirmatory blocks' settings keys) stay valid.
+_KEY_OMIT_AT = {"early_stopping_patience": None}
+
+
 def _run_key(train_cfg: Any, method: Method, config: ReplicationConfig, host: bool = True) -> str:
     """A hash of every setting of a run (and of this host unless `host=False`)."""
-    train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "output_dir"}
+    train = {k: v for k, v in dataclasses.asdict(train_cfg).items()
+             if k != "output_dir" and not (k in _KEY_OMIT_AT and v == _KEY_OMIT_AT[k])}
     # Where caches live does not change a run: fixed values keep the keys of records made
     # when these were paths relative to the working directory.
     train.update(text_cache_dir="saved_models/text_encoders/cache", text_encoder_dir="saved_models/text_encoders")
@@ -264,6 +273,8 @@ def run_one(protocol: Protocol, method: Method, seed: int, config: ReplicationCo
         train_config=_json_config(train_cfg, method, config),
         key=key, semantic_threshold=threshold, host=host_name(), code_version=code_version(),
         settings_key=settings_key(protocol, method, seed, config),
+        steps_trained=result.epochs_trained * schedule.steps_per_epoch,
+        steps_used=(result.best_epoch or result.epochs_trained) * schedule.steps_per_epoch,
     )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp"

@@ -309,6 +309,18 @@ def _proxy_section(records: Sequence[RunRecord], evaluation: str, metrics: Seque
     return lines
 
 
+def _steps_line(records: Sequence[RunRecord], config: Any) -> str:
+    """Steps each run trained and kept (early stopping), or the fixed budget."""
+    used = [r.steps_used for r in records if r.steps_used]
+    if config.schedule_obj.early_stopping_patience is None or not used:
+        return f"- Steps per run: {config.schedule_obj.epochs * config.schedule_obj.steps_per_epoch} (fixed)"
+    trained = [r.steps_trained for r in records if r.steps_used]
+    capped = sum(t >= config.schedule_obj.epochs * config.schedule_obj.steps_per_epoch for t in trained)
+    return (f"- Steps per run (early stopping; per run in \"Every run\"): scored weights after {min(used)}-{max(used)} "
+            f"steps (median {int(np.median(used))}); trained {min(trained)}-{max(trained)}; {capped} of {len(trained)} "
+            "runs reached the step cap")
+
+
 def render_weak_label_report(result: ReplicationResult) -> str:
     """The markdown report of a weak-label experiment (every run, differences, verdicts)."""
     config = result.config
@@ -338,9 +350,10 @@ def render_weak_label_report(result: ReplicationResult) -> str:
         f"- Command: `{result.command or 'n/a'}`",
         f"- Runs: {len(result.records)} ({sum(r.reused for r in result.records)} read back from earlier "
         f"records of the same host and settings); training + evaluation time {sum(r.seconds for r in result.records) / 60:.1f} min",
-        f"- Schedule `{config.schedule_name}`: {config.schedule_obj.epochs} x {config.schedule_obj.steps_per_epoch} steps; "
+        f"- Schedule `{config.schedule_name}`: {config.schedule_obj.description}; "
         f"seeds {', '.join(map(str, config.seeds))} (paired: a seed fixes the initialisation and the batches"
         + (")" if users_data else ", and the synthetic shop itself)"),
+        _steps_line(result.records, config),
         f"- Text encoder: `{config.text_encoder}`; margins: catalog-scaled mapping (1st-99th percentile of the "
         "training pairs' description distances onto [0.05, 0.4])",
         f"- Hosts: {', '.join(hosts)}; code versions: {', '.join(versions)}"
@@ -398,10 +411,12 @@ def render_weak_label_report(result: ReplicationResult) -> str:
                 lines += _proxy_section(all_records, evaluation, metrics, methods, proxy_methods, config)
             order = [m.name for m in all_methods]
             lines += ["### Every run", "", "| method | seed | " + " | ".join(METRIC_NAMES.get(m, m) for m in metrics)
-                      + " | seconds | host | code |", "|---|---|" + "---|" * len(metrics) + "---|---|---|"]
+                      + " | steps (scored / trained) | seconds | host | code |",
+                      "|---|---|" + "---|" * len(metrics) + "---|---|---|---|"]
             for r in sorted(all_records, key=lambda r: (order.index(r.method) if r.method in order else 99, r.seed)):
                 cells = [f"{r.metrics.get(evaluation, {}).get(m, math.nan):.4f}" for m in metrics]
+                steps = f"{r.steps_used} / {r.steps_trained}" if r.steps_used else "n/a"
                 lines.append(f"| `{r.method}` | {r.seed} | " + " | ".join(cells)
-                             + f" | {r.seconds:.0f} | {r.host or 'n/a'} | {r.code_version or 'n/a'} |")
+                             + f" | {steps} | {r.seconds:.0f} | {r.host or 'n/a'} | {r.code_version or 'n/a'} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
