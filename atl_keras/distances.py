@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import keras
 from keras import ops
 
 DISTANCES: tuple[str, ...] = ("squared_l2", "l2", "cosine")
@@ -112,8 +113,13 @@ def compute_dtype(x: Any) -> str:
     in low precision.
     """
     dtype = getattr(x, "dtype", None)
-    name = str(dtype) if dtype is not None else ""
-    return "float64" if name.endswith("float64") else "float32"
+    if dtype is None:
+        return "float32"
+    try:  # str(tf.float64) is "<dtype: 'float64'>": standardise, don't parse
+        name = keras.backend.standardize_dtype(dtype)
+    except ValueError:
+        return "float32"
+    return "float64" if name == "float64" else "float32"
 
 
 def l2_normalize(x: Any, axis: int = -1) -> Any:
