@@ -45,6 +45,14 @@ _EXPORTS: dict[str, str] = {
     "strip_proxies": "atl_keras.proxies",
     "AdaptiveProxyLoss": "atl_keras.losses.proxy",
     "ProxyAnchorLoss": "atl_keras.losses.proxy",
+    "ContrastiveLoss": "atl_keras.losses.contrastive",
+    "MultiSimilarityLoss": "atl_keras.losses.multi_similarity",
+    "CircleLoss": "atl_keras.losses.circle",
+    "SupConLoss": "atl_keras.losses.supcon",
+    "ArcFaceLoss": "atl_keras.losses.arcface",
+    "MultiSimilarityMiner": "atl_keras.losses.pair_miners",
+    "DistanceWeightedMiner": "atl_keras.losses.pair_miners",
+    "WeakLabelMargins": "atl_keras.margins.weak_label",
     "ExactSearcher": "atl_keras.search",
     "exact_search": "atl_keras.search",
     "RetrievalIndex": "atl_keras.search.retrieval_index",
@@ -101,6 +109,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from atl_keras.projector import write_projector
     from atl_keras.proxies import ProxyHead, strip_proxies
     from atl_keras.losses.proxy import AdaptiveProxyLoss, ProxyAnchorLoss
+    from atl_keras.losses.arcface import ArcFaceLoss
+    from atl_keras.losses.circle import CircleLoss
+    from atl_keras.losses.contrastive import ContrastiveLoss
+    from atl_keras.losses.multi_similarity import MultiSimilarityLoss
+    from atl_keras.losses.pair_miners import DistanceWeightedMiner, MultiSimilarityMiner
+    from atl_keras.losses.supcon import SupConLoss
+    from atl_keras.margins.weak_label import WeakLabelMargins
     from atl_keras.search import ExactSearcher, exact_search
     from atl_keras.search.pictures import neighbour_grid
     from atl_keras.search.retrieval_index import RetrievalIndex

@@ -43,6 +43,7 @@ LONGEST_FIRST = (
     "test_weak_label.py",
     "test_distribute.py",
     "test_losses_jax.py",
+    "test_pair_losses_jax.py",
     "test_export.py",
     "test_proxy_losses.py",
     "test_losses_xla.py",

@@ -7,6 +7,10 @@
 - `atl_keras.losses.triplet`: the triplet loss and the adaptive triplet loss (ATL).
 - `atl_keras.losses.margin_table`: the triplet loss with a precomputed margin table.
 - `atl_keras.losses.proxy`: proxy losses (adaptive proxy, ProxyAnchor).
+- The pair family, one file each: `contrastive`, `multi_similarity`, `circle`, `supcon`
+  (shared pieces and `PairLoss` in `atl_keras.losses.pairs`), `arcface` (ArcFace and
+  sub-center ArcFace on proxies); `atl_keras.losses.pair_miners` (multi-similarity,
+  distance-weighted); `atl_keras.losses.memory` (cross-batch memory, XBM).
 - `atl_keras.losses.keras_compat`: losses by registered name (`get`), and the explicit
   opt-in for dict targets in a plain ``keras.Model``.
 - `atl_keras.losses.registry`: the loss names the training config, the CLI and the docs read.
@@ -31,6 +35,11 @@ _EXPORTS: dict[str, str] = {
     "Miner": "atl_keras.losses.mining",
     "SemiHardMiner": "atl_keras.losses.mining",
     "get_miner": "atl_keras.losses.mining",
+    "DistanceWeightedMiner": "atl_keras.losses.pair_miners",
+    "MultiSimilarityMiner": "atl_keras.losses.pair_miners",
+    "PairMiner": "atl_keras.losses.pair_miners",
+    "PairLoss": "atl_keras.losses.pairs",
+    "CrossBatchMemory": "atl_keras.losses.memory",
     "AdaptiveTripletLoss": "atl_keras.losses.triplet",
     "TripletLoss": "atl_keras.losses.triplet",
     "adaptive_triplet_loss": "atl_keras.losses.triplet",

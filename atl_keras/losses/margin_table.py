@@ -15,7 +15,7 @@ from keras import ops
 
 from atl_keras.distances import pairwise_distances, validate_distance
 from atl_keras.losses.base import MetricLoss, prepare_embeddings, prepare_labels, split_targets
-from atl_keras.losses.mining import get_miner, validate_soft_margin
+from atl_keras.losses.mining import get_miner, miner_config, validate_soft_margin
 from atl_keras.losses.triplet import margin_triplet_loss
 
 __all__ = ["MarginTableTripletLoss", "margin_table_from_config"]
@@ -83,7 +83,7 @@ class MarginTableTripletLoss(MetricLoss):
     def get_config(self) -> dict[str, Any]:
         return {
             **super().get_config(),
-            "table": self.table.tolist(), "mining": self.mining, "distance": self.distance,
+            "table": self.table.tolist(), "mining": miner_config(self.miner), "distance": self.distance,
             "negative_table": None if self.negative_table is None else self.negative_table.tolist(),
             "soft_margin": self.soft_margin,
         }
@@ -94,19 +94,7 @@ def margin_table_from_config(config: Any, data: Any, item_text: Any) -> MarginTa
     training items of `data` (see `atl_keras.margins.sources.margin_table`);
     `semantic_threshold` masks pairs whose description distance is below it, as
     `AdaptiveTripletLoss` does. `item_text` is the items' text embeddings ``[M, T]``."""
-    from atl_keras.margins import margin_table, text_distance_table
+    from atl_keras.margins.weak_label import table_from_config
 
-    if data is None or item_text is None:
-        raise ValueError("margin_source/margin_mapping other than text/linear need the data and item text embeddings.")
-    train_items = np.unique(data.train_labels)
-    table = margin_table(
-        config.margin_source, text_embeddings=item_text, item_attributes=data.item_attributes,
-        train_items=train_items, mapping=config.margin_mapping, min_margin=config.min_margin,
-        max_margin=config.max_margin, distance=config.distance,
-        missing_text_margin=config.missing_text_margin, seed=config.seed,
-    )
-    negatives = None
-    if config.semantic_threshold is not None:
-        distances = text_distance_table(item_text, config.distance)
-        negatives = ~(np.isfinite(distances) & (distances < config.semantic_threshold))
+    table, negatives = table_from_config(config, data, item_text)
     return MarginTableTripletLoss(table, mining=config.mining, distance=config.distance, negative_table=negatives)

@@ -60,6 +60,7 @@ __all__ = [
     "SemiHardMiner",
     "batch_all_hinge_sums",
     "get_miner",
+    "miner_config",
     "safe_mean",
     "validate_max_images",
     "validate_mining",
@@ -67,14 +68,21 @@ __all__ = [
 ]
 
 
+def _pair_miners() -> dict[str, type]:
+    """The pair miners by name (`atl_keras.losses.pair_miners`, imported on first use)."""
+    from atl_keras.losses.pair_miners import PAIR_MINERS
+
+    return PAIR_MINERS
+
+
 def validate_mining(mining: Any) -> str:
-    """A mining name in `MINING_MODES` (or a `Miner`, whose name is returned)."""
+    """A mining name in `MINING_MODES` or of a pair miner (or a `Miner`, whose name is returned)."""
     if isinstance(mining, Miner):
         return mining.name
-    if not isinstance(mining, str) or mining not in MINING_MODES:
+    if not isinstance(mining, str) or mining not in (*MINING_MODES, *_pair_miners()):
         raise ValueError(
             f"Unknown mining {mining!r}. Valid mining modes are: "
-            f"{', '.join(repr(m) for m in MINING_MODES)}."
+            f"{', '.join(repr(m) for m in (*MINING_MODES, *_pair_miners()))}."
         )
     return mining
 
@@ -574,8 +582,24 @@ _MINERS: dict[str, type[Miner]] = {cls.name: cls for cls in (BatchAllMiner, Batc
 assert tuple(sorted(_MINERS)) == tuple(sorted(MINING_MODES)), "registry.MINING_MODES and the miners differ"
 
 
-def get_miner(mining: str | Miner) -> Miner:
-    """``"batch_all"`` | ``"batch_hard"`` | ``"semi_hard"`` or a `Miner` -> a `Miner`."""
+def get_miner(mining: str | dict | Miner) -> Miner:
+    """``"batch_all"`` | ``"batch_hard"`` | ``"semi_hard"``, a pair miner's name
+    (``"multi_similarity"``, ``"distance_weighted"``), a `miner_config` dict or a `Miner`
+    -> a `Miner`."""
     if isinstance(mining, Miner):
         return mining
-    return _MINERS[validate_mining(mining)]()
+    if isinstance(mining, dict):
+        miner = keras.saving.deserialize_keras_object(mining)
+        if not isinstance(miner, Miner):
+            raise ValueError(f"The mining config {mining!r} does not describe a Miner.")
+        return miner
+    name = validate_mining(mining)
+    return _MINERS[name]() if name in _MINERS else _pair_miners()[name]()
+
+
+def miner_config(miner: Miner) -> str | dict:
+    """What a loss' ``get_config`` stores for its miner: the name of a miner without
+    parameters, else its Keras serialization (`get_miner` reads both)."""
+    if not miner.get_config():
+        return miner.name
+    return keras.saving.serialize_keras_object(miner)

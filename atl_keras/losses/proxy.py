@@ -44,10 +44,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from atl_keras.distances import compute_dtype, l2_normalize, validate_distance
+from atl_keras.distances import compute_dtype, l2_normalize
 from atl_keras.losses.base import MetricLoss, prepare_labels, split_targets
-from atl_keras.margins.checks import validate_margin, validate_margin_range, validate_missing_text_margin
-from atl_keras.margins.mapping import class_margin_matrix, linear_margins, text_distances, unit_text_rows
+from atl_keras.margins.class_margins import ClassMargins
+from atl_keras.margins.mapping import class_margin_matrix
 
 __all__ = [
     "AdaptiveProxyLoss",
@@ -60,9 +60,9 @@ __all__ = [
     "proxy_classes",
 ]
 
-
-#: `AdaptiveProxyLoss` builds the [C, C] text margin matrix once up to this many classes.
-PRECOMPUTE_MAX_CLASSES = 2048
+#: Settings of `AdaptiveProxyLoss` that live in its `ClassMargins`.
+_MARGIN_FIELDS = ("class_text_embeddings", "margin_matrix", "margin", "min_margin", "max_margin",
+                  "distance", "missing_text_margin", "precompute_margins")
 
 
 # --------------------------------------------------------------------------
@@ -303,7 +303,7 @@ class ProxyLoss(MetricLoss):
 class AdaptiveProxyLoss(ProxyLoss):
     """Additive-margin normalised softmax with a margin per negative proxy; see `adaptive_proxy_loss`.
 
-    Exactly one margin source:
+    Exactly one margin source (`atl_keras.margins.class_margins.ClassMargins`):
 
     - ``class_text_embeddings`` ``[C, T]`` (row c = text embedding of class c, all-zero =
       missing description): margins through ATL's mapping with ``min_margin``,
@@ -349,69 +349,26 @@ class AdaptiveProxyLoss(ProxyLoss):
         from_cosines: bool = False,
     ) -> None:
         super().__init__(from_cosines=from_cosines, name=name, reduction=reduction, dtype=dtype)
-        sources = [s for s, v in (("class_text_embeddings", class_text_embeddings),
-                                  ("margin_matrix", margin_matrix), ("margin", margin)) if v is not None]
-        if len(sources) != 1:
-            raise ValueError(
-                "AdaptiveProxyLoss needs exactly one margin source: class_text_embeddings "
-                "[C, T], margin_matrix [C, C] or a constant margin; got "
-                f"{', '.join(sources) if sources else 'none'}."
-            )
         self.scale = float(scale)
         if not np.isfinite(self.scale) or self.scale <= 0:
             raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
-        self.distance = validate_distance(distance)
-        self.min_margin, self.max_margin = validate_margin_range(min_margin, max_margin)
-        self.missing_text_margin = None if missing_text_margin is None else float(missing_text_margin)
-        self._missing_margin = validate_missing_text_margin(missing_text_margin, self.min_margin, self.max_margin)
-        self.margin = None if margin is None else validate_margin(margin, "margin")
-        self.class_text_embeddings = None
-        self.margin_matrix = None
-        if precompute_margins not in (None, True, False):
-            raise ValueError(f"precompute_margins must be None, True or False, got {precompute_margins!r}.")
-        self.precompute_margins = precompute_margins
-        self._text_matrix = None
-        if class_text_embeddings is not None:
-            self.class_text_embeddings = np.asarray(class_text_embeddings, np.float32)
-            unit, self._missing = unit_text_rows(self.class_text_embeddings, "class_text_embeddings")
-            self._unit_text = unit.astype(np.float32)
-            classes = len(self.class_text_embeddings)
-            if precompute_margins or (precompute_margins is None and classes <= PRECOMPUTE_MAX_CLASSES):
-                self._text_matrix = class_margin_matrix(
-                    self.class_text_embeddings, self.min_margin, self.max_margin, self.distance,
-                    self.missing_text_margin,
-                )
-        if margin_matrix is not None:
-            matrix = np.asarray(margin_matrix, np.float32)
-            if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or not np.all(np.isfinite(matrix)):
-                raise ValueError(
-                    f"margin_matrix must be a finite square [C, C] matrix, got shape {matrix.shape}."
-                )
-            self.margin_matrix = matrix
+        self.class_margins = ClassMargins(
+            class_text_embeddings, margin_matrix, margin, min_margin, max_margin, distance,
+            missing_text_margin, precompute_margins, owner="AdaptiveProxyLoss")
+
+    def __getattr__(self, name: str) -> Any:
+        # The margin source's settings read as the loss' own (loss.min_margin, ...).
+        if name in _MARGIN_FIELDS and "class_margins" in self.__dict__:
+            return getattr(self.__dict__["class_margins"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def num_classes(self) -> int | None:
-        if self.class_text_embeddings is not None:
-            return int(self.class_text_embeddings.shape[0])
-        if self.margin_matrix is not None:
-            return int(self.margin_matrix.shape[0])
-        return None
+        return self.class_margins.num_classes
 
     def batch_margins(self, labels: Any) -> Any:
         """``[B]`` labels -> ``[B, C]`` margins (or a scalar for a constant margin)."""
-        if self.margin is not None:
-            return self.margin
-        labels = ops.cast(labels, "int32")
-        matrix = self.margin_matrix if self.margin_matrix is not None else self._text_matrix
-        if matrix is not None:
-            return ops.take(ops.convert_to_tensor(matrix), labels, axis=0)
-        unit = ops.convert_to_tensor(self._unit_text)
-        cosine = ops.matmul(ops.take(unit, labels, axis=0), ops.transpose(unit))
-        distances = text_distances(ops.clip(cosine, -1.0, 1.0), self.distance)
-        margins = linear_margins(distances, self.min_margin, self.max_margin, self.distance)
-        missing = ops.convert_to_tensor(self._missing)
-        missing_pair = ops.logical_or(ops.expand_dims(ops.take(missing, labels), 1), ops.expand_dims(missing, 0))
-        return ops.where(missing_pair, ops.full_like(margins, self._missing_margin), margins)
+        return self.class_margins.batch_margins(labels)
 
     def compute_from_cosines(self, labels: Any, cosine: Any, sample_weight: Any) -> Any:
         labels = prepare_labels(labels, None)
@@ -420,20 +377,7 @@ class AdaptiveProxyLoss(ProxyLoss):
         )
 
     def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "class_text_embeddings": None
-            if self.class_text_embeddings is None
-            else self.class_text_embeddings.tolist(),
-            "margin_matrix": None if self.margin_matrix is None else self.margin_matrix.tolist(),
-            "margin": self.margin,
-            "min_margin": self.min_margin,
-            "max_margin": self.max_margin,
-            "scale": self.scale,
-            "distance": self.distance,
-            "missing_text_margin": self.missing_text_margin,
-            "precompute_margins": self.precompute_margins,
-        }
+        return {**super().get_config(), **self.class_margins.get_config(), "scale": self.scale}
 
 
 @keras.saving.register_keras_serializable(package="atl_keras")

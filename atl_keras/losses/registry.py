@@ -49,12 +49,31 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
              "normalised softmax over proxies, a text margin per negative proxy", proxies=True),
     LossSpec("proxy_anchor", "atl_keras.losses.proxy", "proxy_anchor_from_config",
              "ProxyAnchor (PyTorch Metric Learning semantics)", proxies=True),
+    LossSpec("contrastive", "atl_keras.losses.contrastive", "contrastive_from_config",
+             "contrastive loss (PML 2.9: L2 distance, margins 0 and 1)"),
+    LossSpec("weak_contrastive", "atl_keras.losses.contrastive", "weak_contrastive_from_config",
+             "contrastive loss, negative margin relaxed for similar descriptions"),
+    LossSpec("multi_similarity", "atl_keras.losses.multi_similarity", "multi_similarity_from_config",
+             "multi-similarity loss with its miner (PML 2.9)"),
+    LossSpec("weak_multi_similarity", "atl_keras.losses.multi_similarity",
+             "weak_multi_similarity_from_config",
+             "multi-similarity loss, negative base raised for similar descriptions"),
+    LossSpec("circle", "atl_keras.losses.circle", "circle_from_config", "circle loss (PML 2.9)"),
+    LossSpec("weak_circle", "atl_keras.losses.circle", "weak_circle_from_config",
+             "circle loss, negative relaxation grown for similar descriptions"),
+    LossSpec("supcon", "atl_keras.losses.supcon", "supcon_from_config",
+             "supervised contrastive loss (NT-Xent with labels, PML 2.9)"),
+    LossSpec("arcface", "atl_keras.losses.arcface", "arcface_from_config",
+             "ArcFace on one proxy per item (PML 2.9)", proxies=True),
+    LossSpec("weak_arcface", "atl_keras.losses.arcface", "weak_arcface_from_config",
+             "ArcFace plus a text margin per negative proxy", proxies=True),
 )}
 
 #: Modules of the package that define Keras-serializable objects besides the losses above.
 _SUPPORT_MODULES = (
     "atl_keras.losses.base",
     "atl_keras.losses.mining",
+    "atl_keras.losses.pair_miners",
     "atl_keras.losses.margin_table",
     "atl_keras.losses.keras_compat",
 )

@@ -47,6 +47,7 @@ from atl_keras.losses.mining import (
     Miner,
     batch_all_hinge_sums,
     get_miner,
+    miner_config,
     safe_mean,
     validate_max_images,
     validate_soft_margin,
@@ -302,7 +303,7 @@ class TripletLoss(MetricLoss):
     Args:
         margin: ``m >= 0``.
         mining: ``"batch_all"`` | ``"batch_hard"`` | ``"semi_hard"``, or a
-            `atl_keras.losses.mining.Miner` (``get_config`` stores its name).
+            `atl_keras.losses.mining.Miner` (``get_config`` stores it, `miner_config`).
         distance: ``"squared_l2"`` | ``"l2"`` | ``"cosine"``.
         soft_margin: softplus instead of the hinge.
         max_images_per_label: optional ``K`` of P x K batches (a speed hint,
@@ -353,7 +354,7 @@ class TripletLoss(MetricLoss):
         return {
             **super().get_config(),
             "margin": self.margin,
-            "mining": self.mining,
+            "mining": miner_config(self.miner),
             "distance": self.distance,
             "soft_margin": self.soft_margin,
             "max_images_per_label": self.max_images_per_label,
@@ -444,7 +445,7 @@ class AdaptiveTripletLoss(MetricLoss):
             **super().get_config(),
             "min_margin": self.min_margin,
             "max_margin": self.max_margin,
-            "mining": self.mining,
+            "mining": miner_config(self.miner),
             "distance": self.distance,
             "semantic_threshold": self.semantic_threshold,
             "soft_margin": self.soft_margin,

@@ -9,6 +9,11 @@
 - `atl_keras.margins.sources`: the ``[M, M]`` margin table of a catalog from a source
   (text and its controls: shuffled, permuted, fixed, oracle; random, which needs no text).
 - `atl_keras.margins.report`: the inspect-margins report (`atl inspect-margins`).
+- `atl_keras.margins.weak_label`: `WeakLabelMargins`, the weak label of the pair losses
+  (contrastive, multi-similarity, circle): text or table margins as a relaxation of each
+  loss' negative term.
+- `atl_keras.margins.class_margins`: `ClassMargins`, the per-class margins of the proxy
+  losses (adaptive proxy, ArcFace).
 
 Every loss with a weak-label margin reads it from here; nothing here imports a loss.
 The numpy parts import without Keras; `batch` names load Keras on first use.
@@ -45,6 +50,10 @@ from atl_keras.margins.sources import (
 )
 
 _BATCH = ("adaptive_margins", "batch_margin_matrices", "missing_rows")
+#: keras.ops code in other modules, imported on first use like `_BATCH`.
+_LAZY = {"WeakLabelMargins": "atl_keras.margins.weak_label",
+         "weak_label_from_config": "atl_keras.margins.weak_label",
+         "ClassMargins": "atl_keras.margins.class_margins"}
 
 __all__ = [
     "MAPPINGS",
@@ -66,10 +75,13 @@ __all__ = [
     "validate_missing_text_margin",
     "validate_semantic_threshold",
     *_BATCH,
+    *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name in _BATCH:  # keras.ops code: imported on first use
         return getattr(importlib.import_module("atl_keras.margins.batch"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'atl_keras.margins' has no attribute {name!r}")
