@@ -38,7 +38,8 @@ def test_cli_and_train_config_read_the_registry():
     assert tuple(actions["loss"].choices) == registry.loss_names()
     assert tuple(actions["mining"].choices) == registry.MINING_MODES
     assert train.LOSSES == registry.loss_names()
-    assert train.PROXY_LOSSES == registry.proxy_loss_names() == ("adaptive_proxy", "proxy_anchor")
+    assert train.PROXY_LOSSES == registry.proxy_loss_names() == (
+        "adaptive_proxy", "proxy_anchor", "arcface", "weak_arcface")
     with pytest.raises(ValueError, match="Unknown loss 'nope'; choose one of atl, triplet"):
         train.TrainConfig(loss="nope")
 

@@ -342,11 +342,33 @@ def test_registered_losses_build_from_a_train_config(name, source):
 def test_functional_model_fits_with_weak_label_dict_targets():
     labels, emb, text = _weak_batch(5, batch=24, dim=8)
     inputs = keras.Input((8,))
-    model = keras.Model(inputs, keras.layers.Dense(4)(inputs))
+    model = atl.MetricModel(inputs, keras.layers.Dense(4)(inputs))
     model.compile(keras.optimizers.SGD(0.1),
                   loss=atl.CircleLoss(weak_label=atl.WeakLabelMargins(0.0, 0.2), miner="multi_similarity"))
     history = model.fit(emb.astype(np.float32), {"label": labels, "text_embedding": text.astype(np.float32)},
                         batch_size=12, epochs=2, shuffle=False, verbose=0)
+    assert all(np.isfinite(history.history["loss"]))
+
+
+@pytest.mark.parametrize("name", ["ContrastiveLoss", "MultiSimilarityLoss", "CircleLoss", "SupConLoss"])
+def test_compile_by_registered_name(name):
+    labels, emb, _ = _weak_batch(6, batch=24, dim=8)
+    inputs = keras.Input((8,))
+    model = atl.MetricModel(inputs, keras.layers.Dense(4)(inputs))
+    model.compile(keras.optimizers.SGD(0.1), loss=name)
+    assert type(model.loss).__name__ == name
+    history = model.fit(emb.astype(np.float32), labels, batch_size=12, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_arcface_reads_a_proxy_head_in_a_functional_model():
+    labels, emb, _ = _weak_batch(7, batch=24, dim=8)
+    inputs = keras.Input((8,))
+    cosines = atl.ProxyHead(8 * 2, 4)(keras.layers.Dense(4)(inputs))
+    model = atl.MetricModel(inputs, cosines)
+    model.compile(keras.optimizers.Adam(1e-2),
+                  loss=ArcFaceLoss(sub_centers=2, num_classes=8, from_cosines=True))
+    history = model.fit(emb.astype(np.float32), labels, batch_size=12, epochs=2, verbose=0)
     assert all(np.isfinite(history.history["loss"]))
 
 
