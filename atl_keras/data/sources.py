@@ -65,15 +65,19 @@ class FileImages:
         else:
             if paths is None or isinstance(paths, (str, bytes, os.PathLike)):
                 raise TypeError(f"paths must be a sequence of file paths, got {paths!r}.")
-            encoded = [os.fsencode(p) for p in paths]
-            prefix = os.path.commonprefix(encoded) if encoded else b""
-            if len(encoded) == 1:
-                prefix = b""
+            # Two passes over the paths, no per-row Python objects kept: 1M paths cost ~path + 8 bytes each.
+            prefix = os.fsencode(paths[0]) if len(paths) > 1 else b""
+            for p in paths:
+                encoded = os.fsencode(p)
+                while not encoded.startswith(prefix):
+                    prefix = prefix[: len(os.path.commonprefix([prefix, encoded]))]
             cut = len(prefix)
-            lengths = np.fromiter((len(e) - cut for e in encoded), np.int64, len(encoded))
-            self._offsets = np.zeros(len(encoded) + 1, np.int64)
-            np.cumsum(lengths, out=self._offsets[1:])
-            self._blob = b"".join(e[cut:] for e in encoded)
+            self._offsets = np.zeros(len(paths) + 1, np.int64)
+            blob = bytearray()
+            for i, p in enumerate(paths):
+                blob += os.fsencode(p)[cut:]
+                self._offsets[i + 1] = len(blob)
+            self._blob = bytes(blob)
             self._prefix = os.fsdecode(prefix)
         self._tensors: tuple[tf.Tensor, tf.Tensor] | None = None
 
