@@ -347,13 +347,24 @@ def evaluate_embeddings(
     )
 
 
-def _embed(model: keras.Model, images: Any, batch_size: int = 256) -> np.ndarray:
+def eval_batch_size(image_shape: Any) -> int:
+    """Images per evaluation batch: 256 up to 112 x 112 px, fewer for larger images (64 at
+    224 px), so an evaluation batch's activations stay within those of a training step
+    instead of growing 4x at 224 px (measured: +2.6 GB peak RSS with 256 at 224 px)."""
+    height, width = (int(image_shape[0]), int(image_shape[1])) if image_shape is not None else (0, 0)
+    return int(np.clip(256 * 112 * 112 // max(height * width, 1), 1, 256))
+
+
+def _embed(model: keras.Model, images: Any, batch_size: int | None = None) -> np.ndarray:
     """Pixels ``[N, H, W, C]`` (or image files, encoded images) -> ``[N, D]`` float32.
 
     `atl_keras.embedding.embed_images`: the model is called directly on this process's
     default device (not `predict`, which under multi-worker would shard and gather).
-    Every row must embed (evaluation rows are aligned with their labels).
+    Every row must embed (evaluation rows are aligned with their labels). ``batch_size``
+    defaults to `eval_batch_size` of the model's input.
     """
+    if batch_size is None:
+        batch_size = eval_batch_size(getattr(model, "image_shape", None) or getattr(images, "shape", (0, 0, 0))[1:])
     return embed_images(model, images, batch_size=batch_size, strict=True).vectors
 
 
@@ -698,6 +709,7 @@ def _train(
             val.gallery_labels,
             ks=validation_ks,
             distance=config.distance,
+            batch_size=eval_batch_size(data.image_shape),
         ))
     stopper = None
     if config.early_stopping_patience is not None and val is not None:  # after the evaluation: reads its logs

@@ -210,23 +210,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_multi_worker_training_keeps_workers_identical(tmp_path):
-    import keras
-
-    ports = [_free_port(), _free_port()]
-    config = dict(
-        dataset="synthetic-shop", synthetic_items=40, image_size=16, text_encoder="hashing",
-        text_cache_dir=str(tmp_path / "cache"), p=4, k=2, epochs=1, steps_per_epoch=3,
-        ks=[1, 5], embedding_dim=8, output_dir=str(tmp_path / "run"), projector_size=0,
-        strategy="multi_worker",
-    )
+def run_workers(script: str, config: dict, workers: int = 2) -> list[dict]:
+    """Run `script` (argv[1] = JSON `config`) as a cluster of `workers` processes on 127.0.0.1;
+    returns each worker's JSON after 'RESULT ', in task order."""
+    ports = [_free_port() for _ in range(workers)]
     procs = []
     try:
-        for index in range(2):
+        for index in range(workers):
             tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                          "task": {"type": "worker", "index": index}}
             procs.append(subprocess.Popen(
-                [PYTHON, "-c", WORKER, json.dumps(config)], cwd=REPO_ROOT,
+                [PYTHON, "-c", script, json.dumps(config)], cwd=REPO_ROOT,
                 env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "3"},
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             ))
@@ -241,6 +235,19 @@ def test_multi_worker_training_keeps_workers_identical(tmp_path):
         lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
         assert proc.returncode == 0 and lines, f"worker failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
         results.append(json.loads(lines[-1][len("RESULT "):]))
+    return results
+
+
+def test_multi_worker_training_keeps_workers_identical(tmp_path):
+    import keras
+
+    config = dict(
+        dataset="synthetic-shop", synthetic_items=40, image_size=16, text_encoder="hashing",
+        text_cache_dir=str(tmp_path / "cache"), p=4, k=2, epochs=1, steps_per_epoch=3,
+        ks=[1, 5], embedding_dim=8, output_dir=str(tmp_path / "run"), projector_size=0,
+        strategy="multi_worker",
+    )
+    results = run_workers(WORKER, config)
     assert [r["replicas"] for r in results] == [2, 2]
     chief, other = results
     assert chief["output_dir"] == config["output_dir"]  # the chief writes the shared outputs
@@ -362,33 +369,12 @@ def test_multi_worker_training_streams_files_each_worker_its_rows(tmp_path):
     from atl_keras.data.sampler import pk_index_dataset
 
     catalog = write_image_catalog(str(tmp_path / "shop"))
-    ports = [_free_port(), _free_port()]
     config = dict(
         dataset=f"catalog:{catalog}", image_size=16, text_encoder="hashing", text_cache_dir=str(tmp_path / "cache"),
         p=4, k=2, epochs=1, steps_per_epoch=3, ks=[1, 5], embedding_dim=8, output_dir=str(tmp_path / "run"),
         projector_size=0, strategy="multi_worker",
     )
-    procs = []
-    try:
-        for index in range(2):
-            tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                         "task": {"type": "worker", "index": index}}
-            procs.append(subprocess.Popen(
-                [PYTHON, "-c", STREAMED_WORKER, json.dumps(config)], cwd=REPO_ROOT,
-                env={**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "3"},
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            ))
-        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    results = []
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-        assert proc.returncode == 0 and lines, f"worker failed:\n{stdout[-2000:]}\n{stderr[-4000:]}"
-        results.append(json.loads(lines[-1][len("RESULT "):]))
+    results = run_workers(STREAMED_WORKER, config)
     train = read_catalog(catalog).split("train")
     expected = [train.labels[b] for b in pk_index_dataset(train.labels, p=4, k=2, seed=5).take(2).as_numpy_iterator()]
     for step in range(2):  # worker w holds replica w's rows [4w, 4w + 4) of the global batch: whole labels

@@ -280,12 +280,17 @@ def main() -> None:
                   f"({stream / need:.2f}x); a device training at R images/s needs R / {stream / cores:.0f} cores of decode")
         figures["limits"] = {"stream_images_per_second": stream, "raw_images_per_second": ceiling,
                              "per_core": stream / cores}
+    save(figures, args.output)
+
+
+def save(figures: dict, output: str) -> None:
+    """Record the load average after the run, print it and write ``figures`` as JSON."""
     figures["machine"]["load_after"] = list(os.getloadavg())
     print(f"load after: {' '.join(f'{x:.2f}' for x in figures['machine']['load_after'])}")
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
         json.dump(figures, f, indent=2)
-    print(f"saved {args.output}")
+    print(f"saved {output}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_input import machine, write_jpegs  # noqa: E402
+from bench_input import machine, save, write_jpegs  # noqa: E402
 
 PER_ITEM = 4
 
@@ -135,12 +135,7 @@ def main() -> None:
     slope = (runs[large]["index_bytes"] - runs[small]["index_bytes"]) / (large - small)
     figures["index"] = {"runs": runs, "bytes_per_row": slope}
     print(f"[index] streaming index: {slope:.1f} bytes per row ({small} -> {large} rows; target <= 200)")
-    figures["machine"]["load_after"] = list(os.getloadavg())
-    print(f"load after: {' '.join(f'{x:.2f}' for x in figures['machine']['load_after'])}")
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(figures, f, indent=2)
-    print(f"saved {args.output}")
+    save(figures, args.output)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -118,17 +118,23 @@ def _row_ids(rows: Catalog) -> list[str]:
     return ids
 
 
-def _eval_set(catalog: Catalog, split: str | Sequence[str] | None) -> EvalSet:
-    """Cross-domain sets when the split has two domains, else leave-one-out."""
+def _eval_set(
+    catalog: Catalog, split: str | Sequence[str] | None, decode: Callable[[Catalog], Catalog] | None = None
+) -> EvalSet:
+    """Cross-domain sets when the split has two domains, else leave-one-out. ``decode``: how
+    rows without decoded images get them (each set is decoded on its own: no second copy)."""
+    decode = decode or (lambda rows: rows)
     rows = catalog if split is None else catalog.split(split)
     domains = set(rows.domains.tolist())
     for query_domain, gallery_domain in (("street", "catalog"), ("query", "gallery")):
         if {query_domain, gallery_domain} <= domains:
             query, gallery = rows.query_gallery(query_domain, gallery_domain, split=None)
+            query, gallery = decode(query), decode(gallery)
             return EvalSet(
                 query.images, query.labels, gallery.images, gallery.labels,
                 f"{query_domain}->{gallery_domain}", _row_ids(gallery),
             )
+    rows = decode(rows)
     return EvalSet(rows.images, rows.labels, None, None, "leave-one-out", _row_ids(rows))
 
 
@@ -165,14 +171,14 @@ def _from_catalog(
     files (streamed at that square size) and only the evaluation rows are decoded."""
     catalog = _with_validation_split(catalog, VALIDATION_FRACTION, seed)
     train = catalog.split("train")
-    train_source = preprocessing = None
+    train_source = preprocessing = decode = None
     if stream_size is not None:
         train_source = train.image_source()
         preprocessing = Preprocessing((stream_size, stream_size))
-        catalog = catalog.subset(catalog.splits != "train").with_images(stream_size, strict=strict)
+        decode = lambda rows: rows.with_images(stream_size, strict=strict)  # noqa: E731
     validation = None
     if "val" in set(catalog.splits.tolist()):
-        validation = _eval_set(catalog, "val")
+        validation = _eval_set(catalog, "val", decode)
     else:
         items = len(np.unique(train.labels))
         warnings.warn(
@@ -187,7 +193,7 @@ def _from_catalog(
         train_labels=train.labels,
         descriptions=list(catalog.descriptions),
         validation=validation,
-        test=_eval_set(catalog, test_split),
+        test=_eval_set(catalog, test_split, decode),
         item_ids=list(catalog.item_ids),
         item_attributes=None if catalog.item_attributes is None else [dict(a) for a in catalog.item_attributes],
         train_source=train_source,

@@ -113,9 +113,11 @@ def pk_index_dataset(labels: np.ndarray, p: int = 8, k: int = 4, seed: int = 0) 
     """
     _check_pk(p, k)
     order, starts, counts, _ = _label_table(labels, p, k)
-    sorted_indices = tf.constant(order)
-    label_starts = tf.constant(starts)
-    label_counts = tf.constant(counts)
+    from atl_keras.data.sources import index_table  # held once, not copied into every dataset graph
+
+    sorted_indices = index_table(order)
+    label_starts = index_table(starts)
+    label_counts = index_table(counts)
     num_labels = int(len(counts))
     base_seed = tf.constant(int(seed), tf.int64)
 
@@ -180,9 +182,11 @@ def pk_dataset(
     indices = pk_index_dataset(labels, p=p, k=k, seed=seed)
     batch = p * k
     image_shape = images.shape[1:]
-    image_table = tf.constant(images)
-    label_table = tf.constant(labels.astype(np.int64))
-    text_table = tf.constant(text_embeddings) if text_embeddings is not None else None
+    from atl_keras.data.sources import index_table
+
+    image_table = index_table(images)
+    label_table = index_table(labels.astype(np.int64))
+    text_table = index_table(text_embeddings) if text_embeddings is not None else None
 
     augment_seed = tf.constant(int(seed) + 1_000_003, tf.int64)
 

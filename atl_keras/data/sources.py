@@ -26,10 +26,21 @@ from typing import Protocol, Sequence
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["FileImages", "ImageSource", "ShardImages", "TFRECORD_FRAME"]
+__all__ = ["FileImages", "ImageSource", "ShardImages", "TFRECORD_FRAME", "index_table"]
 
 #: Bytes a TFRecord adds before a record's data (uint64 length + uint32 crc) and after it (crc).
 TFRECORD_FRAME = (12, 4)
+
+
+def index_table(values: np.ndarray | bytes | list) -> tf.Variable:
+    """An index array (or byte string) held ONCE in memory for ``tf.data`` functions.
+
+    A constant captured by a ``tf.data`` function is copied into the dataset's graph each time
+    the graph is serialised (optimisation, iterator creation): ~4 extra copies measured with
+    1M rows. A captured variable is passed by reference. Read it with ``tf.gather``.
+    """
+    with tf.init_scope():
+        return tf.Variable(values, trainable=False)
 
 
 class ImageSource(Protocol):
@@ -111,11 +122,11 @@ class FileImages:
     def path_tensor(self, row: tf.Tensor) -> tf.Tensor:
         """The path of ``row`` (int64 scalar) as a scalar tf.string (graph ops)."""
         if self._tensors is None:
-            with tf.init_scope():  # eager tensors, shared by every pipeline built on this source
-                self._tensors = (tf.constant(self._blob, tf.string), tf.constant(self._offsets))
+            # shared by every pipeline built on this source
+            self._tensors = (index_table(self._blob), index_table(self._offsets))
         blob, offsets = self._tensors
-        start = offsets[row]
-        suffix = tf.strings.substr(blob, start, offsets[row + 1] - start)
+        start, stop = tf.unstack(tf.gather(offsets, tf.stack([row, row + 1])))
+        suffix = tf.strings.substr(blob.value(), start, stop - start)
         return tf.strings.join([self._prefix, suffix]) if self._prefix else suffix
 
     def read(self, row: tf.Tensor) -> tf.Tensor:
@@ -167,15 +178,15 @@ class ShardImages:
     def read(self, row: tf.Tensor) -> tf.Tensor:
         if self._tensors is None:
             paths = [os.path.join(self.directory, name) for name in self.names]
-            with tf.init_scope():
-                self._tensors = (tf.constant(paths, tf.string), tf.constant(self.sizes), tf.constant(self.shard),
-                                 tf.constant(self.offset), tf.constant(self.length))
+            self._tensors = tuple(index_table(values) for values in (
+                paths, self.sizes, self.shard, self.offset, self.length))
         paths, sizes, shard, offset, length = self._tensors
-        s = shard[row]
-        start = offset[row] + TFRECORD_FRAME[0]
-        size = tf.cast(length[row], tf.int64)
+        s = tf.gather(shard, row)
+        start = tf.gather(offset, row) + TFRECORD_FRAME[0]
+        size = tf.cast(tf.gather(length, row), tf.int64)
         record = tf.data.FixedLengthRecordDataset(
-            paths[s], record_bytes=size, header_bytes=start, footer_bytes=sizes[s] - start - size
+            tf.gather(paths, s), record_bytes=size, header_bytes=start,
+            footer_bytes=tf.gather(sizes, s) - start - size
         ).get_single_element()
         features = tf.io.parse_single_example(record, {"image": tf.io.FixedLenFeature([], tf.string)})
         return features["image"]

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from atl_keras.data.sampler import pk_index_dataset
-from atl_keras.data.sources import ImageSource
+from atl_keras.data.sources import ImageSource, index_table
 from atl_keras.preprocessing import DEFAULT_MAX_PIXELS, Preprocessing, decode_bounded
 
 __all__ = ["SkippedRows", "SkippedRowsWarning", "decode_source", "pk_stream_dataset", "stream_images"]
@@ -217,8 +217,8 @@ def pk_stream_dataset(
         if item_text.ndim != 2 or (len(labels) and labels.max() >= len(item_text)):
             raise ValueError(f"item_text must be per item [M, T] with M > every label, got shape {item_text.shape}.")
     skipped = skipped if skipped is not None else SkippedRows()
-    label_table = tf.constant(labels.astype(np.int64))
-    text_table = None if item_text is None else tf.constant(item_text)
+    label_table = index_table(labels.astype(np.int64))
+    text_table = None if item_text is None else index_table(item_text)
     shape = preprocessing.image_shape
     load = _loader(source, preprocessing, max_pixels)
     sentinel = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.zeros(shape, tf.uint8)))
