@@ -222,6 +222,7 @@ def test_a_users_report_claims_no_pre_registration_and_no_shop():
     report = render_weak_label_report(ReplicationResult(config, records, wall_seconds=1.0))
     assert "pre-registered" not in report and "fixes the shop" not in report and "synthetic shop" not in report
     assert "**Text is used on this catalog**" in report
+    assert "random (uniform) - fixed, batch-hard" in report and "text - random (uniform), semi-hard" in report
 
 
 def test_replicate_help_does_not_offer_the_quick_schedule_for_an_answer(capsys):

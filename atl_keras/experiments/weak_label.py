@@ -169,10 +169,14 @@ def planned_comparisons(protocol: str) -> list[tuple[str, str, str]]:
 
 
 def context_comparisons(protocol: str) -> list[tuple[str, str, str]]:
-    """Not decision rules: does the testbed reward true semantic margins at all?"""
-    if protocol == "catalog":
-        return []
+    """Not decision rules: does the testbed reward true semantic margins at all? (Users' catalogs:
+    what do random margins, which need no text, do against a fixed margin and against the text?)"""
     n = weak_label_method_name
+    if protocol == "catalog":
+        return [(f"random (uniform) - fixed, {m.replace('_', '-')}", n("random", m), n("fixed", m))
+                for m in WEAK_LABEL_MINERS] + \
+               [(f"text - random (uniform), {m.replace('_', '-')}", n("text", m), n("random", m))
+                for m in WEAK_LABEL_MINERS]
     return [(f"oracle - random, {m.replace('_', '-')}", n("oracle", m), n("permuted", m)) for m in WEAK_LABEL_MINERS] + \
            [(f"random - fixed, {m.replace('_', '-')}", n("permuted", m), n("fixed", m)) for m in WEAK_LABEL_MINERS]
 
@@ -401,8 +405,10 @@ def render_weak_label_report(result: ReplicationResult) -> str:
                                                              no_verdict=withheld)) + [""]
             context = context_comparisons(protocol_name)
             if context:
-                lines += ["### Context (not decision rules): does this testbed reward true semantic margins, "
-                          "and what does margin spread alone do?", ""]
+                lines += ["### Context (not decision rules): " + (
+                    "what do random margins (no text) do against a fixed margin and against the text?"
+                    if protocol_name == "catalog" else
+                    "does this testbed reward true semantic margins, and what does margin spread alone do?"), ""]
                 for metric in metrics:
                     lines += [f"{METRIC_NAMES.get(metric, metric)}:", ""]
                     lines += _difference_rows(paired_differences(records, evaluation, metric, context,
