@@ -57,7 +57,10 @@ def test_scann_lookup_recall_above_the_brute_force_threshold():
     assert len(gallery) > 5 * BRUTE_FORCE_BELOW
     queries = clustered(300, 32, clusters=60, spread=0.25, seed=3)  # same centres, fresh draws
     queries = unit(queries + 0.05 * np.random.default_rng(4).normal(size=queries.shape))
-    index = RetrievalIndex.from_embeddings(gallery, [f"i{n}" for n in range(len(gallery))])
+    # The tuner meets its target on its own held-out queries; k-means is unseeded, so fresh
+    # queries read a little either side of it (0.947 seen at a 0.95 target): tune for 0.97.
+    index = RetrievalIndex.from_embeddings(gallery, [f"i{n}" for n in range(len(gallery))],
+                                           searcher_options={"min_recall": 0.97})
     rows, _ = index.search(queries, 10)
     assert index.searcher.kind == "scann"
     config = index.searcher.config()
