@@ -12,6 +12,8 @@ Sources (``images``):
   TensorFlow's file systems reach), read with ``tf.io.read_file``;
 - encoded images: a sequence of ``bytes`` (or a 1-D string array);
 - pixels already preprocessed: a uint8/float array ``[N, H, W, C]`` at the model's input size;
+- an `atl_keras.data.sources.ImageSource` (`FileImages`, `ShardImages`: rows of files or
+  TFRecord shard records, read by graph ops);
 - a finite ``tf.data.Dataset`` of encoded images (scalar strings), of images ``[H, W, C]``
   or of batches ``[b, H, W, C]`` / ``(images, y, ...)``.
 
@@ -39,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from atl_keras.preprocessing import Preprocessing, decode_image
+from atl_keras.preprocessing import DEFAULT_MAX_PIXELS, Preprocessing, decode_bounded
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -50,8 +52,6 @@ __all__ = [
     "weights_fingerprint",
 ]
 
-#: Images whose header declares more pixels are skipped before decoding (~200 MB as RGB uint8).
-DEFAULT_MAX_PIXELS = 64_000_000
 _MAX_NAMED = 5
 
 
@@ -115,6 +115,8 @@ def _source_kind(images: Any) -> str:
     """'dataset', 'pixels', 'encoded' or 'paths'."""
     if isinstance(images, tf.data.Dataset):
         return "dataset"
+    if hasattr(images, "read") and hasattr(images, "describe"):
+        return "source"  # an atl_keras.data.sources.ImageSource (files or shard records)
     if isinstance(images, (str, bytes, os.PathLike)):
         raise TypeError(f"images must be a sequence of images, got a single {type(images).__name__} {images!r:.80}.")
     if isinstance(images, (np.ndarray, tf.Tensor)):
@@ -136,50 +138,10 @@ def _source_kind(images: Any) -> str:
     )
 
 
-def _declared_pixels(contents: tf.Tensor) -> tf.Tensor:
-    """Pixels (int64 scalar) an encoded image's header declares; 0 if the format is unknown.
-
-    Reads only header bytes (JPEG: the frame header via ``extract_jpeg_shape``; PNG IHDR;
-    GIF logical screen; BMP info header), so a 300 KB file claiming 10000 x 10000 pixels is
-    refused before it is decoded.
-    """
-
-    def ints(offset: int, count: int, width: int, big_endian: bool) -> tf.Tensor:
-        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(contents, offset, count * width), tf.uint8), tf.int64)
-        raw = tf.reshape(raw, [count, width])
-        weights = [256 ** (width - 1 - i) if big_endian else 256 ** i for i in range(width)]
-        return tf.reduce_sum(raw * tf.constant(weights, tf.int64), axis=1)
-
-    def product(values: tf.Tensor) -> tf.Tensor:
-        return tf.abs(values[0]) * tf.abs(values[1])
-
-    def bmp() -> tf.Tensor:  # signed 32-bit width and height (negative height = top-down)
-        values = ints(18, 2, 4, False)
-        return product(tf.where(values >= 2**31, values - 2**32, values))
-
-    head = tf.strings.substr(contents, 0, 8)
-    return tf.case(
-        [
-            (tf.strings.substr(head, 0, 3) == b"\xff\xd8\xff",
-             lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64))),
-            (head == b"\x89PNG\r\n\x1a\n", lambda: product(ints(16, 2, 4, True))),
-            (tf.strings.substr(head, 0, 3) == b"GIF", lambda: product(ints(6, 2, 2, False))),
-            (tf.strings.substr(head, 0, 2) == b"BM", bmp),
-        ],
-        default=lambda: tf.constant(0, tf.int64),
-    )
-
-
-def _decoder(preprocessing: Preprocessing, max_pixels: int | None, read: bool) -> Callable:
+def _decoder(preprocessing: Preprocessing, max_pixels: int | None, read: Callable | None) -> Callable:
     def load(item: tf.Tensor, index: tf.Tensor):
-        contents = tf.io.read_file(item) if read else item
-        checks = []
-        if max_pixels:
-            checks.append(tf.debugging.assert_less_equal(
-                _declared_pixels(contents), tf.constant(int(max_pixels), tf.int64), message="too many pixels"))
-        with tf.control_dependencies(checks):
-            pixels = decode_image(tf.identity(contents), preprocessing)
-        return tf.cast(pixels, tf.float32), index
+        contents = read(item) if read is not None else item
+        return tf.cast(decode_bounded(contents, preprocessing, max_pixels), tf.float32), index
 
     return load
 
@@ -217,7 +179,7 @@ def _dataset_batches(
         if spec.shape.rank == 1:
             dataset = dataset.unbatch()
         indexed = dataset.enumerate().map(lambda i, x: (x, i))
-        return _decoded(indexed, preprocessing, batch_size, max_pixels, read=False), True
+        return _decoded(indexed, preprocessing, batch_size, max_pixels, read=None), True
     if spec.shape.rank is None or spec.shape.rank < 1:
         raise ValueError(f"Cannot embed a dataset of {spec}; give encoded images, images [H, W, C] or batches.")
     if spec.shape.rank == 4 or preprocessing is None:  # batches (of images, or of a non-image model's inputs)
@@ -228,8 +190,10 @@ def _dataset_batches(
 
 
 def _decoded(
-    indexed: tf.data.Dataset, preprocessing: Preprocessing, batch_size: int, max_pixels: int | None, read: bool
+    indexed: tf.data.Dataset, preprocessing: Preprocessing, batch_size: int, max_pixels: int | None,
+    read: Callable | None,
 ) -> tf.data.Dataset:
+    """``(item, index)`` -> batches of ``(pixels float32 [b, H, W, C], index [b])``; failures dropped."""
     return (
         indexed.map(_decoder(preprocessing, max_pixels, read), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .ignore_errors(log_warning=False)
@@ -303,7 +267,7 @@ def embed_batches(
     if not isinstance(images, (tf.data.Dataset, np.ndarray, tf.Tensor, str, bytes)) and not hasattr(images, "__len__"):
         images = list(images)  # an iterator of paths / bytes: the row list is the index we keep
     kind = _source_kind(images)
-    preprocessing = _preprocessing_of(model, preprocessing, decodes=kind in ("paths", "encoded"))
+    preprocessing = _preprocessing_of(model, preprocessing, decodes=kind in ("paths", "encoded", "source"))
     report = report if report is not None else EmbeddingReport()
     if kind == "pixels":
         batches: Any = _pixel_batches(images, preprocessing, batch_size)
@@ -311,12 +275,17 @@ def embed_batches(
     elif kind == "dataset":
         batches, _ = _dataset_batches(images, preprocessing, batch_size, max_pixels)
         rows = None
+    elif kind == "source":
+        rows = len(images)
+        indexed = tf.data.Dataset.range(rows).map(lambda row: (row, row))
+        batches = _decoded(indexed, preprocessing, batch_size, max_pixels, read=images.read)
     else:
         items = [os.fspath(p) for p in images] if kind == "paths" else images
         rows = len(items)
         indexed = tf.data.Dataset.from_tensor_slices(
             (tf.constant(items, tf.string) if rows else tf.zeros([0], tf.string), tf.range(rows, dtype=tf.int64)))
-        batches = _decoded(indexed, preprocessing, batch_size, max_pixels, read=kind == "paths")
+        batches = _decoded(indexed, preprocessing, batch_size, max_pixels,
+                           read=tf.io.read_file if kind == "paths" else None)
     seen = 0
     gaps: list[np.ndarray] = []
     for pixels, indices in batches:
@@ -333,7 +302,7 @@ def embed_batches(
         gaps.append(np.arange(seen, total, dtype=np.int64))
     report.rows = total
     report.skipped = np.concatenate(gaps) if gaps else np.zeros(0, np.int64)
-    _explain(report, images if kind in ("paths", "encoded") else None, kind, max_pixels)
+    _explain(report, images if kind in ("paths", "encoded", "source") else None, kind, max_pixels)
 
 
 def _explain(report: EmbeddingReport, items: Any, kind: str, max_pixels: int | None) -> None:
@@ -345,9 +314,15 @@ def _explain(report: EmbeddingReport, items: Any, kind: str, max_pixels: int | N
         source = "<row %d>" % index
         reason = "cannot be decoded"
         if items is not None:
-            item = items[int(index)]
+            item = items[int(index)] if kind != "source" else None
             head = b""
-            if kind == "paths":
+            if kind == "source":
+                source = items.describe(int(index))
+                try:
+                    head = bytes(items.read(tf.constant(int(index), tf.int64)).numpy())[: 1 << 16]
+                except (tf.errors.OpError, ValueError):
+                    head = b""
+            elif kind == "paths":
                 source = os.fspath(item)
                 try:
                     with tf.io.gfile.GFile(source, "rb") as f:

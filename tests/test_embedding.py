@@ -12,6 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from atl_keras.data.images import ImageDecodeError
+from atl_keras.data.sources import FileImages
 from atl_keras.embedding import embed_batches, embed_images, EmbeddingReport, weights_fingerprint
 from atl_keras.preprocessing import Preprocessing, decode_image
 
@@ -52,6 +53,7 @@ def test_every_source_gives_the_model_applied_to_the_preprocessed_images(tmp_pat
     pixels = np.stack([decode_image(tf.constant(b), prep).numpy() for b in encoded])
     sources = {
         "paths": paths,
+        "FileImages": FileImages(paths),
         "pathlike": [tmp_path / os.path.basename(p) for p in paths],
         "bytes": encoded,
         "string array": np.array(encoded, dtype=object),
@@ -110,6 +112,9 @@ def test_bad_rows_are_skipped_counted_and_summarised(tmp_path):
     # the same bytes in memory: the same rows survive
     encoded = [open(p, "rb").read() if os.path.exists(p) else b"" for p in paths]
     np.testing.assert_array_equal(embed_images(model, encoded).kept, result.kept)
+    from_source = embed_images(model, FileImages(paths))
+    np.testing.assert_array_equal(from_source.kept, result.kept)
+    assert from_source.report.reasons == report.reasons
 
 
 def test_the_catalog_is_read_as_it_is_embedded_not_before(tmp_path):
