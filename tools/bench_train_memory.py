@@ -1,6 +1,7 @@
 """Training memory against catalog size: does peak RSS grow with the rows of a catalog?
 
     python tools/bench_train_memory.py                 # 300 vs 3,000 rows, streaming (the default)
+    python tools/bench_train_memory.py --rows 300,3000,6000   # growth between each pair of sizes
     python tools/bench_train_memory.py --no-stream     # also the in-memory path, for comparison
 
 1. Writes 3,000 JPEGs of 256 x 256 (4 per item) and CSV catalogs of the first 300 and of all
@@ -114,11 +115,12 @@ def main() -> None:
                 figures["train"][name][rows] = result
                 print(f"[train] {name:9s} {rows:6d} rows: peak RSS {result['peak_rss_bytes'] / 1e9:.3f} GB "
                       f"(wall {result['wall']})")
-            low, high = min(sizes), max(sizes)
-            growth = (figures["train"][name][high]["peak_rss_bytes"] - figures["train"][name][low]["peak_rss_bytes"]) \
-                / (high - low)
-            figures["train"][name]["growth_bytes_per_row"] = growth
-            print(f"[train] {name}: {growth / 1e3:.1f} KB per extra row ({low} -> {high} rows; target <= 55 KB)")
+            ordered = sorted(sizes)
+            for low, high in zip(ordered, ordered[1:]):
+                growth = (figures["train"][name][high]["peak_rss_bytes"]
+                          - figures["train"][name][low]["peak_rss_bytes"]) / (high - low)
+                figures["train"][name][f"growth_bytes_per_row_{low}_{high}"] = growth
+                print(f"[train] {name}: {growth / 1e3:.1f} KB per extra row ({low} -> {high} rows; target <= 55 KB)")
     runs = {}
     for rows in (args.index_rows // 10, args.index_rows):  # the slope between two sizes: fixed costs cancel
         proc = subprocess.run([sys.executable, "-c", INDEX_CODE, str(rows)], capture_output=True, text=True,
