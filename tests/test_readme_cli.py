@@ -28,6 +28,7 @@ ATL = str(Path(sys.executable).with_name("atl"))
 #: Not run here, and why.
 SKIPPED = {
     "index": "needs the reader's products.csv (tests/test_catalog_index.py covers atl index)",
+    "embed": "needs the reader's products.csv (tests/test_beam.py covers atl embed)",
     "replicate": "the published 5-seed run takes ~80 min (tests/test_replication.py runs --quick)",
 }
 #: Appended to a command: only makes it smaller (argparse keeps the last value of a flag).
