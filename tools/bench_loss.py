@@ -37,12 +37,24 @@ embeddings and the proxies; ratios to ATL's median. Labels are P x K over C clas
 (with repeats when B / K > C). ``--proxy --skip-default`` times the proxy rows only
 (``tools/bench_proxy_loss.py`` is that command).
 
+``--pair`` times the pair-loss family (issue 24) against PyTorch Metric Learning 2.9 in its
+own virtualenv (``--peer-python``, default ``.venv-bench/bin/python``; see
+tools/pml_loss_worker.py): per B in ``--pair-batch-sizes`` (default 256, 1024, 2048) and
+loss (contrastive, multi-similarity with its miner, circle, SupCon, ArcFace with
+``--pair-classes`` proxies), one forward + backward of ours under the default
+`tf.function`, ours under XLA, and PML, round-robin in one run, each side on
+``--threads`` intra-op threads (default 2); PML's time is measured inside its worker (no
+pipe). Ratios ours / PML and XLA / default are printed and saved with the load average,
+machine and commit. ``--pair --skip-default`` times the pair rows only.
+
 Usage:
     python tools/bench_loss.py [--batch-sizes 64 256 1024] [--repeats 10]
         [--per-row-text] [--xla] [--jax] [--modes batch_all semi_hard]
         [--new-batches 20] [--skip-default] [--output results/bench_loss.json]
         [--proxy [--proxy-batch-sizes 256 1024 4096] [--proxy-classes 1000 10000]
          [--proxy-repeats 7]]
+        [--pair [--pair-batch-sizes 256 1024 2048] [--pair-repeats 7] [--threads 2]
+         [--peer-python .venv-bench/bin/python]]
 """
 
 from __future__ import annotations
@@ -85,6 +97,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--proxy-batch-sizes", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--proxy-classes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--proxy-repeats", type=int, default=None, help="default: --repeats")
+    parser.add_argument("--pair", action="store_true",
+                        help="also time the pair losses against PML 2.9 (its own venv)")
+    parser.add_argument("--pair-batch-sizes", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--pair-classes", type=int, default=1000, help="ArcFace's classes")
+    parser.add_argument("--pair-repeats", type=int, default=None, help="default: --repeats")
+    parser.add_argument("--pair-losses", nargs="+", default=None, help="default: all")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads, both sides")
+    parser.add_argument("--peer-python", default=os.path.join(ROOT, ".venv-bench", "bin", "python"))
     parser.add_argument("--output", default="results/bench_loss.json")
     parser.add_argument("--jax-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -342,6 +362,143 @@ def print_proxy_table(rows: list, repeats: int) -> None:
         print(f"{batch_size:>5} {classes:>6} {atl:>9.2f}" + "".join(cells))
 
 
+# ----------------------------------------------------------------- the pair family vs PML 2.9
+PAIR_LOSSES = ("contrastive", "multi_similarity", "circle", "supcon", "arcface")
+
+
+def pair_batch(batch: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """labels [B] in [0, C) (P x K), unit float32 embeddings [B, D]: the same numbers as
+    tools/pml_loss_worker.py's `make_batch`."""
+    rng = np.random.default_rng(seed)
+    items = batch // IMAGES_PER_ITEM
+    labels = np.resize(np.repeat(rng.choice(classes, size=items, replace=items > classes),
+                                 IMAGES_PER_ITEM), batch).astype(np.int64)
+    emb = rng.normal(size=(batch, EMBEDDING_DIM)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return labels, emb
+
+
+def build_pair_loss(name: str, classes: int):
+    """Our loss with PML 2.9's defaults (the multi-similarity loss with its miner)."""
+    import atl_keras as atl
+
+    return {"contrastive": lambda: atl.ContrastiveLoss(),
+            "multi_similarity": lambda: atl.MultiSimilarityLoss(miner="multi_similarity"),
+            "circle": lambda: atl.CircleLoss(),
+            "supcon": lambda: atl.SupConLoss(),
+            "arcface": lambda: atl.ArcFaceLoss(num_classes=classes)}[name]()
+
+
+def make_pair_step(loss, labels, emb, proxies, jit_compile: bool):
+    """A warmed-up callable timing one forward + backward (gradients for the embeddings and,
+    for ArcFace, the proxies); returns (run -> ms, value)."""
+    import tensorflow as tf
+
+    labels_t, emb_t = tf.constant(labels), tf.constant(emb)
+    prox_t = None if proxies is None else tf.constant(proxies)
+
+    @tf.function(jit_compile=jit_compile)
+    def step(e, p):
+        with tf.GradientTape() as tape:
+            tape.watch(e)
+            if p is None:
+                value = loss(labels_t, e)
+                return value, tape.gradient(value, e)
+            tape.watch(p)
+            value = loss(labels_t, e, proxies=p)
+            return (value, *tape.gradient(value, [e, p]))
+
+    for _ in range(2):
+        out = step(emb_t, prox_t)
+    if not all(np.all(np.isfinite(t.numpy())) for t in out):
+        raise RuntimeError(f"non-finite loss or gradient for {type(loss).__name__}")
+
+    def run() -> float:
+        start = time.perf_counter()
+        [t.numpy() for t in step(emb_t, prox_t)]
+        return (time.perf_counter() - start) * 1000.0
+
+    return run, float(out[0].numpy())
+
+
+class PMLWorker:
+    """tools/pml_loss_worker.py in the benchmark venv, one JSON request per line."""
+
+    def __init__(self, python: str, threads: int) -> None:
+        if not os.path.exists(python):
+            raise SystemExit(
+                f"--pair needs PyTorch Metric Learning 2.9 in its own venv; {python} is missing. "
+                'Create it: python3 -m venv .venv-bench && .venv-bench/bin/pip install torch '
+                '"pytorch-metric-learning==2.9.*" numpy (or pass --peer-python).'
+            )
+        worker = os.path.join(ROOT, "tools", "pml_loss_worker.py")
+        self.process = subprocess.Popen([python, worker], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.info = self.request({"threads": threads})
+
+    def request(self, message: dict) -> dict:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the PML worker stopped (exit {self.process.poll()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def pair_rows(args) -> tuple[list, dict]:
+    """Per (B, loss): ours (default, XLA) and PML, round-robin; medians and ratios."""
+    repeats = args.pair_repeats or args.repeats
+    names = tuple(args.pair_losses or PAIR_LOSSES)
+    worker = PMLWorker(args.peer_python, args.threads)
+    rows = []
+    try:
+        for batch in args.pair_batch_sizes:
+            for name in names:
+                labels, emb = pair_batch(batch, args.pair_classes)
+                proxies = None
+                if name == "arcface":
+                    proxies = np.random.default_rng(1).normal(
+                        size=(args.pair_classes, EMBEDDING_DIM)).astype(np.float32)
+                loss = build_pair_loss(name, args.pair_classes)
+                default, ours_value = make_pair_step(loss, labels, emb, proxies, False)
+                xla, _ = make_pair_step(loss, labels, emb, proxies, True)
+                ready = worker.request({"loss": name, "batch": batch, "classes": args.pair_classes,
+                                        "seed": 0})
+                steps = {"default": default, "xla": xla,
+                         "pml": lambda: worker.request({"run": True})["ms"]}
+                times = {key: [] for key in steps}
+                for _ in range(repeats):
+                    for key, run in steps.items():
+                        times[key].append(run())
+                ms = {key: statistics.median(values) for key, values in times.items()}
+                row = {"batch_size": batch, "loss": name, "default_ms": ms["default"],
+                       "xla_ms": ms["xla"], "pml_ms": ms["pml"],
+                       "default_over_pml": ms["default"] / ms["pml"],
+                       "xla_over_default": ms["xla"] / ms["default"],
+                       "value": ours_value, "pml_value": ready["value"]}
+                rows.append(row)
+                print(f"  B={batch:5d} {name:17s} ours {ms['default']:9.2f} ms  xla {ms['xla']:9.2f} ms"
+                      f"  pml {ms['pml']:9.2f} ms  ours/pml {row['default_over_pml']:5.2f}"
+                      f"  xla/default {row['xla_over_default']:5.2f}", flush=True)
+    finally:
+        worker.close()
+    return rows, worker.info
+
+
+def print_pair_table(rows: list, repeats: int, info: dict, threads: int) -> None:
+    print(f"\npair losses vs PyTorch Metric Learning {info['pml']} (torch {info['torch']}), "
+          f"forward+backward ms, median of {repeats}, {threads} intra-op threads each, "
+          f"D={EMBEDDING_DIM}, P x K with K={IMAGES_PER_ITEM}")
+    print(f"{'B':>5} {'loss':<17}{'ours':>9}{'XLA':>9}{'PML':>9}{'ours/PML':>10}{'XLA/ours':>10}")
+    for r in rows:
+        print(f"{r['batch_size']:>5} {r['loss']:<17}{r['default_ms']:>9.2f}{r['xla_ms']:>9.2f}"
+              f"{r['pml_ms']:>9.2f}{r['default_over_pml']:>10.2f}{r['xla_over_default']:>10.2f}")
+
+
 def xla_rows(args, modes) -> list:
     """Per (B, loss, mode): default vs XLA, fixed batch and a new label batch per call."""
     rows = []
@@ -445,13 +602,22 @@ def run_jax_subprocess(args) -> dict:
     raise RuntimeError(f"JAX run failed:\n{out.stderr[-3000:]}")
 
 
+def _commit() -> str:
+    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
 def main(args: argparse.Namespace) -> int:
     modes = tuple(args.modes or MINING_MODES)
     if args.jax_child:
         return jax_child(args, modes)
-    if args.skip_default and not (args.xla or args.jax or args.proxy):
-        raise SystemExit("--skip-default needs --xla, --jax or --proxy (nothing else to time)")
+    if args.skip_default and not (args.xla or args.jax or args.proxy or args.pair):
+        raise SystemExit("--skip-default needs --xla, --jax, --proxy or --pair (nothing else to time)")
     import tensorflow as tf
+
+    if args.pair:  # the same intra-op thread count as the PML worker (before any op runs)
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
 
     tf.get_logger().setLevel("ERROR")  # each configuration traces its own step: retracing notes are expected
     rows, semi_over_hard = ([], {}) if args.skip_default else default_rows(args, modes)
@@ -490,6 +656,19 @@ def main(args: argparse.Namespace) -> int:
         result["proxy_rows"] = proxy_rows(args)
         result["config"]["proxy_repeats"] = args.proxy_repeats or args.repeats
         print_proxy_table(result["proxy_rows"], args.proxy_repeats or args.repeats)
+    if args.pair:
+        print("\npair losses (issue 24) vs PML 2.9:")
+        load_before = os.getloadavg()
+        pair, info = pair_rows(args)
+        result["pair_rows"] = pair
+        result["config"].update({
+            "pair_repeats": args.pair_repeats or args.repeats, "threads": args.threads,
+            "pair_classes": args.pair_classes, "pml": info, "load_before": load_before,
+            "load_after": os.getloadavg(), "commit": _commit(),
+            "processor": platform.processor() or platform.machine()})
+        print_pair_table(pair, args.pair_repeats or args.repeats, info, args.threads)
+        print(f"load average before {load_before}, after {os.getloadavg()}; commit "
+              f"{result['config']['commit']}; {os.cpu_count()} CPUs")
     if args.xla:
         print("\nXLA (tf.function(jit_compile=True)) vs default tf.function:")
         xrows = xla_rows(args, modes)
