@@ -293,12 +293,12 @@ def make_proxy_batch(batch_size: int, classes: int, seed: int = 0):
     return labels, emb, class_text, class_text[labels], proxies
 
 
-def make_proxy_step(loss, y_true, embeddings, proxies=None):
+def make_proxy_step(loss, y_true, embeddings, proxies=None, jit_compile: bool = False):
     """A warmed-up callable: one forward + backward pass, gradients with respect to the
     embeddings and (for proxy losses) the proxies."""
     import tensorflow as tf
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def step(emb, prox):
         with tf.GradientTape() as tape:
             tape.watch(emb)
@@ -366,18 +366,6 @@ def print_proxy_table(rows: list, repeats: int) -> None:
 PAIR_LOSSES = ("contrastive", "multi_similarity", "circle", "supcon", "arcface")
 
 
-def pair_batch(batch: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """labels [B] in [0, C) (P x K), unit float32 embeddings [B, D]: the same numbers as
-    tools/pml_loss_worker.py's `make_batch`."""
-    rng = np.random.default_rng(seed)
-    items = batch // IMAGES_PER_ITEM
-    labels = np.resize(np.repeat(rng.choice(classes, size=items, replace=items > classes),
-                                 IMAGES_PER_ITEM), batch).astype(np.int64)
-    emb = rng.normal(size=(batch, EMBEDDING_DIM)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return labels, emb
-
-
 def build_pair_loss(name: str, classes: int):
     """Our loss with PML 2.9's defaults (the multi-similarity loss with its miner)."""
     import atl_keras as atl
@@ -387,38 +375,6 @@ def build_pair_loss(name: str, classes: int):
             "circle": lambda: atl.CircleLoss(),
             "supcon": lambda: atl.SupConLoss(),
             "arcface": lambda: atl.ArcFaceLoss(num_classes=classes)}[name]()
-
-
-def make_pair_step(loss, labels, emb, proxies, jit_compile: bool):
-    """A warmed-up callable timing one forward + backward (gradients for the embeddings and,
-    for ArcFace, the proxies); returns (run -> ms, value)."""
-    import tensorflow as tf
-
-    labels_t, emb_t = tf.constant(labels), tf.constant(emb)
-    prox_t = None if proxies is None else tf.constant(proxies)
-
-    @tf.function(jit_compile=jit_compile)
-    def step(e, p):
-        with tf.GradientTape() as tape:
-            tape.watch(e)
-            if p is None:
-                value = loss(labels_t, e)
-                return value, tape.gradient(value, e)
-            tape.watch(p)
-            value = loss(labels_t, e, proxies=p)
-            return (value, *tape.gradient(value, [e, p]))
-
-    for _ in range(2):
-        out = step(emb_t, prox_t)
-    if not all(np.all(np.isfinite(t.numpy())) for t in out):
-        raise RuntimeError(f"non-finite loss or gradient for {type(loss).__name__}")
-
-    def run() -> float:
-        start = time.perf_counter()
-        [t.numpy() for t in step(emb_t, prox_t)]
-        return (time.perf_counter() - start) * 1000.0
-
-    return run, float(out[0].numpy())
 
 
 class PMLWorker:
@@ -451,6 +407,11 @@ class PMLWorker:
 
 def pair_rows(args) -> tuple[list, dict]:
     """Per (B, loss): ours (default, XLA) and PML, round-robin; medians and ratios."""
+    import tensorflow as tf
+
+    # numpy only (torch is imported in the worker's main): the same numbers on both sides
+    from tools.pml_loss_worker import make_batch, make_proxies
+
     repeats = args.pair_repeats or args.repeats
     names = tuple(args.pair_losses or PAIR_LOSSES)
     worker = PMLWorker(args.peer_python, args.threads)
@@ -458,28 +419,28 @@ def pair_rows(args) -> tuple[list, dict]:
     try:
         for batch in args.pair_batch_sizes:
             for name in names:
-                labels, emb = pair_batch(batch, args.pair_classes)
+                labels, emb = (tf.constant(a) for a in make_batch(batch, args.pair_classes, 0))
                 proxies = None
                 if name == "arcface":
-                    proxies = np.random.default_rng(1).normal(
-                        size=(args.pair_classes, EMBEDDING_DIM)).astype(np.float32)
+                    proxies = tf.constant(make_proxies(args.pair_classes))
                 loss = build_pair_loss(name, args.pair_classes)
-                default, ours_value = make_pair_step(loss, labels, emb, proxies, False)
-                xla, _ = make_pair_step(loss, labels, emb, proxies, True)
+                default = make_proxy_step(loss, labels, emb, proxies)
+                xla = make_proxy_step(loss, labels, emb, proxies, jit_compile=True)
                 ready = worker.request({"loss": name, "batch": batch, "classes": args.pair_classes,
                                         "seed": 0})
-                steps = {"default": default, "xla": xla,
-                         "pml": lambda: worker.request({"run": True})["ms"]}
-                times = {key: [] for key in steps}
-                for _ in range(repeats):
-                    for key, run in steps.items():
-                        times[key].append(run())
+                times = {"default": [], "xla": [], "pml": []}
+                for _ in range(repeats):  # round-robin; PML's time is measured in its worker
+                    for key, run in (("default", default), ("xla", xla)):
+                        start = time.perf_counter()
+                        run()
+                        times[key].append((time.perf_counter() - start) * 1000.0)
+                    times["pml"].append(worker.request({"run": True})["ms"])
                 ms = {key: statistics.median(values) for key, values in times.items()}
                 row = {"batch_size": batch, "loss": name, "default_ms": ms["default"],
                        "xla_ms": ms["xla"], "pml_ms": ms["pml"],
                        "default_over_pml": ms["default"] / ms["pml"],
                        "xla_over_default": ms["xla"] / ms["default"],
-                       "value": ours_value, "pml_value": ready["value"]}
+                       "value": float(default()[0]), "pml_value": ready["value"]}
                 rows.append(row)
                 print(f"  B={batch:5d} {name:17s} ours {ms['default']:9.2f} ms  xla {ms['xla']:9.2f} ms"
                       f"  pml {ms['pml']:9.2f} ms  ours/pml {row['default_over_pml']:5.2f}"

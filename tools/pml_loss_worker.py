@@ -8,8 +8,9 @@ Runs in the benchmark virtualenv (torch + pytorch-metric-learning, no atl_keras)
 Protocol (one JSON object per line on stdin / stdout): ``{"threads": N}`` once, then
 ``{"loss": name, "batch": B, "classes": C, "seed": s}`` prepares that configuration (three
 untimed calls warm up) and ``{"run": true}`` times one forward + backward of the
-prepared configuration and answers ``{"ms": ...}``. The batches are the same P x K
-construction as bench_loss.py's (numpy, same seed), so both sides time the same work.
+prepared configuration and answers ``{"ms": ...}``. Both sides build their batch with
+`make_batch` (numpy, same seed; torch is imported only in `main`), so they time the same
+work.
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ import sys
 import time
 
 import numpy as np
-import pytorch_metric_learning
-import torch
-from pytorch_metric_learning import losses, miners
 
 EMBEDDING_DIM = 128
 IMAGES_PER_ITEM = 4
 
 
 def make_batch(batch: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """labels [B] in [0, C) (P x K), unit float32 embeddings [B, D]; as bench_loss.pair_batch."""
+    """labels [B] in [0, C) (P x K, repeats when B / K > C), unit float32 embeddings [B, D]
+    (bench_loss.py builds its side's batch with this function too)."""
     rng = np.random.default_rng(seed)
     items = batch // IMAGES_PER_ITEM
     labels = np.resize(np.repeat(rng.choice(classes, size=items, replace=items > classes),
@@ -38,8 +37,16 @@ def make_batch(batch: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndar
     return labels, emb
 
 
+def make_proxies(classes: int, seed: int = 1) -> np.ndarray:
+    """ArcFace's class weights ``[C, D]`` (PML's ``W`` is their transpose), both sides."""
+    return np.random.default_rng(seed).normal(size=(classes, EMBEDDING_DIM)).astype(np.float32)
+
+
 def build(name: str, classes: int):
     """(loss module, miner or None) with PML's defaults."""
+    import torch
+    from pytorch_metric_learning import losses, miners
+
     if name == "contrastive":
         return losses.ContrastiveLoss(), None
     if name == "multi_similarity":
@@ -49,11 +56,16 @@ def build(name: str, classes: int):
     if name == "supcon":
         return losses.SupConLoss(), None
     if name == "arcface":
-        return losses.ArcFaceLoss(num_classes=classes, embedding_size=EMBEDDING_DIM), None
+        loss = losses.ArcFaceLoss(num_classes=classes, embedding_size=EMBEDDING_DIM)
+        loss.W.data = torch.tensor(make_proxies(classes).T.copy())
+        return loss, None
     raise ValueError(f"unknown loss {name!r}")
 
 
 def main() -> int:
+    import pytorch_metric_learning
+    import torch
+
     step = None
     for line in sys.stdin:
         request = json.loads(line)
