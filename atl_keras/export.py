@@ -73,6 +73,8 @@ PORTABLE_SIGNATURES = ("serving_default", "embed_pixels", "retrieve_exact")
 #: Temporary export directories (`.tmp-*`, `.old-*`) left by a killed export are removed by
 #: the next export into the same base once they are this old (a live export is never that slow).
 STALE_TEMPORARY_SECONDS = 6 * 3600
+#: A `.pair-*.json.tmp` journal is renamed within one call; one this old was left by a kill.
+STALE_JOURNAL_SECONDS = 600
 RESERVATION_PREFIX = ".reserved-"
 JOURNAL_PREFIX = ".pair-"
 
@@ -711,7 +713,9 @@ def repair_pairs(export_base: str) -> list[str]:
 
 
 def remove_stale_temporaries(export_base: str, max_age_seconds: float = STALE_TEMPORARY_SECONDS) -> list[str]:
-    """Delete `.tmp-*` / `.old-*` directories older than `max_age_seconds` in `export_base`.
+    """Delete `.tmp-*` / `.old-*` directories older than `max_age_seconds` in `export_base`,
+    `.reserved-N` files whose export is gone and `.pair-*.json.tmp` journals older than
+    `STALE_JOURNAL_SECONDS` (a kill before the journal was complete: nothing was moved).
 
     They are what a killed export leaves behind (never a servable version: servers only load
     numeric directories). Younger ones may belong to an export still running and are kept.
@@ -721,6 +725,19 @@ def remove_stale_temporaries(export_base: str, max_age_seconds: float = STALE_TE
     now = time.time()
     for name in sorted(os.listdir(export_base)):
         path = os.path.join(export_base, name)
+        if name.startswith(RESERVATION_PREFIX) and not _reservation_is_live(path):
+            with contextlib.suppress(FileNotFoundError):  # its export was killed
+                os.unlink(path)
+                removed.append(name)
+            continue
+        if name.startswith(JOURNAL_PREFIX) and name.endswith(".json.tmp"):
+            try:  # written and renamed within one call: only a killed export leaves one
+                if now - os.path.getmtime(path) > STALE_JOURNAL_SECONDS:
+                    os.unlink(path)
+                    removed.append(name)
+            except FileNotFoundError:
+                pass
+            continue
         if not name.startswith((".tmp-", ".old-")) or not os.path.isdir(path):
             continue
         try:

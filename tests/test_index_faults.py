@@ -234,3 +234,27 @@ def test_every_catalog_input_error_is_one_line_with_file_and_line_before_any_wor
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("atl index: error:") and where in lines[0], err
         assert not os.path.exists(os.path.join(base, ".embedding-cache")) and existing_versions(base) == []
+
+
+# ------------------------------------------------------------------ leftovers of killed exports (item 8)
+def test_killed_exports_reservations_and_torn_journals_are_cleaned_by_the_next_export(tmp_path):
+    import json as json_module
+    import socket
+
+    from atl_keras.export import STALE_JOURNAL_SECONDS, export_embeddings
+
+    base = tmp_path / "shop"
+    base.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = {"host": socket.gethostname(), "created": time.time()}
+    (base / ".reserved-7").write_text(json_module.dumps({**owner, "pid": dead.pid}))  # killed export
+    (base / ".reserved-9").write_text(json_module.dumps({**owner, "pid": os.getpid()}))  # a live one
+    for name, age in ((".pair-3-0badc0de.json.tmp", STALE_JOURNAL_SECONDS + 60), (".pair-4-feedf00d.json.tmp", 0)):
+        (base / name).write_text('{"moves": [')
+        os.utime(base / name, (time.time() - age,) * 2)
+    gallery = np.eye(8, dtype=np.float32)[:6]
+    result = export_embeddings(tiny_model(), gallery, [f"sku-{i}" for i in range(6)], str(base))
+    assert result.version == 10  # the live reservation still counts; the dead one no longer
+    left = sorted(n for n in os.listdir(base) if n.startswith("."))
+    assert left == [".pair-4-feedf00d.json.tmp", ".reserved-9"], left

@@ -17,7 +17,7 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
 from atl_keras.serving.errors import RequestError, invalid_argument
-from atl_keras.serving.image_header import image_dimensions
+from atl_keras.serving.image_header import decoded_pixels
 from atl_keras.serving.loader import LoadedVersion, SignatureInfo
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -74,10 +74,10 @@ def _check_image_bytes(key: str, values: np.ndarray, max_pixels: int = 0) -> Non
                 f"({len(data)} bytes starting {data[:8]!r}); send the encoded file bytes"
             )
         if max_pixels:
-            size = image_dimensions(data)
-            if size is not None and size[0] * size[1] > max_pixels:
+            decoded = decoded_pixels(data)
+            if decoded is not None and decoded[0] > max_pixels:
                 raise invalid_argument(
-                    f"inputs[{key!r}][{i}] is a {size[0]}x{size[1]} image ({size[0] * size[1]} pixels), "
+                    f"inputs[{key!r}][{i}] is {decoded[1]} ({decoded[0]} pixels once decoded), "
                     f"over the server's budget of {max_pixels} pixels (--max_image_pixels); "
                     "resize it before sending"
                 )

@@ -97,17 +97,38 @@ def array_from_json(value: Any, dtype: tf.DType, where: str) -> np.ndarray:
     if dtype == tf.string:
         flat: list[bytes] = []
         shape = _string_leaves(value, flat, where)
+        if len(shape) > 64:
+            raise invalid_argument(f"{where} nests lists {len(shape)} deep; a tensor has at most 64 dimensions")
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
         return array.reshape(shape)
     if not dtype.is_numpy_compatible:
         raise invalid_argument(f"{where}: dtype {dtype.name} cannot be sent as JSON")
+    _check_json_kind(value, dtype, where)
     try:
         return np.array(value, dtype=dtype.as_numpy_dtype)
     except (ValueError, TypeError, OverflowError) as err:
         raise invalid_argument(
             f"{where} is not a non-ragged list of numbers of dtype {dtype.name}: {err}"
         ) from err
+
+
+#: JSON value kinds (numpy's inference) each tensor dtype accepts, as TF Serving's JSON parser
+#: does: integers for integer tensors (not 5.7, "5" or true), numbers for floats, true/false for bools.
+_JSON_KINDS = {"i": "iu", "u": "iu", "f": "iuf", "c": "iufc", "b": "b"}
+
+
+def _check_json_kind(value: Any, dtype: tf.DType, where: str) -> None:
+    target = np.dtype(dtype.as_numpy_dtype).kind
+    try:
+        inferred = np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise invalid_argument(f"{where} is not a non-ragged list of numbers of dtype {dtype.name}: {err}") from err
+    if inferred.size and inferred.dtype.kind not in _JSON_KINDS.get(target, target):
+        given = {"f": "non-integer numbers", "b": "true/false", "U": "strings", "i": "integers"}.get(
+            inferred.dtype.kind, "mixed or null values")
+        needs = {"i": "integers", "u": "integers", "b": "true/false"}.get(target, "numbers")
+        raise invalid_argument(f"{where} holds {given} where dtype {dtype.name} needs {needs}")
 
 
 def _is_named(value: Any) -> bool:
@@ -249,6 +270,8 @@ class RestApi:
             request = json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
             raise invalid_argument(f"the request body is not valid JSON: {err}") from err
+        except RecursionError:
+            raise invalid_argument("the request body nests JSON too deeply (a tensor has at most 64 dimensions)") from None
         if not isinstance(request, dict):
             raise invalid_argument('the request body must be a JSON object {"instances": ...} or {"inputs": ...}')
         signature_name = request.get("signature_name") or DEFAULT_SIGNATURE
@@ -256,7 +279,10 @@ class RestApi:
             raise invalid_argument('"signature_name" must be a string')
         with self.manager.acquire(name, self._version(version), label or "") as loaded:
             signature = find_signature(loaded, signature_name)
-            arrays, rows = arrays_from_json_request(signature, request)
+            try:
+                arrays, rows = arrays_from_json_request(signature, request)
+            except RecursionError:
+                raise invalid_argument("the request nests lists too deeply (a tensor has at most 64 dimensions)") from None
             arrays = check_arrays(
                 signature, arrays, max_batch_size=self._max_batch_size,
                 max_image_pixels=self._max_image_pixels, manifest=loaded.manifest,

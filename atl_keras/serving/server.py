@@ -222,7 +222,25 @@ class ModelServer:
         return threads
 
     def start(self) -> "ModelServer":
-        """Load the initial versions (blocking), bind, start serving and polling."""
+        """Load the initial versions (blocking), then bind, start serving and polling.
+
+        As TF Serving does, neither port accepts a connection before the initial load is done
+        (a TCP or HTTP readiness probe cannot pass while the models are still loading); a
+        port that cannot be bound is reported after that load.
+        """
+        if self.config.batching is not None:
+            self.batcher = BatchScheduler(self.config.batching, run_signature, params_for=self._batching_for)
+        self._update_health()
+        self.manager.start()  # the initial load; gRPC binds (and listens) only after it
+        try:
+            return self._open_ports()
+        except BaseException:
+            self.manager.stop()
+            if self.batcher is not None:
+                self.batcher.stop()
+            raise
+
+    def _open_ports(self) -> "ModelServer":
         size = self.config.max_message_size
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
         if not self.config.reuse_port:  # gRPC sets SO_REUSEPORT by default: two servers would share a port
@@ -279,12 +297,15 @@ class ModelServer:
                 server.stop(0)
                 self.rest = None
                 raise
-        if self.config.batching is not None:
-            self.batcher = BatchScheduler(self.config.batching, run_signature, params_for=self._batching_for)
-        self._update_health()
-        self.manager.start()
         server.start()
         self._server = server
+        if self.rest is not None and self.config.tls is not None:
+            logger.warning(
+                "the REST API on port %d is plaintext HTTP%s while gRPC uses %sTLS: anyone who can reach it "
+                "skips that protection; put it behind a TLS proxy or turn it off (--rest_api_port=0)",
+                self.rest.port, " with no client authentication" if self.config.tls.client_verify else "",
+                "mutual " if self.config.tls.client_verify else "",
+            )
         logger.info(
             "serving %s on %s (tls=%s, rest=%s, batching=%s)", sorted(self.manager.models), self.address,
             self.config.tls is not None, self.rest.port if self.rest else "off", self.config.batching is not None,
@@ -416,6 +437,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             pathlib.Path(args.ssl_key).read_bytes(), pathlib.Path(args.ssl_cert).read_bytes(),
             custom_ca=ca, client_verify=ca is not None,
         )
+    if not 0 <= args.rest_api_port <= 65535:  # ServerConfig's 0 = a free port; on the command line 0 = off
+        raise ValueError(f"--rest_api_port must be in 1..65535, or 0 for no REST API; got {args.rest_api_port}")
     batching = None
     if args.enable_batching:
         batching = (
