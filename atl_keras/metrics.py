@@ -1,4 +1,4 @@
-"""Retrieval metrics (Recall@K, Precision@1, R-Precision, MAP@R) and a Keras callback.
+"""Retrieval metrics (Recall@K, Precision@1, R-Precision, MAP@R), NMI/AMI, and a Keras callback.
 
 Definitions follow Musgrave, Belongie & Lim, "A Metric Learning Reality Check"
 (ECCV 2020). For a query with label ``y``:
@@ -12,6 +12,10 @@ Definitions follow Musgrave, Belongie & Lim, "A Metric Learning Reality Check"
 - ``r_precision``: (relevant items among the top ``R``) / ``R``.
 - ``map_at_r``: ``(1/R) * sum_{i=1..R} P(i) * rel(i)``, ``P(i)`` the precision of the
   top ``i``.
+
+Beside them, as PML's ``AccuracyCalculator``: ``nmi`` and ``ami`` of k-means on the query
+embeddings (as many clusters as distinct query labels) against the query labels
+(:mod:`atl_keras.clustering`; ``clustering=False`` skips them).
 
 Neighbours are ranked by :mod:`atl_keras.search` (exact, ties to the lower gallery
 index), in query chunks, keeping only the top ``max(R, k)`` of each chunk: memory is
@@ -28,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from atl_keras.clustering import clustering_metrics
 from atl_keras.distances import RANKING_DISTANCES, resolve_distance
 from atl_keras.search import Distance, ExactSearcher
 
@@ -92,8 +97,9 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 10, 20),
     distance: Distance = "squared_l2",
     chunk_size: int = 1024,
+    clustering: bool = True,
 ) -> dict[str, float]:
-    """Recall@K, Precision@1, R-Precision and MAP@R of an embedding.
+    """Recall@K, Precision@1, R-Precision and MAP@R of an embedding (and NMI / AMI).
 
     Two settings:
 
@@ -112,10 +118,11 @@ def retrieval_metrics(
             vocabulary, aliases allowed: see :mod:`atl_keras.distances`); ``"l2"`` ranks
             exactly as ``"squared_l2"``.
         chunk_size: queries ranked per step (memory ``O(chunk_size * N)``).
+        clustering: also ``nmi`` / ``ami`` of k-means on the query embeddings (seeded).
 
     Returns:
         ``{"recall_at_<k>": ..., "precision_at_1", "r_precision", "map_at_r",
-        "num_queries", "num_queries_without_match"}`` as Python floats.
+        "num_queries", "num_queries_without_match"[, "nmi", "ami"]}`` as Python floats.
         ``num_queries`` counts the queries that enter the means (``R > 0``); the total
         is ``num_queries + num_queries_without_match``. Means are NaN when no query
         has a match.
@@ -201,6 +208,8 @@ def retrieval_metrics(
         num_queries=float(evaluated),
         num_queries_without_match=float(num_queries - evaluated),
     )
+    if clustering and num_queries > 0:
+        result.update(clustering_metrics(query_matrix, query_labels))
     return result
 
 
@@ -255,6 +264,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         output_key: if the model returns a dict or list, the key/index of the embedding
             output (``[batch, D]``).
         chunk_size: queries ranked per step (memory ``O(chunk_size * N)``).
+        clustering: also write ``nmi`` / ``ami`` (k-means on the query embeddings).
 
     Attributes:
         last_metrics: the unprefixed metrics dict of the last evaluation (or ``None``).
@@ -274,6 +284,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         distance: Distance = "squared_l2",
         output_key: str | int | None = None,
         chunk_size: int = 1024,
+        clustering: bool = True,
     ) -> None:
         super().__init__()
         if (gallery_images is None) != (gallery_labels is None):
@@ -307,6 +318,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         self.distance = distance
         self.output_key = output_key
         self.chunk_size = chunk_size
+        self.clustering = clustering
         self.last_metrics: dict[str, float] | None = None
         self.last_epoch: int | None = None
 
@@ -370,6 +382,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
             ks=self.ks,
             distance=self.distance,
             chunk_size=self.chunk_size,
+            clustering=self.clustering,
         )
 
     def _should_evaluate(self, epoch: int) -> bool:
