@@ -467,6 +467,7 @@ def index_catalog(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    match_threshold: float | None = None,
 ) -> CatalogIndexResult:
     """Embed a catalog with `model` and export it as the next version of `output_base`.
 
@@ -480,6 +481,8 @@ def index_catalog(
         strict: raise `CatalogError` on the first missing/undecodable image instead of skipping.
         cache_dir: embedding cache root (default ``<output_base>/.embedding-cache``).
         progress: ``progress(done, total)`` after every embedded batch (the CLI's bar).
+        match_threshold: a calibrated match threshold (`atl calibrate`): in the manifest, and
+            the retrieve signatures flag results scoring at least it (``match``).
         Others as in `atl_keras.export.export_model`.
 
     Returns:
@@ -591,6 +594,7 @@ def index_catalog(
             model, gallery, kept, output_base, number, catalog_manifest, preprocessing=preprocessing,
             k=k, min_recall=min_recall, index_options=index_options, force=force,
             portable_export_base=portable_output_base, extra_manifest=extra_manifest,
+            match_threshold=match_threshold,
         )
     return CatalogIndexResult(export, counts, skipped)
 

@@ -9,6 +9,8 @@
     atl embed --catalog products.csv --model saved_models/shop --output embeddings/ [--runner ...]
     atl serve --port 8500 --model_name shop --model_base_path saved_models/shop
     atl query --server localhost:8500 --model shop --image street.jpg --k 10
+    atl calibrate --index saved_models/shop/1 --queries labelled.csv --output calibration.json
+    atl dedupe --index saved_models/shop/1 --threshold calibration.json
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ PASSTHROUGH = {
     "index": ("atl_keras.cli.index", "index a product catalog with a trained model as saved_models/NAME/N (atl index -h)"),
     "serve": ("atl_keras.serving.server", "gRPC server speaking TF Serving's API (atl serve -h)"),
     "query": ("atl_keras.serving.client", "query a served model with images (atl query -h)"),
+    "calibrate": ("atl_keras.cli.calibrate", "the match threshold of an index from labelled query photos (atl calibrate -h)"),
+    "dedupe": ("atl_keras.cli.dedupe", "near-duplicate groups of a catalog index at a match threshold (atl dedupe -h)"),
     "replicate": ("atl_keras.cli.replicate", "triplet baselines vs ATL over seeds, report in results/ (atl replicate -h)"),
 }
 

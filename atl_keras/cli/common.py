@@ -174,3 +174,18 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or not self._shows_default(action):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def load_trained_model(path: str):
+    """A model `atl train` saved (.keras), with atl_keras' losses and layers registered."""
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No model at {path!r}; train one with `atl train`.")
+    import keras
+
+    import atl_keras.model  # noqa: F401  (registers ATLModel)
+    from atl_keras.losses.registry import import_losses
+
+    import_losses()  # registers the losses
+    return keras.models.load_model(path)

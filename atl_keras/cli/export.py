@@ -23,7 +23,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from atl_keras.cli.index import add_index_flags, index_options  # noqa: E402
+from atl_keras.cli.index import add_index_flags, index_options, match_threshold  # noqa: E402
 from atl_keras.cli.common import DefaultsHelpFormatter
 
 
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             extra_manifest=provenance,
             portable_export_base=args.portable_output_base,
+            match_threshold=match_threshold(args),
         )
     except (ValueError, FileNotFoundError) as error:  # ExportError is a ValueError
         print(f"export: error: {error}", file=sys.stderr)

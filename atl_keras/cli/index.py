@@ -36,6 +36,30 @@ def add_index_flags(p: argparse.ArgumentParser) -> None:
                           help="score the searched leaves with asymmetric hashing (+ exact re-rank)")
     quantize.add_argument("--no-quantize", dest="quantize", action="store_false",
                           help="score the searched leaves exactly")
+    p.add_argument("--match-threshold", default=None,
+                   help="a score, or the JSON `atl calibrate` wrote: results scoring at least it are flagged "
+                        "as matches (retrieve's `match` output) and the manifest records it")
+
+
+def match_threshold(args: argparse.Namespace) -> float | None:
+    """--match-threshold as a float: a number, or the ``threshold`` of a calibration JSON file."""
+    value = args.match_threshold
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    if not os.path.isfile(value):
+        raise ValueError(f"--match-threshold {value!r} is neither a number nor a calibration file.")
+    with open(value, encoding="utf-8") as f:
+        try:
+            threshold = json.load(f).get("threshold")
+        except (ValueError, AttributeError):
+            threshold = None
+    if not isinstance(threshold, (int, float)):
+        raise ValueError(f"{value} holds no calibrated threshold (write one with `atl calibrate`).")
+    return float(threshold)
 
 
 def index_options(args: argparse.Namespace):
@@ -162,21 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                              "--catalog, --add or --remove.")
         if args.catalog is None and args.add is None and args.remove is None and args.embeddings is None:
             raise ValueError("Give --catalog (CSV, JSONL or a folder of images), --embeddings, or --add / --remove.")
-        import keras
-
-        from atl_keras.losses.registry import import_losses
-        import atl_keras.model  # noqa: F401  (registers ATLModel)
-
-        import_losses()  # registers the losses
-
         from atl_keras.catalog_index import index_catalog, index_embeddings
+        from atl_keras.cli.common import load_trained_model
         from atl_keras.preprocessing import Preprocessing
 
         if not os.path.exists(args.model):
             raise FileNotFoundError(f"No model at {args.model!r}; train one with `atl train`.")
         for note in remembered_settings(args):
             print(f"atl index: {note}", flush=True)
-        model = keras.models.load_model(args.model)
+        model = load_trained_model(args.model)
         prep = Preprocessing.for_model(model, resize=args.resize, pad_value=args.pad_value)
         extra = {"source_model": os.path.abspath(args.model), **(
             {"portable_output_base": os.path.abspath(args.portable_output_base)}
@@ -195,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_recall=args.min_recall, index_options=options, preprocessing=prep,
                 version=args.version, force=args.force,
                 progress=progress_reporter("embedding", unit="img", quiet=args.quiet),
-                extra_manifest=extra,
+                extra_manifest=extra, match_threshold=match_threshold(args),
             )
     except (ValueError, FileNotFoundError) as error:  # CatalogError / ExportError are ValueErrors
         print(f"atl index: error: {error}", file=sys.stderr)
