@@ -39,6 +39,7 @@ import keras
 import numpy as np
 
 __all__ = [
+    "BackupMismatchError",
     "BackupState",
     "BackupWriteError",
     "METADATA_FILE",
@@ -56,6 +57,10 @@ _KERAS_WEIGHTS = "latest.weights.h5"  # what keras.callbacks.BackupAndRestore wr
 
 class BackupWriteError(OSError):
     """A backup (or a final file) could not be written; the previous complete backup is kept."""
+
+
+class BackupMismatchError(ValueError):
+    """The backup belongs to a run with other settings (or another model); it was kept."""
 
 
 @dataclass(frozen=True)
@@ -196,8 +201,13 @@ def _candidates(backup_dir: str) -> list[BackupState]:
     return unique
 
 
-def write_backup(model: keras.Model, backup_dir: str, epoch: int, batch: int = 0) -> BackupState:
+def write_backup(
+    model: keras.Model, backup_dir: str, epoch: int, batch: int = 0, settings: dict[str, Any] | None = None
+) -> BackupState:
     """Write a complete backup of `model` (weights + optimizer) at (`epoch`, `batch`).
+
+    `settings` (JSON-able) are recorded beside it: `restore_backup` refuses a backup whose
+    settings differ from the ones it is given.
 
     Raises:
         BackupWriteError: the disk is full or not writable; the previous backup is intact.
@@ -209,6 +219,8 @@ def write_backup(model: keras.Model, backup_dir: str, epoch: int, batch: int = 0
         os.makedirs(backup_dir, exist_ok=True)
         write_bytes_atomically(data, os.path.join(backup_dir, state.weights))
         metadata: dict[str, Any] = {"epoch": state.epoch, "batch": state.batch, "weights": state.weights}
+        if settings is not None:
+            metadata["settings"] = settings
         if previous is not None and previous.weights != state.weights:
             metadata["previous"] = {"epoch": previous.epoch, "batch": previous.batch,
                                     "weights": previous.weights}
@@ -230,13 +242,48 @@ def _variables(model: keras.Model) -> list[Any]:
     return list(model.weights) + optimizer_variables
 
 
-def restore_backup(model: keras.Model, backup_dir: str) -> BackupState | None:
+def _settings_differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as recorded
+    return [f"{key} {recorded.get(key)!r} (backup) vs {wanted.get(key)!r} (now)"
+            for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key)]
+
+
+def _is_whole_hdf5(path: str) -> bool:
+    """True when every dataset of the HDF5 file reads (a complete file, not a torn one)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, item: item[()] if isinstance(item, h5py.Dataset) else None)
+        return True
+    except Exception:  # noqa: BLE001 - torn files fail in h5py in many ways
+        return False
+
+
+def _mismatch(backup_dir: str, state: BackupState, reasons: str) -> BackupMismatchError:
+    return BackupMismatchError(
+        f"The backup in {backup_dir} ({state.epoch} epochs done) is of a run with other settings: "
+        f"{reasons}. It was kept: rerun with its settings to resume it, or start over with --fresh "
+        "(TrainConfig(fresh=True); deletes it) or another --output."
+    )
+
+
+def restore_backup(model: keras.Model, backup_dir: str, settings: dict[str, Any] | None = None) -> BackupState | None:
     """Load the newest backup in `backup_dir` that loads into the (built, compiled) `model`.
 
     Falls back to the previous backup when the newest is torn (with a warning); when no
     backup loads, warns, leaves `model` as it was, removes the backup and returns None (start over).
+
+    Raises:
+        BackupMismatchError: the backup was written with other `settings` (see `write_backup`),
+            or it is complete but does not fit `model`; the backup is kept.
     """
     candidates = _candidates(backup_dir)
+    recorded = (_read_metadata(backup_dir) or {}).get("settings")
+    if candidates and settings is not None and isinstance(recorded, dict):
+        differences = _settings_differences(recorded, settings)
+        if differences:
+            raise _mismatch(backup_dir, candidates[0], "; ".join(differences))
     if not candidates:
         if os.path.isdir(backup_dir) and os.listdir(backup_dir):
             warnings.warn(f"The backup in {backup_dir} holds no complete state "
@@ -261,6 +308,8 @@ def restore_backup(model: keras.Model, backup_dir: str) -> BackupState | None:
         return state
     for variable, value in zip(variables, initial):
         variable.assign(value)
+    if _is_whole_hdf5(os.path.join(backup_dir, candidates[0].weights)):  # complete, but another model's
+        raise _mismatch(backup_dir, candidates[0], f"its weights do not fit this model ({failures[0]})")
     warnings.warn(f"No backup in {backup_dir} could be read ({'; '.join(failures)}); "
                   "starting over from epoch 1.", stacklevel=2)
     remove_backup(backup_dir)
@@ -286,15 +335,17 @@ class TrainingBackup(keras.callbacks.Callback):
     Args:
         backup_dir: directory of this run's backups (nothing else may write there).
         save_freq: ``"epoch"`` or a number of batches.
+        settings: the run's settings, recorded with every backup (see `restore_backup`).
     """
 
-    def __init__(self, backup_dir: str, save_freq: int | str = "epoch") -> None:
+    def __init__(self, backup_dir: str, save_freq: int | str = "epoch", settings: dict[str, Any] | None = None) -> None:
         super().__init__()
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)
                                      or save_freq < 1):
             raise ValueError(f"save_freq must be 'epoch' or a number of batches >= 1, got {save_freq!r}.")
         self.backup_dir = backup_dir
         self.save_freq = save_freq
+        self.settings = settings
         self._epoch = 0
         self._since_save = 0
         self.last_state: BackupState | None = None
@@ -309,7 +360,7 @@ class TrainingBackup(keras.callbacks.Callback):
         self._since_save += 1
         if self._since_save >= self.save_freq:
             self._since_save = 0
-            self.last_state = write_backup(self.model, self.backup_dir, self._epoch, batch)
+            self.last_state = write_backup(self.model, self.backup_dir, self._epoch, batch, self.settings)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.last_state = write_backup(self.model, self.backup_dir, epoch + 1, 0)
+        self.last_state = write_backup(self.model, self.backup_dir, epoch + 1, 0, self.settings)

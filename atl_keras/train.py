@@ -150,6 +150,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     deterministic: bool = True
     projector_size: int = 500
+    fresh: bool = False  # discard a backup in output_dir (of this run or another) and start over
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -389,6 +390,19 @@ def write_json_atomically(payload: Any, path: str) -> None:
 
 
 BACKUP_DIR = "backup"
+#: TrainConfig fields a rerun may change and still resume its backup (how the run is carried
+#: out or reported, not what is trained); any other difference refuses the backup.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "epochs", "save_freq", "early_stopping_patience", "test_size", "ks", "projector_size",
+    "text_cache_dir", "text_encoder_dir", "strategy", "logical_cpus", "tpu", "allow_download",
+    "deterministic", "strict", "stream", "fresh",
+})
+
+
+def backup_settings(config: "TrainConfig") -> dict[str, Any]:
+    """The settings recorded with each backup and compared on resume (JSON-able)."""
+    values = dataclasses.asdict(config)
+    return json.loads(json.dumps({k: v for k, v in values.items() if k not in RESUMABLE_CHANGES}, default=str))
 TRAINING_LOG = "training_log.csv"
 PROJECTOR_DIR = os.path.join("logs", "projector")
 #: Temporary files a killed write can leave in the output directory (this module's `.tmp`
@@ -672,7 +686,9 @@ def _train(
         if keras.config.dtype_policy().name == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         model.compile(optimizer=optimizer, loss=build_loss(config, data, item_text))
-        restored = restore_backup(model, backup_dir)
+        if config.fresh:
+            remove_backup(backup_dir)
+        restored = restore_backup(model, backup_dir, settings=backup_settings(config))
     resume_epoch = None if restored is None else min(restored.epoch, config.epochs)
     if resume_epoch is None:
         if os.path.exists(log_path):
@@ -723,7 +739,8 @@ def _train(
         StepTensorBoard(os.path.join(output_dir, "logs"),
                         update_freq=min(TENSORBOARD_EVERY_STEPS, config.steps_per_epoch),
                         initial_step=(resume_epoch or 0) * config.steps_per_epoch),
-        TrainingBackup(backup_dir, save_freq=config.save_freq),  # last: commits the epoch's logs
+        # last: commits the epoch's logs
+        TrainingBackup(backup_dir, save_freq=config.save_freq, settings=backup_settings(config)),
     ]
     initial_epoch = resume_epoch or 0
     history = keras.callbacks.History()

@@ -182,6 +182,37 @@ def test_empty_metadata_still_finds_the_backup_by_name(tmp_path, reference, inte
     assert result.test_metrics == reference.test_metrics
 
 
+def test_a_backup_of_other_settings_is_kept_and_refused_naming_them(tmp_path, reference, interrupted):
+    """Rerunning into a run's folder with another setting deleted its backup ("No backup could
+    be read ... starting over"), and the original command then started from epoch 1."""
+    from atl_keras.backup import METADATA_FILE, BackupMismatchError
+
+    config = _interrupted_run(tmp_path, interrupted)
+    backup = tmp_path / "run" / "backup"
+    kept = sorted(os.listdir(backup))
+    for changed in ({"embedding_dim": 16}, {"loss": "triplet", "margin": 0.3}):
+        with pytest.raises(BackupMismatchError) as info:
+            run_training(TrainConfig(**{**config, **changed}), verbose=0)
+        for name in changed:
+            assert f"{name} " in str(info.value), str(info.value)
+        assert "--fresh" in str(info.value) and "--output" in str(info.value)
+        assert sorted(os.listdir(backup)) == kept
+    metadata = json.loads((backup / METADATA_FILE).read_text())  # a backup without recorded settings:
+    metadata.pop("settings")                                     # complete weights that do not fit
+    (backup / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(BackupMismatchError, match="do not fit this model"):
+        run_training(TrainConfig(**{**config, "embedding_dim": 16}), verbose=0)
+    assert sorted(os.listdir(backup)) == kept
+    result = run_training(TrainConfig(**config), verbose=0)  # the original command still resumes
+    assert result.initial_epoch == 2 and result.test_metrics == reference.test_metrics
+
+
+def test_fresh_discards_a_backup_and_starts_over(tmp_path, interrupted):
+    config = _interrupted_run(tmp_path, interrupted)
+    result = run_training(TrainConfig(**{**config, "embedding_dim": 16, "epochs": 1, "fresh": True}), verbose=0)
+    assert result.initial_epoch == 0 and not (tmp_path / "run" / "backup").exists()
+
+
 @pytest.mark.parametrize("torn", ["weights", "metadata"])
 def test_torn_keras_backup_starts_over_with_a_warning(tmp_path, reference, torn):
     """Keras' own layout (latest.weights.h5 written in place): a torn weights file gave

@@ -82,6 +82,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="random flip, translation, zoom, brightness and contrast on training batches")
     p.add_argument("--mixed-precision", action="store_true",
                    help="mixed_float16 on GPUs (loss scaling), mixed_bfloat16 on CPUs/TPUs")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the backup in --output (an interrupted run, or one with other settings) "
+                        "and start over; without it a backup of other settings stops the run")
     p.add_argument("--save-freq", type=save_freq,
                    help="back up for resumption every N steps or 'epoch' (default)")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
