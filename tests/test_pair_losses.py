@@ -385,6 +385,16 @@ def test_arcface_trains_an_atl_model_with_sub_centers():
     assert all(np.isfinite(history.history["loss"]))
 
 
+def test_distance_weighted_miner_as_triplet_miner():
+    labels, emb, _ = _weak_batch(8)
+    emb = ref.unit(emb).astype(np.float32)
+    with pytest.raises(ValueError, match="embedding_dim=D"):
+        atl.TripletLoss(distance="l2", mining=DistanceWeightedMiner())(labels, emb)
+    value, (grad,) = _value_and_grad(lambda e: atl.TripletLoss(
+        distance="l2", mining=DistanceWeightedMiner(nonzero_loss_cutoff=2.0, seed=0, embedding_dim=5))(labels, e), emb)
+    assert np.isfinite(value) and value > 0 and np.all(np.isfinite(grad))
+
+
 def test_triplet_loss_keeps_a_pair_miner_through_its_config():
     loss = atl.TripletLoss(mining=MultiSimilarityMiner(0.25))
     clone = keras.losses.deserialize(json.loads(json.dumps(keras.losses.serialize(loss))))

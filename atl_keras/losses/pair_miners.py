@@ -131,17 +131,20 @@ class DistanceWeightedMiner(PairMiner):
         negatives_per_anchor: how many negatives each anchor draws (with replacement; the
             kept negatives are the distinct ones). PML draws one per positive pair.
         seed: seed of the draws (an int, or None for a random one).
+        embedding_dim: ``D``, needed only as a triplet miner (a pair loss reads it from the
+            embeddings).
 
     Distances are Euclidean between the L2-normalised embeddings (PML's ``LpDistance``); as
-    a triplet miner it reads the triplet loss' distance matrix, which should then be
-    ``"l2"``. The draws use a `keras.random.SeedGenerator` (TensorFlow: a variable that
+    a triplet miner it reads the triplet loss' distance matrix, which must then be
+    ``"l2"`` (``TripletLoss(distance="l2", mining=DistanceWeightedMiner(embedding_dim=D))``). The draws use a `keras.random.SeedGenerator` (TensorFlow: a variable that
     advances every call, also inside ``tf.function``).
     """
 
     name = "distance_weighted"
 
     def __init__(self, cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4,
-                 negatives_per_anchor: int = 1, seed: int | None = None) -> None:
+                 negatives_per_anchor: int = 1, seed: int | None = None,
+                 embedding_dim: int | None = None) -> None:
         self.cutoff = validate_number(cutoff, "cutoff", 0.0, strict=True)
         self.nonzero_loss_cutoff = validate_number(nonzero_loss_cutoff, "nonzero_loss_cutoff",
                                                    self.cutoff, strict=True)
@@ -150,6 +153,10 @@ class DistanceWeightedMiner(PairMiner):
             raise ValueError(f"negatives_per_anchor must be an int >= 1; got {negatives_per_anchor!r}.")
         self.negatives_per_anchor = negatives_per_anchor
         self.seed = seed
+        if embedding_dim is not None and (isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int)
+                                          or embedding_dim < 1):
+            raise ValueError(f"embedding_dim must be None or an int >= 1; got {embedding_dim!r}.")
+        self.embedding_dim = embedding_dim
         self._seed_generator: keras.random.SeedGenerator | None = None
 
     def log_weights(self, distances: Any, dim: Any) -> Any:
@@ -187,19 +194,23 @@ class DistanceWeightedMiner(PairMiner):
         return batch.narrowed(*self._select(distances, batch.positive, batch.negative, dim))
 
     def select_from_distances(self, distances, positive, negative):  # noqa: D102
-        raise ValueError(
-            "DistanceWeightedMiner needs the embedding dimension: use it with a pair loss, or "
-            "with TripletLoss(distance='l2') through select_pairs."
-        )
+        if self.embedding_dim is None:
+            raise ValueError(
+                "DistanceWeightedMiner as a triplet miner needs the embedding size: pass "
+                "DistanceWeightedMiner(embedding_dim=D) (and TripletLoss(distance='l2'))."
+            )
+        return self._select(distances, positive, negative, self.embedding_dim)
 
     def get_config(self) -> dict[str, Any]:
         return {"cutoff": self.cutoff, "nonzero_loss_cutoff": self.nonzero_loss_cutoff,
-                "negatives_per_anchor": self.negatives_per_anchor, "seed": self.seed}
+                "negatives_per_anchor": self.negatives_per_anchor, "seed": self.seed,
+                "embedding_dim": self.embedding_dim}
 
     def __repr__(self) -> str:
         return (f"DistanceWeightedMiner(cutoff={self.cutoff}, "
                 f"nonzero_loss_cutoff={self.nonzero_loss_cutoff}, "
-                f"negatives_per_anchor={self.negatives_per_anchor}, seed={self.seed})")
+                f"negatives_per_anchor={self.negatives_per_anchor}, seed={self.seed}, "
+                f"embedding_dim={self.embedding_dim})")
 
 
 #: Pair miners by name (``miner="multi_similarity"``).
