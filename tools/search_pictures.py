@@ -46,10 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     catalog = np.flatnonzero((shop.domains == "catalog") & np.isin(item_of, list(in_gallery)))
     street = np.flatnonzero(shop.domains == "street")
     expected = [item if item in in_gallery else None for item in item_of[street]]
-    index = RetrievalIndex(model).add(shop.images[catalog], item_of[catalog].tolist())
+    import tempfile
+
+    import tensorflow as tf
+
+    folder = tempfile.mkdtemp(prefix="atl-search-pictures-")  # catalog photos as files: image ids are paths
+    paths = [os.path.join(folder, f"{row}.png") for row in catalog]
+    for path, row in zip(paths, catalog):
+        tf.io.write_file(path, tf.io.encode_png(shop.images[row]))
+    index = RetrievalIndex(model).add(paths, item_of[catalog].tolist())
     calibrate_rows, fresh_rows = street[::2], street[1::2]
     calibration = index.calibrate(shop.images[calibrate_rows], expected[::2], args.target_precision)
-    matched = index.match(shop.images[fresh_rows])
+    matched = index.match(shop.images[fresh_rows]) if calibration.threshold is not None else [None] * len(fresh_rows)
     fresh_expected = expected[1::2]
     accepted = [(m, e) for m, e in zip(matched, fresh_expected) if m is not None]
     correct = sum(m == e for m, e in accepted)
@@ -63,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gallery {len(index)} catalog photos of {len(in_gallery)} items; {len(street)} street photos "
           f"({sum(e is not None for e in expected)} of gallery items)")
     print(f"calibrated on {len(calibrate_rows)}: threshold {calibration.threshold}, precision "
-          f"{calibration.precision:.3f}, recall {calibration.recall:.3f} (target {args.target_precision})")
+          f"{calibration.precision:.3f}, recall {calibration.recall:.3f} (target {args.target_precision}; "
+          f"precision over all {calibration.curve_precision[-1]:.3f})")
     print(f"fresh {len(fresh_rows)}: accepted {len(accepted)}, precision {correct / max(len(accepted), 1):.3f}, "
           f"recall {correct / max(sum(e is not None for e in fresh_expected), 1):.3f}")
     print(f"pictures in {args.output}/search_grid.png, search_calibration.png; commit {commit}, "
