@@ -1,6 +1,9 @@
 """Shared test set-up: quiet TensorFlow logs, deterministic seeds, repo paths."""
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -67,3 +70,16 @@ def pytest_collection_modifyitems(session, config, items):
         return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+def run_under_jax(script: str, timeout: float) -> dict:
+    """Run ``script`` in a fresh Python with ``KERAS_BACKEND=jax``; return the JSON it printed
+    last on a ``RESULT:`` line. LLVM -O0: XLA compilations dominate these tiny-batch tests and
+    the numerics do not depend on it (no fast-math either way)."""
+    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_backend_optimization_level=0")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT:")]
+    assert lines, out.stdout[-2000:] + out.stderr[-2000:]
+    return json.loads(lines[-1][len("RESULT:"):])

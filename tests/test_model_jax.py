@@ -5,17 +5,14 @@ subprocess with ``KERAS_BACKEND=jax``; it needs ``jax`` (the package's test extr
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from tests.conftest import run_under_jax
+
 pytest.importorskip("jax", reason="the JAX backend check needs jax (pip install .[test])")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent(
     """
@@ -72,13 +69,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def jax_fit() -> dict:
-    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_backend_optimization_level=0")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT:")]
-    assert lines, out.stdout[-2000:] + out.stderr[-2000:]
-    return json.loads(lines[-1][len("RESULT:"):])
+    return run_under_jax(SCRIPT, timeout=900)
 
 
 @pytest.mark.parametrize("name", ["triplet", "atl", "adaptive_proxy", "by_name", "metric_model"])
