@@ -14,6 +14,8 @@ Sources (``images``):
 - pixels already preprocessed: a uint8/float array ``[N, H, W, C]`` at the model's input size;
 - an `atl_keras.data.sources.ImageSource` (`FileImages`, `ShardImages`: rows of files or
   TFRecord shard records, read by graph ops);
+- `atl_keras.data.SourceImages` (a source with its own preprocessing, as streamed datasets
+  hold their evaluation rows): decoded with that preprocessing;
 - a finite ``tf.data.Dataset`` of encoded images (scalar strings), of images ``[H, W, C]``
   or of batches ``[b, H, W, C]`` / ``(images, y, ...)``.
 
@@ -264,6 +266,10 @@ def embed_batches(
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     forward = _forward(model)
+    from atl_keras.data.source_images import SourceImages
+
+    if isinstance(images, SourceImages):  # evaluation rows kept as files: their own decode rules
+        images, preprocessing = images.source, images.preprocessing
     if not isinstance(images, (tf.data.Dataset, np.ndarray, tf.Tensor, str, bytes)) and not hasattr(images, "__len__"):
         images = list(images)  # an iterator of paths / bytes: the row list is the index we keep
     kind = _source_kind(images)

@@ -58,6 +58,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from atl_keras.data.source_images import SourceImages
 from atl_keras.embedding import embed_images, weights_fingerprint
 from atl_keras.index import ScannConfig
 from atl_keras.preprocessing import Preprocessing, decode_batch
@@ -308,10 +309,16 @@ def _model_image_shape(model: keras.Model) -> tuple | None:
     return tuple(shape) if shape else None
 
 
+def _pixels_or_files(images: Any) -> Any:
+    """Pixel arrays as they are (cast per batch when embedded, no float32 copy of the whole
+    set); `SourceImages` stay files and are decoded batch by batch."""
+    return images if isinstance(images, SourceImages) else np.asarray(images)
+
+
 def _validate_gallery(
-    model: keras.Model, gallery_images: np.ndarray, gallery_ids: Sequence[Any]
+    model: keras.Model, gallery_images: np.ndarray | SourceImages, gallery_ids: Sequence[Any]
 ) -> tuple[int, int, int]:
-    images = np.asarray(gallery_images)
+    images = gallery_images if isinstance(gallery_images, SourceImages) else np.asarray(gallery_images)
     if images.ndim != 4:
         raise ExportError(
             f"gallery_images must be [N, H, W, C] pixels, got shape {images.shape}."
@@ -381,12 +388,12 @@ def _resolve_preprocessing(model: keras.Model, preprocessing: Preprocessing | No
 # ------------------------------------------------------------------------------- export
 def export_model(
     model: keras.Model,
-    gallery_images: np.ndarray,
+    gallery_images: np.ndarray | SourceImages,
     gallery_ids: Sequence[Any],
     export_base: str,
     version: int | None = None,
     *,
-    query_images: np.ndarray | None = None,
+    query_images: np.ndarray | SourceImages | None = None,
     k: int = 10,
     min_recall: float = 0.95,
     scann_config: ScannConfig | None = None,
@@ -432,10 +439,10 @@ def export_model(
     image_shape = _validate_gallery(model, gallery_images, gallery_ids)
     preprocessing = _resolve_preprocessing(model, preprocessing, image_shape)
     with reserve_version(export_base, version, force=force, portable_export_base=portable_export_base) as number:
-        gallery = _embed(model, np.asarray(gallery_images, dtype=np.float32), batch_size)
+        gallery = _embed(model, _pixels_or_files(gallery_images), batch_size)
         queries = None
         if query_images is not None and include_scann:
-            queries = _embed(model, np.asarray(query_images, dtype=np.float32), batch_size)
+            queries = _embed(model, _pixels_or_files(query_images), batch_size)
         return _export_reserved(
             model, gallery, [str(i) for i in gallery_ids], export_base, number,
             query_embeddings=queries, k=k, min_recall=min_recall, scann_config=scann_config,

@@ -5,7 +5,7 @@
 
 Writes into ``log_dir``: a TF checkpoint holding the embedding matrix (``embedding.ckpt-1*``,
 ``checkpoint``), ``metadata.tsv`` (header + one row per embedding), ``sprite.png`` (the
-thumbnails on a square grid, row-major, in embedding order) and ``projector_config.pbtxt``
+thumbnails, at most `SPRITE_THUMBNAIL` px per side, on a square grid, row-major, in embedding order) and ``projector_config.pbtxt``
 tying them together (the `ProjectorConfig` text format TensorBoard reads).
 """
 
@@ -13,30 +13,49 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["TENSOR_NAME", "write_projector", "make_sprite"]
+__all__ = ["SPRITE_THUMBNAIL", "TENSOR_NAME", "write_projector", "make_sprite"]
 
 #: Name of the embedding tensor inside the checkpoint (object-based `tf.train.Checkpoint`).
 TENSOR_NAME = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
 #: TensorBoard refuses sprites larger than this (pixels per side).
 MAX_SPRITE_SIZE = 8192
+#: Longest side of a sprite cell: larger images are shrunk to it (the Projector shows
+#: thumbnails; 500 images of 224 px would otherwise make a 5,152-px sprite).
+SPRITE_THUMBNAIL = 64
 
 
-def make_sprite(images: np.ndarray) -> np.ndarray:
+def _cell_shape(height: int, width: int, thumbnail: int | None) -> tuple[int, int]:
+    """A sprite cell: the image shrunk (aspect kept) so its longer side is at most ``thumbnail``."""
+    if thumbnail is None or max(height, width) <= thumbnail:
+        return height, width
+    scale = thumbnail / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def make_sprite(images: Any, thumbnail: int | None = SPRITE_THUMBNAIL) -> np.ndarray:
     """Tile ``[N, H, W, C]`` images (C in {1, 3}, pixels in [0, 255]) row-major on a square grid.
 
-    Returns uint8 ``[G * H, G * W, C]`` with ``G = ceil(sqrt(N))``; unused cells are white.
+    Images larger than ``thumbnail`` pixels per side are shrunk (area average, aspect kept)
+    one at a time, so memory holds the sprite, not a copy of the images (None: full size).
+    ``images`` may be any sequence of ``[H, W, C]`` rows with a ``shape``
+    (`atl_keras.data.SourceImages` decodes each row as it is read).
+    Returns uint8 ``[G * h, G * w, C]`` with ``G = ceil(sqrt(N))`` and ``(h, w)`` the cell
+    (`_cell_shape`); unused cells are white.
     """
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be [N, H, W, 1|3], got shape {images.shape}.")
-    n, h, w, c = images.shape
+    if not hasattr(images, "shape"):
+        images = np.asarray(images)
+    shape = tuple(images.shape)
+    if len(shape) == 3:
+        images, shape = np.asarray(images)[..., None], (*shape, 1)
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ValueError(f"images must be [N, H, W, 1|3], got shape {shape}.")
+    n, height, width, c = shape
+    h, w = _cell_shape(height, width, thumbnail)
     grid = max(1, math.ceil(math.sqrt(n)))
     if grid * max(h, w) > MAX_SPRITE_SIZE:
         raise ValueError(
@@ -44,10 +63,12 @@ def make_sprite(images: np.ndarray) -> np.ndarray:
             f"TensorBoard allows {MAX_SPRITE_SIZE}. Export fewer or smaller images."
         )
     sprite = np.full((grid * h, grid * w, c), 255, np.uint8)
-    pixels = np.clip(np.rint(images.astype(np.float64)), 0, 255).astype(np.uint8)
     for i in range(n):
+        image = np.asarray(images[i], np.float32)
+        if (h, w) != (height, width):
+            image = tf.image.resize(image, (h, w), method="area", antialias=True).numpy()
         r, col = divmod(i, grid)
-        sprite[r * h : (r + 1) * h, col * w : (col + 1) * w] = pixels[i]
+        sprite[r * h : (r + 1) * h, col * w : (col + 1) * w] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return sprite
 
 
@@ -59,7 +80,7 @@ def write_projector(
     log_dir: str,
     embeddings: np.ndarray,
     metadata: Sequence[Sequence[object]],
-    images: np.ndarray | None = None,
+    images: Any = None,
     columns: Sequence[str] = ("item_id", "description"),
 ) -> dict[str, str]:
     """Write an embedding-projector export of ``embeddings [N, D]`` into ``log_dir``.
@@ -69,7 +90,9 @@ def write_projector(
         embeddings: ``[N, D]`` float.
         metadata: N rows, each with ``len(columns)`` values (e.g. ``(item id, description)``);
             tabs and newlines inside values become spaces.
-        images: optional ``[N, H, W, C]`` thumbnails (pixels in [0, 255]) for the sprite.
+        images: optional ``[N, H, W, C]`` images (pixels in [0, 255], an array or
+            `atl_keras.data.SourceImages`) for the sprite; cells are at most `SPRITE_THUMBNAIL`
+            pixels per side.
         columns: header of ``metadata.tsv``.
     Returns:
         Paths written: ``{"checkpoint", "metadata", "sprite" (if images), "config"}``.
@@ -104,7 +127,7 @@ def write_projector(
         sprite_path = os.path.join(log_dir, "sprite.png")
         tf.io.write_file(sprite_path, tf.io.encode_png(sprite))
         paths["sprite"] = sprite_path
-        h, w = np.asarray(images).shape[1:3]
+        h, w = _cell_shape(*(int(d) for d in np.shape(images)[1:3]), SPRITE_THUMBNAIL)
         sprite_block = (
             "  sprite {\n"
             '    image_path: "sprite.png"\n'

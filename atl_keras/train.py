@@ -838,7 +838,9 @@ def _write_run_files(
 def export_projector(model: keras.Model, data: RetrievalData, log_dir: str, limit: int = 500) -> dict[str, str]:
     """Embedding-projector export of the first `limit` test gallery images (item id, description).
 
-    Uses the gallery of a query->gallery test set, else the leave-one-out test images.
+    Uses the gallery of a query->gallery test set, else the leave-one-out test images. Streamed
+    datasets' images are decoded batch by batch for the embeddings and one at a time for the
+    sprite's thumbnails (`atl_keras.projector.make_sprite`): no copy of the set in memory.
     """
     evaluation = data.test
     images = evaluation.index_images[:limit]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 
 import numpy as np
 import pytest
@@ -87,20 +88,30 @@ def test_csv_catalog_with_two_domains_skips_the_corrupt_image(tmp_path):
     assert data.train_images.shape[1:] == (16, 16, 3)
 
 
-def test_csv_catalog_streams_training_rows_and_decodes_only_evaluation_rows(tmp_path):
+def test_csv_catalog_streams_training_rows_and_keeps_evaluation_rows_as_files(tmp_path):
+    from atl_keras.data.source_images import SourceImages
     from atl_keras.data.sources import FileImages
 
     path = write_catalog(tmp_path, domains=True)
-    memory = load_retrieval_data(f"catalog:{path}", image_size=16, stream=False)
-    data = load_retrieval_data(f"catalog:{path}", image_size=16)
+    with pytest.warns(UserWarning, match="broken.png"):
+        memory = load_retrieval_data(f"catalog:{path}", image_size=16, stream=False)
+    with warnings.catch_warnings(record=True):  # broken.png warns again if it is an evaluation row
+        warnings.simplefilter("always")
+        data = load_retrieval_data(f"catalog:{path}", image_size=16)
     assert data.train_images is None and isinstance(data.train_source, FileImages)
     assert data.image_shape == (16, 16, 3) == memory.image_shape
     # the index keeps every training row (a bad one is skipped when read); labels as in memory
     assert len(data.train_source) == len(data.train_labels) >= len(memory.train_labels)
     assert set(data.train_labels.tolist()) == set(memory.train_labels.tolist())
-    np.testing.assert_array_equal(data.test.query_images, memory.test.query_images)
-    np.testing.assert_array_equal(data.test.gallery_labels, memory.test.gallery_labels)
-    np.testing.assert_array_equal(data.validation.query_labels, memory.validation.query_labels)
+    # evaluation rows stay files: the same rows, labels and (decoded) pixels as in memory
+    for streamed, decoded in ((data.test, memory.test), (data.validation, memory.validation)):
+        assert isinstance(streamed.query_images, SourceImages)
+        assert streamed.query_images.shape == decoded.query_images.shape
+        np.testing.assert_array_equal(streamed.query_images.decode(), decoded.query_images)
+        np.testing.assert_array_equal(streamed.gallery_images.decode(), decoded.gallery_images)
+        np.testing.assert_array_equal(streamed.query_labels, decoded.query_labels)
+        np.testing.assert_array_equal(streamed.gallery_labels, decoded.gallery_labels)
+        assert streamed.gallery_ids == decoded.gallery_ids
 
 
 def test_catalog_rows_have_the_image_ids_atl_index_gives_them(tmp_path):

@@ -95,6 +95,24 @@ def test_write_projector_files_are_consistent(tmp_path):
     assert make_sprite(np.zeros((1, 2, 2, 1))).shape == (2, 2, 1)
 
 
+def test_large_images_become_small_sprite_cells(tmp_path):
+    """224-px images: 64-px cells (area-shrunk, aspect kept), one image at a time, and the
+    config's single_image_dim says the cell size TensorBoard must cut."""
+    from atl_keras.projector import SPRITE_THUMBNAIL
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(5, 224, 112, 3)).astype(np.uint8)
+    images[2] = 40  # a flat image stays flat after shrinking
+    sprite = make_sprite(images)
+    assert SPRITE_THUMBNAIL == 64 and sprite.shape == (3 * 64, 3 * 32, 3)
+    assert np.all(sprite[0:64, 64:96] == 40)  # image 2 at (0, 2)
+    expected = tf.image.resize(images[4].astype(np.float32), (64, 32), method="area", antialias=True).numpy()
+    np.testing.assert_array_equal(sprite[64:128, 32:64], np.clip(np.rint(expected), 0, 255).astype(np.uint8))
+    paths = write_projector(str(tmp_path), rng.normal(size=(5, 3)), [(str(i), "") for i in range(5)], images)
+    assert "single_image_dim: 32\n    single_image_dim: 64" in open(paths["config"], encoding="utf-8").read()
+    assert make_sprite(images, thumbnail=None).shape == (3 * 224, 3 * 112, 3)
+
+
 # ------------------------------------------------------------------ determinism + outputs
 def test_same_seed_gives_identical_metrics_and_loadable_outputs(tmp_path):
     first = run_training(_tiny(tmp_path, output_dir=str(tmp_path / "a")), verbose=0)

@@ -33,6 +33,8 @@ _EXPORTS = {
     "read_shards": "atl_keras.data.shards",
     "write_shards": "atl_keras.data.shards",
     "ShardImages": "atl_keras.data.sources",
+    "SourceImages": "atl_keras.data.source_images",
+    "readable_rows": "atl_keras.data.source_images",
     "SkippedRows": "atl_keras.data.streaming",
     "SkippedRowsWarning": "atl_keras.data.streaming",
     "decode_source": "atl_keras.data.streaming",

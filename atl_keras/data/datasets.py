@@ -8,7 +8,9 @@
 Training rows of file-backed datasets (``catalog:``, ``deepfashion-inshop:``, ``shards:``) are
 *streamed* by default (``stream=True``): `RetrievalData.train_source` indexes their files or
 shard records and ``train_images`` is None; `atl_keras.data.streaming.pk_stream_dataset` reads
-and decodes them per step. ``stream=False`` decodes them into memory as before.
+and decodes them per step. Their validation and test images are `SourceImages` (files decoded
+batch by batch when embedded; rows that do not decode are dropped with one warning), so no
+path holds the catalog's pixels. ``stream=False`` decodes everything into memory as before.
 
 Protocols (`EvalSet.protocol`):
 - `street->catalog` (synthetic shop, catalogs with street and catalog rows): query = street
@@ -31,6 +33,7 @@ import numpy as np
 from atl_keras.data.catalog import Catalog, assign_splits, read_catalog
 from atl_keras.data.deepfashion import read_deepfashion_inshop
 from atl_keras.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from atl_keras.data.source_images import SourceImages, readable_rows
 from atl_keras.data.sources import ImageSource
 from atl_keras.data.synthetic_shop import make_synthetic_shop
 from atl_keras.preprocessing import Preprocessing
@@ -48,17 +51,20 @@ STREAMED_DATASETS = ("catalog", "deepfashion-inshop", "shards")
 
 @dataclass
 class EvalSet:
-    """Retrieval evaluation rows: a query set and a gallery (None = leave-one-out)."""
+    """Retrieval evaluation rows: a query set and a gallery (None = leave-one-out).
 
-    query_images: np.ndarray
+    Images are uint8 ``[N, H, W, C]`` arrays, or `SourceImages` (files decoded when embedded)
+    for streamed datasets."""
+
+    query_images: np.ndarray | SourceImages
     query_labels: np.ndarray
-    gallery_images: np.ndarray | None
+    gallery_images: np.ndarray | SourceImages | None
     gallery_labels: np.ndarray | None
     protocol: str
     gallery_ids: list[str] = field(default_factory=list)
 
     @property
-    def index_images(self) -> np.ndarray:
+    def index_images(self) -> np.ndarray | SourceImages:
         """The images an exported index holds: the gallery, or the queries for leave-one-out."""
         return self.query_images if self.gallery_images is None else self.gallery_images
 
@@ -119,23 +125,44 @@ def _row_ids(rows: Catalog) -> list[str]:
 
 
 def _eval_set(
-    catalog: Catalog, split: str | Sequence[str] | None, decode: Callable[[Catalog], Catalog] | None = None
+    catalog: Catalog, split: str | Sequence[str] | None,
+    images_of: Callable[[Catalog], tuple[Catalog, Any]] | None = None,
 ) -> EvalSet:
-    """Cross-domain sets when the split has two domains, else leave-one-out. ``decode``: how
-    rows without decoded images get them (each set is decoded on its own: no second copy)."""
-    decode = decode or (lambda rows: rows)
+    """Cross-domain sets when the split has two domains, else leave-one-out. ``images_of(rows)
+    -> (kept rows, images)``: how each set gets its images (default: the rows' in-memory
+    images); each set is handled on its own, so no second copy is made."""
+    images_of = images_of or (lambda rows: (rows, rows.images))
     rows = catalog if split is None else catalog.split(split)
     domains = set(rows.domains.tolist())
     for query_domain, gallery_domain in (("street", "catalog"), ("query", "gallery")):
         if {query_domain, gallery_domain} <= domains:
             query, gallery = rows.query_gallery(query_domain, gallery_domain, split=None)
-            query, gallery = decode(query), decode(gallery)
+            (query, query_images), (gallery, gallery_images) = images_of(query), images_of(gallery)
             return EvalSet(
-                query.images, query.labels, gallery.images, gallery.labels,
+                query_images, query.labels, gallery_images, gallery.labels,
                 f"{query_domain}->{gallery_domain}", _row_ids(gallery),
             )
-    rows = decode(rows)
-    return EvalSet(rows.images, rows.labels, None, None, "leave-one-out", _row_ids(rows))
+    rows, images = images_of(rows)
+    return EvalSet(images, rows.labels, None, None, "leave-one-out", _row_ids(rows))
+
+
+def _streamed(preprocessing: Preprocessing, strict: bool) -> Callable[[Catalog], tuple[Catalog, SourceImages]]:
+    """``images_of`` for streamed datasets: evaluation rows stay files (`SourceImages`), rows
+    that do not decode are dropped after one streamed pass (one warning naming them, or
+    `ImageDecodeError` when ``strict``), so every kept row embeds and matches its label."""
+
+    def images_of(rows: Catalog) -> tuple[Catalog, SourceImages]:
+        from atl_keras.data.images import _report
+        from atl_keras.data.streaming import _Described
+
+        source = rows.image_source()
+        good = readable_rows(source, preprocessing)
+        _report(_Described(source), ~good, strict)
+        if not good.all():
+            rows, source = rows.subset(good), source.subset(np.flatnonzero(good))
+        return rows, SourceImages(source, preprocessing)
+
+    return images_of
 
 
 #: Share of the training items carved out for validation when a catalog has no "val" split,
@@ -167,18 +194,19 @@ def _from_catalog(
     stream_size: int | None = None,
     strict: bool = False,
 ) -> RetrievalData:
-    """Train rows + evaluation sets of a catalog. ``stream_size``: the training rows stay
-    files (streamed at that square size) and only the evaluation rows are decoded."""
+    """Train rows + evaluation sets of a catalog. ``stream_size``: every row stays a file
+    (streamed at that square size): training rows as ``train_source``, evaluation rows as
+    `SourceImages` decoded batch by batch when they are embedded."""
     catalog = _with_validation_split(catalog, VALIDATION_FRACTION, seed)
     train = catalog.split("train")
-    train_source = preprocessing = decode = None
+    train_source = preprocessing = images_of = None
     if stream_size is not None:
         train_source = train.image_source()
         preprocessing = Preprocessing((stream_size, stream_size))
-        decode = lambda rows: rows.with_images(stream_size, strict=strict)  # noqa: E731
+        images_of = _streamed(preprocessing, strict)
     validation = None
     if "val" in set(catalog.splits.tolist()):
-        validation = _eval_set(catalog, "val", decode)
+        validation = _eval_set(catalog, "val", images_of)
     else:
         items = len(np.unique(train.labels))
         warnings.warn(
@@ -193,7 +221,7 @@ def _from_catalog(
         train_labels=train.labels,
         descriptions=list(catalog.descriptions),
         validation=validation,
-        test=_eval_set(catalog, test_split, decode),
+        test=_eval_set(catalog, test_split, images_of),
         item_ids=list(catalog.item_ids),
         item_attributes=None if catalog.item_attributes is None else [dict(a) for a in catalog.item_attributes],
         train_source=train_source,

@@ -104,12 +104,13 @@ def street_style(images: np.ndarray, seed: int = EVAL_SEED) -> np.ndarray:
 
 @dataclass
 class EvalSetting:
-    """Query and gallery arrays of one evaluation (gallery always given here)."""
+    """Query and gallery images of one evaluation (gallery always given here): uint8
+    ``[N, H, W, C]`` arrays, or `atl_keras.data.SourceImages` for a streamed catalog."""
 
     name: str
-    query_images: np.ndarray
+    query_images: Any
     query_labels: np.ndarray
-    gallery_images: np.ndarray
+    gallery_images: Any
     gallery_labels: np.ndarray
 
 
