@@ -10,8 +10,9 @@
        atl train --dataset catalog:CSV --image-size 224 --epochs 1 --steps-per-epoch 2 \\
            --text-encoder hashing --quiet
 
-   and reads the peak RSS ("Maximum resident set size"). Growth per row =
-   (peak(3,000) - peak(300)) / 2,700 (target <= 55 KB per row).
+   and reads the peak RSS ("Maximum resident set size"), ``--repeats`` times per size with
+   the sizes interleaved (one run's peak varies by ~0.1 GB on a shared machine). Growth per
+   row = (median peak(3,000) - median peak(300)) / 2,700 (target <= 55 KB per row).
 2. Streaming index of a 1M-row synthetic path list (``/data/catalog/images/0000123/4.jpg``,
    8 rows per item), measured without decoding: RSS before and after building `FileImages`,
    the labels, the P x K pipeline and drawing 10 batches of paths through it (the path list
@@ -28,6 +29,7 @@ import csv
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--rows", default="300,3000")
     parser.add_argument("--index-rows", type=int, default=1_000_000)
     parser.add_argument("--no-stream", action="store_true", help="also measure the in-memory path")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per size, interleaved; the growth uses the median peak of each size")
     parser.add_argument("--output", default=os.path.join("results", "bench_train_memory.json"))
     args = parser.parse_args()
     sizes = [int(r) for r in args.rows.split(",")]
@@ -106,21 +110,35 @@ def main() -> None:
           f"{figures['machine']['commit']}, load {' '.join(f'{x:.2f}' for x in figures['machine']['load_before'])}")
     with tempfile.TemporaryDirectory() as tmp:
         images = write_jpegs(tmp, max(sizes), 256, 256)
+        catalogs = {rows: write_catalog(tmp, images, rows) for rows in sizes}
         modes = [True, False] if args.no_stream else [True]
         for stream in modes:
             name = "stream" if stream else "in-memory"
-            figures["train"][name] = {}
+            runs_of: dict[int, list] = {rows: [] for rows in sizes}
+            for repeat in range(args.repeats):  # sizes interleaved: drift on a shared machine hits all
+                for rows in sizes:
+                    result = peak_rss(catalogs[rows], os.path.join(tmp, f"run-{name}-{rows}-{repeat}"), stream)
+                    result["load"] = list(os.getloadavg())
+                    runs_of[rows].append(result)
+                    print(f"[train] {name:9s} {rows:6d} rows, repeat {repeat + 1}/{args.repeats}: peak RSS "
+                          f"{result['peak_rss_bytes'] / 1e9:.3f} GB (wall {result['wall']}, load "
+                          f"{result['load'][0]:.2f})", flush=True)
+            figures["train"][name] = {
+                rows: {"runs": runs_of[rows],
+                       "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs_of[rows])}
+                for rows in sizes}
             for rows in sizes:
-                result = peak_rss(write_catalog(tmp, images, rows), os.path.join(tmp, f"run-{name}-{rows}"), stream)
-                figures["train"][name][rows] = result
-                print(f"[train] {name:9s} {rows:6d} rows: peak RSS {result['peak_rss_bytes'] / 1e9:.3f} GB "
-                      f"(wall {result['wall']})")
+                peaks = [r["peak_rss_bytes"] / 1e9 for r in runs_of[rows]]
+                print(f"[train] {name:9s} {rows:6d} rows: median peak RSS "
+                      f"{figures['train'][name][rows]['peak_rss_bytes'] / 1e9:.3f} GB "
+                      f"(runs {', '.join(f'{p:.3f}' for p in peaks)})")
             ordered = sorted(sizes)
             for low, high in zip(ordered, ordered[1:]):
                 growth = (figures["train"][name][high]["peak_rss_bytes"]
                           - figures["train"][name][low]["peak_rss_bytes"]) / (high - low)
                 figures["train"][name][f"growth_bytes_per_row_{low}_{high}"] = growth
-                print(f"[train] {name}: {growth / 1e3:.1f} KB per extra row ({low} -> {high} rows; target <= 55 KB)")
+                print(f"[train] {name}: {growth / 1e3:.1f} KB per extra row ({low} -> {high} rows, medians; "
+                      "target <= 55 KB)")
     runs = {}
     for rows in (args.index_rows // 10, args.index_rows):  # the slope between two sizes: fixed costs cancel
         proc = subprocess.run([sys.executable, "-c", INDEX_CODE, str(rows)], capture_output=True, text=True,
