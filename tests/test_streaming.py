@@ -14,7 +14,8 @@ from PIL import Image
 from atl_keras.data.images import decode_images
 from atl_keras.data.sampler import pk_dataset
 from atl_keras.data.sources import FileImages
-from atl_keras.data.streaming import SkippedRows, SkippedRowsWarning, pk_stream_dataset, stream_images
+from atl_keras.data.streaming import (SkippedRows, SkippedRowsWarning, _fill_slots, _read_batch, pk_stream_dataset,
+                                      stream_images)
 from atl_keras.preprocessing import Preprocessing
 
 SIZE = 12
@@ -133,6 +134,34 @@ def test_bad_rows_are_replaced_counted_and_summarised(tmp_path):
     with pytest.warns(UserWarning, match="epoch 1: .* image reads failed"):
         callback.on_epoch_end(0)
     assert skipped.summary(source, since=skipped.total()) is None
+
+
+def test_a_batch_with_every_read_failed_keeps_its_shape_and_counts_every_row(tmp_path):
+    paths = [str(tmp_path / f"missing{i}.jpg") for i in range(8)]
+    labels = np.repeat(np.arange(4), 2)
+    skipped = SkippedRows(keep=16)
+    batches = take(pk_stream_dataset(FileImages(paths), labels, None, PREP, p=2, k=2, seed=0, skipped=skipped), 3)
+    for x, y in batches:
+        assert x.shape == (4, SIZE, SIZE, 3) and not x.any()  # nothing read: zeros, never a crash
+        assert len(set(y["label"].tolist())) == 1  # every slot took the first slot's label
+    # every failed read is counted, the first slot's too: 4 per batch (the pipeline reads ahead)
+    assert skipped.total() >= 3 * 4 and skipped.total() % 4 == 0
+    assert set(skipped.rows()) <= set(range(8))
+
+
+@pytest.mark.parametrize("read", [[0, 1, 2, 3, 4, 5], [0, 2, 3, 5], [1], []])
+def test_read_batch_equals_the_slot_fill_and_leaves_a_full_batch_untouched(read):
+    rng = np.random.default_rng(len(read))
+    count, k, shape = 6, 3, (2, 2, 3)
+    slots = tf.constant(read, tf.int64)
+    images = tf.constant(rng.integers(0, 256, (len(read), *shape)), tf.uint8)
+    got, got_source = _read_batch(slots, images, count, k, shape)
+    want, want_source = _fill_slots(slots, images, count, k, shape)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(got_source.numpy(), want_source.numpy())
+    if len(read) == count:
+        np.testing.assert_array_equal(got.numpy(), images.numpy())
+        np.testing.assert_array_equal(got_source.numpy(), np.arange(count))
 
 
 def test_stream_images_yields_good_rows_in_order(tmp_path):

@@ -164,7 +164,7 @@ def _fill_slots(slots: tf.Tensor, images: tf.Tensor, count: int, k: int, image_s
     """Scatter the read ``images`` to their ``slots`` (of ``count``); every missing slot takes a
     read image of its own K-block, else the first read image. Returns ``(images [count, ...],
     source_slot int64 [count])``."""
-    present = tf.scatter_nd(slots[:, None], tf.ones_like(slots, tf.bool), [count])
+    present = _present(slots, count)
     placed = tf.scatter_nd(slots[:, None], images, [count, *image_shape])
     blocks = tf.reshape(present, [count // k, k])
     first_in_block = tf.argmax(tf.cast(blocks, tf.int8), axis=1, output_type=tf.int64)
@@ -174,6 +174,21 @@ def _fill_slots(slots: tf.Tensor, images: tf.Tensor, count: int, k: int, image_s
     own = tf.range(count, dtype=tf.int64)
     source_slot = tf.where(present, own, tf.repeat(block_source, k))
     return tf.gather(placed, source_slot), source_slot
+
+
+def _present(slots: tf.Tensor, count: int) -> tf.Tensor:
+    """bool ``[count]``: which of the ``count`` slots were read (``slots`` int64 ``[n]``)."""
+    return tf.scatter_nd(slots[:, None], tf.ones_like(slots, tf.bool), [count])
+
+
+def _read_batch(slots: tf.Tensor, images: tf.Tensor, count: int, k: int, image_shape) -> tuple[tf.Tensor, tf.Tensor]:
+    """`_fill_slots`, without touching the pixels when every slot was read (the usual batch):
+    the scatter + gather copies of a ``[count, H, W, C]`` batch cost more than the per-step
+    read itself. Returns ``(images [count, ...], source_slot int64 [count])``."""
+    own = tf.range(count, dtype=tf.int64)
+    return tf.cond(tf.equal(tf.shape(slots, out_type=tf.int64)[0], count),
+                   lambda: (images, own),
+                   lambda: _fill_slots(slots, images, count, k, image_shape))
 
 
 def pk_stream_dataset(
@@ -221,22 +236,24 @@ def pk_stream_dataset(
     text_table = None if item_text is None else index_table(item_text)
     shape = preprocessing.image_shape
     load = _loader(source, preprocessing, max_pixels)
-    sentinel = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.zeros(shape, tf.uint8)))
+    # Follows the (possibly empty) batch of read rows, so `take(1)` never finds nothing, even
+    # when every read failed. Zero rows: nothing is copied.
+    nothing_read = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int64), tf.zeros([0, *shape], tf.uint8)))
     augment_seed = tf.constant(int(seed) + _AUGMENT_SEED_OFFSET, tf.int64)
 
     def make_batch(step: tf.Tensor, idx: tf.Tensor):
         rows = idx[first : first + count]
-        read = (
+        slots, images = (
             tf.data.Dataset.from_tensor_slices((tf.range(count, dtype=tf.int64), rows))
             .map(load, num_parallel_calls=_AUTOTUNE, deterministic=True)
-            .ignore_errors(log_warning=False)
-            .concatenate(sentinel)  # never empty, even if every read failed
-            .batch(count + 1)
+            .ignore_errors(log_warning=False)  # a failed read drops its slot; `_read_batch` refills it
+            .batch(count)
+            .concatenate(nothing_read)
+            .take(1)
             .get_single_element()
         )
-        slots, images = read[0][:-1], read[1][:-1]
-        images, source_slot = _fill_slots(slots, images, count, k, shape)
-        missing = tf.boolean_mask(rows, tf.not_equal(source_slot, tf.range(count, dtype=tf.int64)))
+        images, source_slot = _read_batch(slots, images, count, k, shape)
+        missing = tf.boolean_mask(rows, tf.logical_not(_present(slots, count)))
         with tf.control_dependencies([skipped.record(missing)]):
             x = tf.cast(images, tf.float32)
         if augment is not None:
