@@ -323,7 +323,10 @@ def test_ctrl_c_prints_one_line_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "run"
     flags = list(TINY_FLAGS)
     flags[flags.index("--epochs") + 1] = "3"
-    flags[flags.index("--steps-per-epoch") + 1] = "40"
+    # 200 steps per epoch: the interrupt must land while epoch 2 or 3 runs. With 40 steps the two
+    # epochs after the first backup took ~1.5 s, and twice under load (CI beside two training
+    # jobs, load 6.7) the run ended before the poll below saw the backup (exit 0, no SIGINT).
+    flags[flags.index("--steps-per-epoch") + 1] = "200"
     command = [sys.executable, "-m", "atl_keras.cli", "train", *flags,
                "--text-cache-dir", str(tmp_path / "cache"), "--output", str(out)]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE,
