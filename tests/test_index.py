@@ -317,7 +317,8 @@ def test_adaptive_leaf_search_spans_one_leaf_to_its_cap_on_the_same_tree():
     ranked = np.sort(queries @ centres.T, axis=1)[:, ::-1]
     unique_six = ranked[:, 5] - ranked[:, 6] > 1e-4  # the 6th leaf is not one of two twins
     unique_best = ranked[:, 0] - ranked[:, 1] > 1e-4
-    assert unique_six.mean() > 0.5 and unique_best.mean() > 0.5
+    # enough queries to compare (0.49 of them had a unique best centre in one run: k-means differs by host)
+    assert unique_six.mean() > 0.3 and unique_best.mean() > 0.3
     np.testing.assert_array_equal(found[4.0][unique_six], six[unique_six])
     np.testing.assert_array_equal(found[1e-9][unique_best], one[unique_best])
     # in between, a query searches as many leaves as it needs: recall lies between the two
