@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from atl_keras.data.source_images import SourceImages
 from atl_keras.preprocessing import DEFAULT_MAX_PIXELS, Preprocessing, decode_bounded
 
 __all__ = [
@@ -266,8 +267,6 @@ def embed_batches(
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     forward = _forward(model)
-    from atl_keras.data.source_images import SourceImages
-
     if isinstance(images, SourceImages):  # evaluation rows kept as files: their own decode rules
         images, preprocessing = images.source, images.preprocessing
     if not isinstance(images, (tf.data.Dataset, np.ndarray, tf.Tensor, str, bytes)) and not hasattr(images, "__len__"):

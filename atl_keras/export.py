@@ -318,7 +318,7 @@ def _pixels_or_files(images: Any) -> Any:
 def _validate_gallery(
     model: keras.Model, gallery_images: np.ndarray | SourceImages, gallery_ids: Sequence[Any]
 ) -> tuple[int, int, int]:
-    images = gallery_images if isinstance(gallery_images, SourceImages) else np.asarray(gallery_images)
+    images = _pixels_or_files(gallery_images)
     if images.ndim != 4:
         raise ExportError(
             f"gallery_images must be [N, H, W, C] pixels, got shape {images.shape}."

@@ -232,12 +232,9 @@ def _from_catalog(
 def _check_streamed_rows(data: RetrievalData) -> None:
     """strict: decode every streamed training row once; raise naming the bad ones."""
     from atl_keras.data.images import ImageDecodeError
-    from atl_keras.data.streaming import stream_images
 
     source = data.train_source
-    good = np.zeros(len(source), bool)  # type: ignore[arg-type]
-    for row, _ in stream_images(source, data.preprocessing).as_numpy_iterator():  # type: ignore[arg-type]
-        good[row] = True
+    good = readable_rows(source, data.preprocessing)  # type: ignore[arg-type]
     bad = np.flatnonzero(~good)
     if bad.size:
         named = ", ".join(repr(source.describe(int(r))) for r in bad[:5])  # type: ignore[union-attr]

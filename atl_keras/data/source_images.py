@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from atl_keras.data.sources import ImageSource
-from atl_keras.preprocessing import DEFAULT_MAX_PIXELS, Preprocessing
+from atl_keras.preprocessing import DEFAULT_MAX_PIXELS, Preprocessing, decode_bounded
 
 __all__ = ["SourceImages", "readable_rows"]
 
@@ -89,8 +89,6 @@ class SourceImages:
         return SourceImages(self.source.subset(rows), self.preprocessing)
 
     def _decode_row(self, row: int) -> np.ndarray:
-        from atl_keras.preprocessing import decode_bounded
-
         try:
             image = decode_bounded(self.source.read(tf.constant(row, tf.int64)), self.preprocessing, DEFAULT_MAX_PIXELS)
         except tf.errors.OpError as exc:
